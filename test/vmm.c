@@ -1,0 +1,753 @@
+/*
+ * vmm - plays Firecracker's side of a Uffd snapshot restore, for tests.
+ *
+ *   vmm mksnap FILE [--regions MIB,MIB,...]
+ *   vmm run SOCKET FILE [options]
+ *
+ * mksnap writes a memory file: pseudo-random pages, every fifth page all
+ * zero, the last quarter of the last region a sparse hole, and in region 0
+ * the page tables and code of a tiny long-mode guest.
+ *
+ * run restores it the way Firecracker does (persist.rs,
+ * guest_memory_from_uffd): each region its own MAP_PRIVATE|MAP_ANONYMOUS|
+ * MAP_NORESERVE mapping, a userfaultfd opened O_CLOEXEC|O_NONBLOCK (not
+ * user-mode-only) with only UFFD_FEATURE_EVENT_REMOVE, every region
+ * registered for missing faults, then one connect and one sendmsg of the JSON
+ * mappings with the uffd as SCM_RIGHTS. It then faults the memory in from
+ * threads or from KVM vCPUs and checks every byte against the file.
+ * Exit: 0 verified, 1 a byte was wrong, 2 usage or setup error.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <linux/kvm.h>
+#include <linux/userfaultfd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/un.h>
+
+#define MIB		((uint64_t)1 << 20)
+#define GIB		((uint64_t)1 << 30)
+#define PAGE		((uint64_t)4096)
+#define HUGE		(2 * MIB)
+#define MAX_REGIONS	4
+#define CODE_GPA	0x8000ull
+#define SLOT_GPA	0x9000ull
+#define DATA_GPA	0x10000ull	/* region 0 bytes below this are the guest's */
+#define CHUNK		MIB		/* unit of work for threads and vCPUs */
+
+extern const char guest_code_start[], guest_code_end[];
+
+struct layout {
+	int n;
+	uint64_t size[MAX_REGIONS], off[MAX_REGIONS], gpa[MAX_REGIONS];
+	uint64_t total;
+};
+
+static struct {
+	struct layout l;
+	const char *socket, *file;
+	int gen;			/* handshake generation 1, 2, 3 */
+	int keep_open;			/* -1: as the generation did */
+	int threads;
+	int huge;
+	int kvm;
+	const char *balloon;		/* NULL, "after", "during" */
+	int crash;			/* SIGKILL itself midway */
+	int stray;			/* fault outside the handshake's regions */
+	const char *raw;		/* send this instead of the mappings */
+	int nofd, extra_fds, split;
+} o = { .gen = 3, .keep_open = -1, .threads = 4 };
+
+static const char *snap;		/* the memory file, mapped */
+static char *host[MAX_REGIONS];		/* guest memory in this process */
+static atomic_uint_fast64_t checked, zeros_seen, bad;
+
+static void __attribute__((noreturn, format(printf, 1, 2)))
+die(const char *fmt, ...)
+{
+	va_list ap;
+
+	fprintf(stderr, "vmm: ");
+	va_start(ap, fmt);
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fprintf(stderr, "\n");
+	exit(2);
+}
+
+static void
+parse_regions(const char *arg)
+{
+	char *copy = strdup(arg), *tok, *save = NULL;
+
+	o.l.n = 0;
+	o.l.total = 0;
+	for (tok = strtok_r(copy, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+		uint64_t mib = strtoull(tok, NULL, 10);
+
+		if (o.l.n == MAX_REGIONS || mib == 0 || mib % 2 || mib > 1024)
+			die("--regions: up to %d sizes in MiB, each even, 2..1024",
+			    MAX_REGIONS);
+		o.l.size[o.l.n] = mib * MIB;
+		o.l.off[o.l.n] = o.l.total;
+		o.l.gpa[o.l.n] = (uint64_t)o.l.n * GIB;
+		o.l.total += mib * MIB;
+		o.l.n++;
+	}
+	free(copy);
+}
+
+static uint64_t
+mix(uint64_t x)
+{
+	x += 0x9e3779b97f4a7c15ull;
+	x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+	x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+	return x ^ (x >> 31);
+}
+
+/* Page p of the file: a hole, all zero, or data. */
+static int
+page_kind(uint64_t p)
+{
+	const struct layout *l = &o.l;
+	uint64_t last = (uint64_t)l->n - 1;
+	uint64_t hole = l->off[last] + l->size[last] - l->size[last] / 4;
+
+	if (p * PAGE >= hole)
+		return 'h';
+	if (p % 5 == 3 && p * PAGE >= DATA_GPA)
+		return 'z';
+	return 'd';
+}
+
+/* Identity-maps the first 4 GiB with 2 MiB pages: PML4, PDPT, four PDs. */
+static void
+write_guest(int fd)
+{
+	static uint64_t pt[7][512];
+
+	pt[1][0] = 0x2000 | 3;
+	for (uint64_t i = 0; i < 4; i++) {
+		pt[2][i] = (0x3000 + i * 0x1000) | 3;
+		for (uint64_t j = 0; j < 512; j++)
+			pt[3 + i][j] = (i * GIB + j * HUGE) | 0x83;
+	}
+	if (pwrite(fd, pt, sizeof(pt), 0) != (ssize_t)sizeof(pt) ||
+	    pwrite(fd, guest_code_start, (size_t)(guest_code_end - guest_code_start),
+	    CODE_GPA) < 0)
+		die("writing the guest: %s", strerror(errno));
+}
+
+static int
+mksnap(const char *path)
+{
+	static uint64_t page[PAGE / 8];
+	uint64_t npages = o.l.total / PAGE, counts[3] = { 0 };
+	int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+
+	if (fd < 0)
+		die("open(%s): %s", path, strerror(errno));
+	for (uint64_t p = 0; p < npages; p++) {
+		int k = page_kind(p);
+
+		if (k == 'h') {
+			counts[2]++;
+			continue;
+		}
+		for (size_t w = 0; w < PAGE / 8; w++)
+			page[w] = k == 'z' ? 0 : mix(p * 512 + w);
+		counts[k == 'z']++;
+		if (pwrite(fd, page, PAGE, (off_t)(p * PAGE)) != (ssize_t)PAGE)
+			die("pwrite(%s): %s", path, strerror(errno));
+	}
+	write_guest(fd);
+	if (ftruncate(fd, (off_t)o.l.total) < 0 || close(fd) < 0)
+		die("ftruncate(%s): %s", path, strerror(errno));
+	printf("snapshot %s: %d regions, %" PRIu64 " MiB: %" PRIu64 " data pages, "
+	    "%" PRIu64 " zero pages, %" PRIu64 " pages of sparse hole\n", path,
+	    o.l.n, o.l.total / MIB, counts[0], counts[1], counts[2]);
+	return 0;
+}
+
+/*
+ * The restore, as Firecracker does it.
+ */
+
+static void
+map_regions(void)
+{
+	uint64_t gap = HUGE, span = 0;
+	char *area;
+
+	for (int i = 0; i < o.l.n; i++)
+		span += o.l.size[i] + gap;
+	/* Reserve, then place each region with a hole after it: regions are
+	 * separate mappings, never adjacent. */
+	area = mmap(NULL, span + HUGE, PROT_NONE,
+	    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	if (area == MAP_FAILED)
+		die("mmap(reserve): %s", strerror(errno));
+	area = (char *)(((uintptr_t)area + HUGE - 1) & ~(HUGE - 1));
+	for (int i = 0; i < o.l.n; i++) {
+		int flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED;
+
+		if (o.huge)
+			flags |= MAP_HUGETLB | (21 << MAP_HUGE_SHIFT);
+		host[i] = mmap(area, o.l.size[i], PROT_READ | PROT_WRITE, flags, -1, 0);
+		if (host[i] == MAP_FAILED)
+			die("mmap(region %d, %" PRIu64 " bytes%s): %s", i, o.l.size[i],
+			    o.huge ? ", hugetlb" : "", strerror(errno));
+		area += o.l.size[i] + gap;
+	}
+}
+
+static void
+uffd_register(int uffd, void *addr, uint64_t len)
+{
+	struct uffdio_register reg = {
+		.range = { (uintptr_t)addr, len },
+		.mode = UFFDIO_REGISTER_MODE_MISSING,
+	};
+
+	if (ioctl(uffd, UFFDIO_REGISTER, &reg) < 0)
+		die("UFFDIO_REGISTER(%p, %" PRIu64 "): %s", addr, len, strerror(errno));
+}
+
+static int
+create_uffd(void)
+{
+	struct uffdio_api api = { .api = UFFD_API,
+	    .features = UFFD_FEATURE_EVENT_REMOVE };
+	int uffd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+
+	if (uffd < 0)
+		die("userfaultfd: %s", strerror(errno));
+	if (ioctl(uffd, UFFDIO_API, &api) < 0)
+		die("UFFDIO_API: %s", strerror(errno));
+	for (int i = 0; i < o.l.n; i++)
+		uffd_register(uffd, host[i], o.l.size[i]);
+	return uffd;
+}
+
+/* The mappings as Firecracker's GuestRegionUffdMapping serializes them. */
+static size_t
+mappings_json(char *buf, size_t cap)
+{
+	uint64_t ps = o.huge ? HUGE : PAGE;
+	size_t n = 0;
+
+	n += (size_t)snprintf(buf + n, cap - n, "[");
+	for (int i = 0; i < o.l.n; i++) {
+		n += (size_t)snprintf(buf + n, cap - n, "%s{\"base_host_virt_addr\":%"
+		    PRIu64 ",\"size\":%" PRIu64 ",\"offset\":%" PRIu64, i ? "," : "",
+		    (uint64_t)(uintptr_t)host[i], o.l.size[i], o.l.off[i]);
+		if (o.gen == 3)
+			n += (size_t)snprintf(buf + n, cap - n, ",\"page_size\":%" PRIu64, ps);
+		if (o.gen >= 2)
+			n += (size_t)snprintf(buf + n, cap - n, ",\"page_size_kib\":%"
+			    PRIu64, ps);
+		n += (size_t)snprintf(buf + n, cap - n, "}");
+	}
+	n += (size_t)snprintf(buf + n, cap - n, "]");
+	return n;
+}
+
+static void
+send_part(int sock, const char *data, size_t len, const int *fds, int nfds)
+{
+	union {
+		char b[CMSG_SPACE(sizeof(int) * 4)];
+		struct cmsghdr align;
+	} ctl;
+	struct iovec iov = { (void *)data, len };
+	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
+
+	if (nfds > 0) {
+		struct cmsghdr *c;
+
+		mh.msg_control = ctl.b;
+		mh.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)nfds);
+		c = CMSG_FIRSTHDR(&mh);
+		c->cmsg_level = SOL_SOCKET;
+		c->cmsg_type = SCM_RIGHTS;
+		c->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)nfds);
+		memcpy(CMSG_DATA(c), fds, sizeof(int) * (size_t)nfds);
+	}
+	if (sendmsg(sock, &mh, MSG_NOSIGNAL) < 0)
+		die("sendmsg: %s", strerror(errno));
+}
+
+/*
+ * One sendmsg, as Firecracker; --split sends the message in that many
+ * pieces 50 ms apart (the fd with the first), as a stream may deliver it.
+ */
+static int
+handshake(int uffd)
+{
+	static char buf[256 * 1024];
+	struct sockaddr_un a = { .sun_family = AF_UNIX };
+	int fds[4] = { uffd, -1, -1, -1 }, nfds = o.nofd ? 0 : 1 + o.extra_fds;
+	size_t len, done = 0, parts = o.split > 1 ? (size_t)o.split : 1;
+	int sock = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+
+	for (int i = 1; i < nfds; i++)
+		fds[i] = open("/dev/null", O_RDONLY | O_CLOEXEC);
+	snprintf(a.sun_path, sizeof(a.sun_path), "%s", o.socket);
+	if (connect(sock, (struct sockaddr *)&a, sizeof(a)) < 0)
+		die("connect(%s): %s", o.socket, strerror(errno));
+	len = o.raw ? strlen(o.raw) : mappings_json(buf, sizeof(buf));
+	if (o.raw)
+		memcpy(buf, o.raw, len + 1);
+	for (size_t i = 0; i < parts; i++) {
+		size_t end = i + 1 == parts ? len : len * (i + 1) / parts;
+
+		send_part(sock, buf + done, end - done, fds, i == 0 ? nfds : 0);
+		done = end;
+		if (i + 1 < parts)
+			usleep(50000);
+	}
+	for (int i = 1; i < nfds; i++)
+		close(fds[i]);
+	if (o.keep_open == 0 || (o.keep_open < 0 && o.gen < 3)) {
+		close(sock);
+		return -1;
+	}
+	return sock;
+}
+
+/*
+ * Checking memory. Every page is compared with the file; removed pages
+ * must read as zero; pages a thread wrote must hold its write.
+ */
+
+static int
+page_ballooned(uint64_t p)
+{
+	/* 64 KiB of every 448 KiB, also across 2 MiB when pages are huge. */
+	uint64_t unit = o.huge ? HUGE : 16 * PAGE;
+
+	return o.balloon && (p * PAGE / unit) % 7 == 3;
+}
+
+static void
+check_page(int r, uint64_t off, int expect_zero)
+{
+	const uint64_t *got = (const uint64_t *)(host[r] + off);
+	const uint64_t *want = (const uint64_t *)(snap + o.l.off[r] + off);
+	int zero = 1;
+
+	for (size_t w = 0; w < PAGE / 8; w++) {
+		uint64_t exp = expect_zero ? 0 : want[w];
+
+		if (got[w] != exp && atomic_fetch_add(&bad, 1) < 5)
+			fprintf(stderr, "vmm: region %d offset 0x%" PRIx64 " word %zu: "
+			    "0x%016" PRIx64 ", expected 0x%016" PRIx64 "%s\n", r, off, w,
+			    got[w], exp, expect_zero ? " (removed page)" : "");
+		zero &= got[w] == 0;
+	}
+	atomic_fetch_add(&checked, 1);
+	if (zero)
+		atomic_fetch_add(&zeros_seen, 1);
+}
+
+/* Writes through a fault, then checks the page holds file data plus it. */
+static void
+write_page(int r, uint64_t off)
+{
+	volatile uint64_t *w = (volatile uint64_t *)(host[r] + off);
+	uint64_t want = ((const uint64_t *)(snap + o.l.off[r] + off))[1];
+
+	w[1] = ~want;
+	if (w[1] != ~want)
+		atomic_fetch_add(&bad, 1);
+	w[1] = want;
+}
+
+struct worker {
+	pthread_t t;
+	int id;
+	uint64_t limit;			/* pages to touch before a crash */
+};
+
+/* Chunk c of the whole memory, in a permuted order per thread. */
+static void
+chunk_at(uint64_t c, int *r, uint64_t *off)
+{
+	*off = 0;
+	for (*r = 0; *r < o.l.n; (*r)++) {
+		if (c < o.l.size[*r] / CHUNK) {
+			*off = c * CHUNK;
+			return;
+		}
+		c -= o.l.size[*r] / CHUNK;
+	}
+}
+
+static void
+touch_chunk(int r, uint64_t off, int skip_ballooned, uint64_t *left)
+{
+	for (uint64_t p = off / PAGE; p < (off + CHUNK) / PAGE; p++) {
+		uint64_t gp = o.l.off[r] / PAGE + p;
+
+		if (skip_ballooned && page_ballooned(gp))
+			continue;
+		if (gp % 11 == 0)
+			write_page(r, p * PAGE);
+		check_page(r, p * PAGE, 0);
+		if (o.crash && --*left == 0)
+			kill(getpid(), SIGKILL);
+	}
+}
+
+static void *
+worker_main(void *arg)
+{
+	struct worker *w = arg;
+	uint64_t nchunks = o.l.total / CHUNK, left = w->limit;
+
+	for (uint64_t i = (uint64_t)w->id; i < nchunks; i += (uint64_t)o.threads) {
+		uint64_t c = (i * 7919) % nchunks, off;
+		int r;
+
+		chunk_at(c, &r, &off);
+		touch_chunk(r, off, o.balloon != NULL, &left);
+	}
+	return NULL;
+}
+
+/* Discards the balloon's pages, rounds times, checking each reads zero. */
+static void
+remove_pages(int rounds)
+{
+	uint64_t unit = o.huge ? HUGE : 16 * PAGE;
+
+	while (rounds-- > 0) {
+		for (int r = 0; r < o.l.n; r++)
+			for (uint64_t off = 0; off < o.l.size[r]; off += unit) {
+				if (!page_ballooned((o.l.off[r] + off) / PAGE))
+					continue;
+				if (madvise(host[r] + off, unit, MADV_DONTNEED) < 0)
+					die("madvise(DONTNEED): %s", strerror(errno));
+				check_page(r, off, 1);
+			}
+	}
+}
+
+static void *
+balloon_main(void *arg)
+{
+	(void)arg;
+	remove_pages(20);
+	return NULL;
+}
+
+static void
+check_ballooned(void)
+{
+	for (int r = 0; r < o.l.n; r++)
+		for (uint64_t off = 0; off < o.l.size[r]; off += PAGE)
+			if (page_ballooned((o.l.off[r] + off) / PAGE))
+				check_page(r, off, 1);
+}
+
+static int
+run_threads(void)
+{
+	struct worker w[64];
+	pthread_t balloon;
+	int n = o.threads;
+
+	if (o.balloon && strcmp(o.balloon, "after") == 0) {
+		/* Touch everything (the balloon pages too), then discard. */
+		uint64_t left = UINT64_MAX;
+
+		for (uint64_t c = 0; c < o.l.total / CHUNK; c += 2) {
+			int r;
+			uint64_t off;
+
+			chunk_at(c, &r, &off);
+			touch_chunk(r, off, 0, &left);
+		}
+		remove_pages(1);
+	}
+	if (o.balloon && strcmp(o.balloon, "during") == 0)
+		pthread_create(&balloon, NULL, balloon_main, NULL);
+	for (int i = 0; i < n; i++) {
+		w[i].id = i;
+		w[i].limit = o.crash ? o.l.total / PAGE / 3 / (uint64_t)n + 1 : UINT64_MAX;
+		pthread_create(&w[i].t, NULL, worker_main, &w[i]);
+	}
+	for (int i = 0; i < n; i++)
+		pthread_join(w[i].t, NULL);
+	if (o.balloon && strcmp(o.balloon, "during") == 0)
+		pthread_join(balloon, NULL);
+	if (o.balloon)
+		check_ballooned();
+	return 0;
+}
+
+/*
+ * KVM mode: vCPUs hash guest memory, so KVM takes the faults from kernel
+ * mode (through get_user_pages), as in a real restore.
+ */
+
+struct vcpu {
+	pthread_t t;
+	int id, fd;
+	struct kvm_run *run;
+	uint64_t jobs, mismatches;
+};
+
+static int kvm_fd, vm_fd;
+
+static uint64_t
+expected_hash(int r, uint64_t off, uint64_t len)
+{
+	const uint64_t *q = (const uint64_t *)(snap + o.l.off[r] + off);
+	uint64_t h = 0, gpa = o.l.gpa[r] + off;
+
+	for (uint64_t i = 0; i < len / 8; i++, gpa += 8) {
+		h = (h << 5) | (h >> 59);
+		h ^= q[i];
+		h += gpa;
+	}
+	return h;
+}
+
+static void
+vcpu_setup(struct vcpu *v)
+{
+	struct kvm_sregs sr;
+	struct kvm_segment cs = { .base = 0, .limit = 0xffffffff, .selector = 8,
+	    .type = 11, .present = 1, .s = 1, .l = 1, .g = 1 };
+	struct kvm_segment ds = { .base = 0, .limit = 0xffffffff, .selector = 16,
+	    .type = 3, .present = 1, .s = 1, .db = 1, .g = 1 };
+	struct { struct kvm_cpuid2 c; struct kvm_cpuid_entry2 e[128]; } cpuid = {
+		.c.nent = 128 };
+	int sz = ioctl(kvm_fd, KVM_GET_VCPU_MMAP_SIZE, 0);
+
+	if ((v->fd = ioctl(vm_fd, KVM_CREATE_VCPU, v->id)) < 0)
+		die("KVM_CREATE_VCPU: %s", strerror(errno));
+	if (ioctl(kvm_fd, KVM_GET_SUPPORTED_CPUID, &cpuid) == 0)
+		ioctl(v->fd, KVM_SET_CPUID2, &cpuid);
+	v->run = mmap(NULL, (size_t)sz, PROT_READ | PROT_WRITE, MAP_SHARED, v->fd, 0);
+	if (v->run == MAP_FAILED || ioctl(v->fd, KVM_GET_SREGS, &sr) < 0)
+		die("vCPU setup: %s", strerror(errno));
+	sr.cr3 = 0x1000;
+	sr.cr4 = 1 << 5;			/* PAE */
+	sr.cr0 = 0x80050033;			/* PG WP NE ET MP PE */
+	sr.efer = 0x500;			/* LMA LME */
+	sr.cs = cs;
+	sr.ds = sr.es = sr.fs = sr.gs = sr.ss = ds;
+	if (ioctl(v->fd, KVM_SET_SREGS, &sr) < 0)
+		die("KVM_SET_SREGS: %s", strerror(errno));
+}
+
+static uint64_t
+vcpu_hash(struct vcpu *v, uint64_t gpa, uint64_t len)
+{
+	struct kvm_regs regs = { .rip = CODE_GPA, .rflags = 2, .rsi = gpa,
+	    .rcx = len, .rdx = SLOT_GPA + 8 * (uint64_t)v->id };
+
+	if (ioctl(v->fd, KVM_SET_REGS, &regs) < 0)
+		die("KVM_SET_REGS: %s", strerror(errno));
+	for (;;) {
+		if (ioctl(v->fd, KVM_RUN, 0) < 0 && errno != EINTR)
+			die("KVM_RUN: %s", strerror(errno));
+		if (v->run->exit_reason == KVM_EXIT_IO)
+			break;
+		if (v->run->exit_reason != KVM_EXIT_INTR)
+			die("vCPU %d: unexpected exit %u", v->id, v->run->exit_reason);
+	}
+	if (ioctl(v->fd, KVM_GET_REGS, &regs) < 0)
+		die("KVM_GET_REGS: %s", strerror(errno));
+	return regs.rax;
+}
+
+static void *
+vcpu_main(void *arg)
+{
+	struct vcpu *v = arg;
+	uint64_t nchunks = o.l.total / CHUNK;
+
+	for (uint64_t c = (uint64_t)v->id; c < nchunks; c += (uint64_t)o.threads) {
+		uint64_t off, start, got, slot;
+		int r;
+
+		chunk_at(c, &r, &off);
+		start = r == 0 && off < DATA_GPA ? DATA_GPA : off;
+		got = vcpu_hash(v, o.l.gpa[r] + start, off + CHUNK - start);
+		memcpy(&slot, host[0] + SLOT_GPA + 8 * (uint64_t)v->id, 8);
+		if (got != expected_hash(r, start, off + CHUNK - start) || slot != got) {
+			fprintf(stderr, "vmm: vCPU %d: region %d chunk 0x%" PRIx64
+			    ": guest hash 0x%" PRIx64 " (stored 0x%" PRIx64 "), "
+			    "expected 0x%" PRIx64 "\n", v->id, r, off, got, slot,
+			    expected_hash(r, start, off + CHUNK - start));
+			v->mismatches++;
+		}
+		v->jobs++;
+		atomic_fetch_add(&checked, (off + CHUNK - start) / PAGE);
+	}
+	return NULL;
+}
+
+static int
+run_kvm(void)
+{
+	struct vcpu v[16];
+	uint64_t jobs = 0;
+
+	if ((kvm_fd = open("/dev/kvm", O_RDWR | O_CLOEXEC)) < 0)
+		die("open(/dev/kvm): %s", strerror(errno));
+	if ((vm_fd = ioctl(kvm_fd, KVM_CREATE_VM, 0)) < 0)
+		die("KVM_CREATE_VM: %s", strerror(errno));
+	for (int i = 0; i < o.l.n; i++) {
+		struct kvm_userspace_memory_region m = { .slot = (uint32_t)i,
+		    .guest_phys_addr = o.l.gpa[i], .memory_size = o.l.size[i],
+		    .userspace_addr = (uintptr_t)host[i] };
+
+		if (ioctl(vm_fd, KVM_SET_USER_MEMORY_REGION, &m) < 0)
+			die("KVM_SET_USER_MEMORY_REGION: %s", strerror(errno));
+	}
+	for (int i = 0; i < o.threads; i++) {
+		v[i] = (struct vcpu){ .id = i };
+		vcpu_setup(&v[i]);
+	}
+	for (int i = 0; i < o.threads; i++)
+		pthread_create(&v[i].t, NULL, vcpu_main, &v[i]);
+	for (int i = 0; i < o.threads; i++) {
+		pthread_join(v[i].t, NULL);
+		jobs += v[i].jobs;
+		bad += v[i].mismatches;
+	}
+	printf("kvm: %d vCPUs hashed %" PRIu64 " chunks of guest memory in long mode\n",
+	    o.threads, jobs);
+	return 0;
+}
+
+/* A fault in memory registered with the uffd but absent from the handshake. */
+static void
+stray_fault(int uffd)
+{
+	char *p = mmap(NULL, PAGE, PROT_READ | PROT_WRITE,
+	    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+
+	uffd_register(uffd, p, PAGE);
+	printf("vmm: touching %p, outside every mapping sent\n", (void *)p);
+	fflush(stdout);
+	*(volatile char *)p = 1;
+}
+
+static int
+run(void)
+{
+	struct stat st;
+	int fd, uffd, sock;
+
+	if ((fd = open(o.file, O_RDONLY | O_CLOEXEC)) < 0 || fstat(fd, &st) < 0)
+		die("open(%s): %s", o.file, strerror(errno));
+	if ((uint64_t)st.st_size < o.l.total)
+		die("%s: %" PRIu64 " bytes, the layout needs %" PRIu64, o.file,
+		    (uint64_t)st.st_size, o.l.total);
+	snap = mmap(NULL, o.l.total, PROT_READ, MAP_SHARED, fd, 0);
+	if (snap == MAP_FAILED)
+		die("mmap(%s): %s", o.file, strerror(errno));
+	map_regions();
+	uffd = create_uffd();
+	sock = handshake(uffd);
+	if (o.raw || o.nofd) {
+		/* Whatever the handler makes of it, it must not leave us here. */
+		sleep(30);
+		return 3;
+	}
+	if (o.stray)
+		stray_fault(uffd);
+	if (o.kvm)
+		run_kvm();
+	else
+		run_threads();
+	printf("verified %" PRIu64 " pages (%" PRIu64 " read as zero) across %d "
+	    "regions with %d %s%s%s: %" PRIu64 " wrong\n", (uint64_t)checked,
+	    (uint64_t)zeros_seen, o.l.n, o.threads, o.kvm ? "vCPUs" : "threads",
+	    o.balloon ? ", balloon " : "", o.balloon ? o.balloon : "", (uint64_t)bad);
+	if (sock >= 0)
+		close(sock);
+	return bad ? 1 : 0;
+}
+
+static void
+usage(void)
+{
+	fprintf(stderr,
+"usage: vmm mksnap FILE [--regions MIB,...]\n"
+"       vmm run SOCKET FILE [--regions MIB,...] [--gen 1|2|3] [--keep-open|--close]\n"
+"           [--threads N] [--huge] [--kvm] [--balloon after|during] [--crash]\n"
+"           [--stray-fault] [--raw JSON] [--no-fd] [--extra-fds N] [--split N]\n");
+	exit(2);
+}
+
+int
+main(int argc, char **argv)
+{
+	static const struct option lo[] = {
+		{ "regions", 1, 0, 'r' }, { "gen", 1, 0, 'g' },
+		{ "keep-open", 0, 0, 'k' }, { "close", 0, 0, 'c' },
+		{ "threads", 1, 0, 't' }, { "huge", 0, 0, 'H' }, { "kvm", 0, 0, 'K' },
+		{ "balloon", 1, 0, 'b' }, { "crash", 0, 0, 'X' },
+		{ "stray-fault", 0, 0, 'S' }, { "raw", 1, 0, 'R' },
+		{ "no-fd", 0, 0, 'N' }, { "extra-fds", 1, 0, 'E' },
+		{ "split", 1, 0, 'P' }, { 0, 0, 0, 0 },
+	};
+	const char *cmd = argc > 1 ? argv[1] : "";
+	int c;
+
+	parse_regions("8,4,4");
+	optind = 2;
+	while ((c = getopt_long(argc, argv, "", lo, NULL)) != -1) {
+		switch (c) {
+		case 'r': parse_regions(optarg); break;
+		case 'g': o.gen = atoi(optarg); break;
+		case 'k': o.keep_open = 1; break;
+		case 'c': o.keep_open = 0; break;
+		case 't': o.threads = atoi(optarg); break;
+		case 'H': o.huge = 1; break;
+		case 'K': o.kvm = 1; break;
+		case 'b': o.balloon = optarg; break;
+		case 'X': o.crash = 1; break;
+		case 'S': o.stray = 1; break;
+		case 'R': o.raw = optarg; break;
+		case 'N': o.nofd = 1; break;
+		case 'E': o.extra_fds = atoi(optarg); break;
+		case 'P': o.split = atoi(optarg); break;
+		default: usage();
+		}
+	}
+	if (o.gen < 1 || o.gen > 3 || o.threads < 1 || o.threads > 16 ||
+	    o.extra_fds < 0 || o.extra_fds > 3 || (o.huge && o.gen == 1) ||
+	    (o.balloon && strcmp(o.balloon, "after") && strcmp(o.balloon, "during")))
+		usage();
+	if (strcmp(cmd, "mksnap") == 0 && argc - optind == 1)
+		return mksnap(argv[optind]);
+	if (strcmp(cmd, "run") == 0 && argc - optind == 2) {
+		o.socket = argv[optind];
+		o.file = argv[optind + 1];
+		return run();
+	}
+	usage();
+}

@@ -1,0 +1,1068 @@
+/*
+ * uffd-handler - serves a Firecracker microVM's guest memory from a snapshot
+ * memory file through userfaultfd.
+ *
+ * The protocol. The handler listens on a Unix stream socket. Firecracker,
+ * restoring with the Uffd memory backend, maps guest memory anonymously,
+ * creates a userfaultfd (non-blocking, REMOVE events on, kernel-mode faults
+ * included), registers every region for missing-page faults, connects once
+ * and sends one message: a JSON array describing the regions and, as
+ * SCM_RIGHTS, the uffd. The regions' bytes lie back to back in the memory
+ * file. Versions up to 1.11 then close the socket while the VM runs on, so
+ * EOF says nothing; the VMM's exit is watched through a pidfd opened from the
+ * socket's SO_PEERCRED.
+ *
+ * The loop. One poll over the uffd, the VMM's pidfd and a signalfd. When the
+ * uffd is readable, every queued event is read until EAGAIN: REMOVE events
+ * (the balloon, or free page reporting, discarding guest pages) are applied
+ * at once to a per-region bitmap, faults are queued. Only then are faults
+ * served, so a fault that was queued before a REMOVE it causally followed
+ * still sees the pages as removed. Removed pages are served as zeros, others
+ * with UFFDIO_COPY from the memory file, mapped read-only. While any REMOVE
+ * is unread, the kernel answers every copy with EAGAIN: the fault stays
+ * queued and the uffd is read again.
+ *
+ * Failing closed. Firecracker keeps its own copy of the uffd, so a handler
+ * that stops serving freezes the guest forever, silently. Every fatal error
+ * after a VMM connected is logged and answered with SIGKILL to the VMM
+ * (other signals may not interrupt a vCPU stuck in a fault) before exiting
+ * non-zero.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/un.h>
+
+#include "uffd.h"
+
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open		434
+#endif
+#ifndef SYS_pidfd_send_signal
+#define SYS_pidfd_send_signal	424
+#endif
+
+#define VERSION		"0.1.0"
+
+enum exit_code {
+	EXIT_VM_GONE = 0,	/* the VMM exited, or its address space is gone */
+	EXIT_FATAL = 1,		/* fatal error while serving; VMM killed */
+	EXIT_USAGE = 2,		/* bad command line */
+	EXIT_SETUP = 3,		/* memory file, socket, or no VMM connected in time */
+	EXIT_HANDSHAKE = 4,	/* handshake rejected; VMM killed */
+	EXIT_SIGNAL = 5,	/* SIGTERM or SIGINT; VMM killed if one connected */
+};
+
+enum { LOG_ERROR, LOG_WARN, LOG_INFO, LOG_DEBUG };
+
+/* Results of the UFFDIO helpers; errors are negative errnos. */
+enum { IO_DONE, IO_RETRY, IO_GONE };
+
+#define MAX_MAPPINGS	1024
+#define HANDSHAKE_MAX	(256 * 1024)
+#define FAULT_QUEUE	1024
+#define EVENT_BATCH	64
+#define MAX_FDS		8
+
+static struct {
+	const char *socket_path;
+	const char *mem_path;
+	int log_level;
+	int accept_timeout;		/* seconds; 0 waits forever */
+	int handshake_timeout;		/* seconds */
+} opt = { .log_level = LOG_INFO, .handshake_timeout = 5 };
+
+struct region {
+	uint64_t base, size, offset, page_size;
+	uint64_t *removed;		/* a bit per page the guest discarded */
+};
+
+struct counters {
+	uint64_t faults, pages_copied, zero_pages, remove_events, pages_removed;
+	uint64_t deferred, bytes_copied, already_present, unregistered;
+};
+
+struct session {
+	int conn, uffd, pidfd, memfd;
+	pid_t pid;
+	const char *mem;		/* the memory file, mapped read-only */
+	uint64_t mem_size;
+	const char *zeros;		/* PAGE_2M of zeros, for hugetlb pages */
+	struct uffd_mapping *mappings;
+	struct region *regions;
+	size_t nregions;
+	uint64_t *faults;		/* queued fault addresses */
+	size_t nfaults;
+	struct counters n;
+	struct uffd_msg msgs[EVENT_BATCH];
+	char handshake[HANDSHAKE_MAX];
+};
+
+static void __attribute__((format(printf, 2, 3)))
+logmsg(int level, const char *fmt, ...)
+{
+	static const char *const names[] = { "error", "warn", "info", "debug" };
+	char line[1024];
+	va_list ap;
+	int n;
+
+	if (level > opt.log_level)
+		return;
+	n = snprintf(line, sizeof(line), "uffd-handler: %s: ", names[level]);
+	va_start(ap, fmt);
+	vsnprintf(line + n, sizeof(line) - (size_t)n - 1, fmt, ap);
+	va_end(ap);
+	n = (int)strlen(line);
+	line[n++] = '\n';
+	(void)!write(STDERR_FILENO, line, (size_t)n);
+}
+
+static int64_t
+now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/*
+ * The UFFDIO helpers. Each reads the kernel's result field, advances over
+ * partial progress, and maps the errno to done / retry / gone; anything else
+ * is returned as a negative errno for the caller to treat as fatal.
+ */
+
+static int
+uffdio_wake(struct session *s, uint64_t start, uint64_t len)
+{
+	struct uffdio_range r = { start, len };
+
+	if (ioctl(s->uffd, (int)UFFDIO_WAKE, &r) == 0)
+		return IO_DONE;
+	if (errno == ESRCH)
+		return IO_GONE;
+	if (errno == ENOENT)
+		return IO_DONE;
+	logmsg(LOG_ERROR, "UFFDIO_WAKE(0x%llx, %llu): %s",
+	    (unsigned long long)start, (unsigned long long)len, strerror(errno));
+	return -errno;
+}
+
+static int
+uffdio_result(struct session *s, int err, uint64_t dst, uint64_t len,
+    const char *what)
+{
+	switch (err) {
+	case EEXIST:
+		/* Already present: wake in case a waiter raced the copy. */
+		s->n.already_present++;
+		return uffdio_wake(s, dst, len);
+	case EAGAIN:
+		return IO_RETRY;
+	case ENOENT:
+		s->n.unregistered++;
+		return IO_DONE;
+	case ESRCH:
+		return IO_GONE;
+	default:
+		logmsg(LOG_ERROR, "%s(dst=0x%llx, len=%llu): %s", what,
+		    (unsigned long long)dst, (unsigned long long)len, strerror(err));
+		return -err;
+	}
+}
+
+/* *done accumulates the bytes installed, also when the result is retry. */
+static int
+uffdio_copy(struct session *s, uint64_t dst, const char *src, uint64_t len,
+    uint64_t *done)
+{
+	struct uffdio_copy c;
+
+	for (;;) {
+		c = (struct uffdio_copy){ .dst = dst, .src = (uintptr_t)src, .len = len };
+		if (ioctl(s->uffd, (int)UFFDIO_COPY, &c) == 0) {
+			*done += len;
+			return IO_DONE;
+		}
+		if (c.copy <= 0)
+			return uffdio_result(s, errno, dst, len, "UFFDIO_COPY");
+		*done += (uint64_t)c.copy;
+		dst += (uint64_t)c.copy;
+		src += c.copy;
+		len -= (uint64_t)c.copy;
+	}
+}
+
+static int
+uffdio_zeropage(struct session *s, uint64_t dst, uint64_t len, uint64_t *done)
+{
+	struct uffdio_zeropage z;
+
+	for (;;) {
+		z = (struct uffdio_zeropage){ .range = { dst, len } };
+		if (ioctl(s->uffd, (int)UFFDIO_ZEROPAGE, &z) == 0) {
+			*done += len;
+			return IO_DONE;
+		}
+		if (z.zeropage <= 0)
+			return uffdio_result(s, errno, dst, len, "UFFDIO_ZEROPAGE");
+		*done += (uint64_t)z.zeropage;
+		dst += (uint64_t)z.zeropage;
+		len -= (uint64_t)z.zeropage;
+	}
+}
+
+static struct region *
+find_region(struct session *s, uint64_t addr)
+{
+	size_t lo = 0, hi = s->nregions;
+
+	while (lo < hi) {
+		size_t mid = lo + (hi - lo) / 2;
+		struct region *r = &s->regions[mid];
+
+		if (addr < r->base)
+			hi = mid;
+		else if (addr - r->base >= r->size)
+			lo = mid + 1;
+		else
+			return r;
+	}
+	return NULL;
+}
+
+static int
+page_removed(const struct region *r, uint64_t page)
+{
+	uint64_t i = (page - r->base) / r->page_size;
+
+	return (r->removed[i / 64] >> (i % 64)) & 1;
+}
+
+/* Explains an EFAULT from a copy: the usual cause is a truncated file. */
+static void
+check_memfile(struct session *s)
+{
+	struct stat st;
+
+	if (fstat(s->memfd, &st) == 0 && S_ISREG(st.st_mode) &&
+	    (uint64_t)st.st_size < s->mem_size)
+		logmsg(LOG_ERROR, "memory file %s shrank from %llu to %llu bytes "
+		    "while serving", opt.mem_path, (unsigned long long)s->mem_size,
+		    (unsigned long long)st.st_size);
+}
+
+/*
+ * Pages the guest discarded read as zero. UFFDIO_ZEROPAGE maps the shared
+ * zero page; hugetlb has no zero page (EINVAL), so 2 MiB pages get a copy
+ * of zeros.
+ */
+static int
+serve_zero(struct session *s, struct region *r, uint64_t page)
+{
+	uint64_t done = 0;
+	int rc;
+
+	if (r->page_size == PAGE_4K)
+		rc = uffdio_zeropage(s, page, r->page_size, &done);
+	else
+		rc = uffdio_copy(s, page, s->zeros, r->page_size, &done);
+	s->n.zero_pages += done / r->page_size;
+	return rc;
+}
+
+static int
+serve_fault(struct session *s, uint64_t addr)
+{
+	struct region *r = find_region(s, addr);
+	uint64_t page, done = 0;
+	int rc;
+
+	if (r == NULL) {
+		logmsg(LOG_ERROR, "fault at 0x%llx lies outside every mapping "
+		    "of the handshake", (unsigned long long)addr);
+		return -EFAULT;
+	}
+	page = addr & ~(r->page_size - 1);
+	if (page_removed(r, page))
+		return serve_zero(s, r, page);
+	rc = uffdio_copy(s, page, s->mem + r->offset + (page - r->base),
+	    r->page_size, &done);
+	s->n.bytes_copied += done;
+	s->n.pages_copied += done / r->page_size;
+	if (rc == -EFAULT)
+		check_memfile(s);
+	return rc;
+}
+
+/* Marks the pages wholly inside [start, end) removed in every region. */
+static void
+apply_remove(struct session *s, uint64_t start, uint64_t end)
+{
+	s->n.remove_events++;
+	for (size_t i = 0; i < s->nregions; i++) {
+		struct region *r = &s->regions[i];
+		uint64_t lo = start > r->base ? start : r->base;
+		uint64_t hi = end < r->base + r->size ? end : r->base + r->size;
+		uint64_t first, last;
+
+		if (lo >= hi)
+			continue;
+		first = (lo - r->base + r->page_size - 1) / r->page_size;
+		last = (hi - r->base) / r->page_size;
+		for (uint64_t p = first; p < last; p++)
+			r->removed[p / 64] |= (uint64_t)1 << (p % 64);
+		if (last > first)
+			s->n.pages_removed += last - first;
+	}
+}
+
+static int
+handle_event(struct session *s, const struct uffd_msg *m)
+{
+	switch (m->event) {
+	case UFFD_EVENT_PAGEFAULT:
+		s->n.faults++;
+		s->faults[s->nfaults++] = m->arg.pagefault.address;
+		return 0;
+	case UFFD_EVENT_REMOVE:
+		apply_remove(s, m->arg.remove.start, m->arg.remove.end);
+		return 0;
+	default:
+		logmsg(LOG_ERROR, "unexpected uffd event 0x%x (the VMM enabled "
+		    "features this handler does not serve)", m->event);
+		return -EPROTO;
+	}
+}
+
+/* Reads the uffd until EAGAIN, or until the fault queue is full. */
+static int
+read_events(struct session *s)
+{
+	while (s->nfaults + EVENT_BATCH <= FAULT_QUEUE) {
+		ssize_t n = read(s->uffd, s->msgs, sizeof(s->msgs));
+		int rc;
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0 && errno == EAGAIN)
+			return 0;
+		if (n < 0) {
+			logmsg(LOG_ERROR, "read(uffd): %s", strerror(errno));
+			return -errno;
+		}
+		if (n == 0 || n % (ssize_t)sizeof(struct uffd_msg) != 0) {
+			logmsg(LOG_ERROR, "read(uffd) returned %zd bytes, not whole "
+			    "messages", n);
+			return -EPROTO;
+		}
+		for (ssize_t i = 0; i < n / (ssize_t)sizeof(struct uffd_msg); i++)
+			if ((rc = handle_event(s, &s->msgs[i])) < 0)
+				return rc;
+	}
+	return 0;
+}
+
+/*
+ * Serves queued faults in order. On retry the rest stay queued: while a
+ * REMOVE is pending every copy would fail the same way.
+ */
+static int
+serve_pending(struct session *s)
+{
+	size_t i;
+	int rc = IO_DONE;
+
+	for (i = 0; i < s->nfaults; i++)
+		if ((rc = serve_fault(s, s->faults[i])) != IO_DONE)
+			break;
+	if (rc != IO_RETRY) {
+		s->nfaults = 0;
+		return rc;
+	}
+	s->n.deferred += s->nfaults - i;
+	memmove(s->faults, s->faults + i, (s->nfaults - i) * sizeof(*s->faults));
+	s->nfaults -= i;
+	return rc;
+}
+
+static int
+take_signal(int sigfd)
+{
+	struct signalfd_siginfo si;
+
+	if (read(sigfd, &si, sizeof(si)) != (ssize_t)sizeof(si))
+		return 0;
+	logmsg(LOG_WARN, "received %s", strsignal((int)si.ssi_signo));
+	return -ECANCELED;
+}
+
+/*
+ * Returns 0 when the VM went away, -ECANCELED on SIGTERM/SIGINT, any other
+ * negative errno on a fatal error.
+ */
+static int
+serve(struct session *s, int sigfd)
+{
+	struct pollfd p[3] = {
+		{ .fd = s->uffd, .events = POLLIN },
+		{ .fd = s->pidfd, .events = POLLIN },
+		{ .fd = sigfd, .events = POLLIN },
+	};
+	int rc;
+
+	for (;;) {
+		/* A deferred fault is retried soon even if no event arrives:
+		 * EAGAIN lasts until the madvise caller has resumed. */
+		if (poll(p, 3, s->nfaults ? 1 : -1) < 0) {
+			if (errno == EINTR)
+				continue;
+			logmsg(LOG_ERROR, "poll: %s", strerror(errno));
+			return -errno;
+		}
+		if (p[1].revents) {
+			logmsg(LOG_INFO, "VMM pid %d exited", (int)s->pid);
+			return 0;
+		}
+		if (p[2].revents && (rc = take_signal(sigfd)) < 0)
+			return rc;
+		if (p[0].revents & (POLLERR | POLLNVAL)) {
+			logmsg(LOG_ERROR, "poll(uffd): error condition 0x%x",
+			    p[0].revents);
+			return -EIO;
+		}
+		if ((rc = read_events(s)) < 0)
+			return rc;
+		if ((rc = serve_pending(s)) < 0)
+			return rc;
+		if (rc == IO_GONE) {
+			logmsg(LOG_INFO, "VMM's address space is gone (ESRCH)");
+			return 0;
+		}
+	}
+}
+
+/*
+ * The handshake.
+ */
+
+static void
+take_fds(struct session *s, struct msghdr *mh)
+{
+	for (struct cmsghdr *c = CMSG_FIRSTHDR(mh); c; c = CMSG_NXTHDR(mh, c)) {
+		size_t nfd;
+		int fd;
+
+		if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+			continue;
+		nfd = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+		for (size_t i = 0; i < nfd; i++) {
+			memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+			if (s->uffd < 0) {
+				s->uffd = fd;
+				continue;
+			}
+			logmsg(LOG_WARN, "closing extra fd received with the handshake");
+			close(fd);
+		}
+	}
+	if (mh->msg_flags & MSG_CTRUNC)
+		logmsg(LOG_WARN, "handshake carried more than %d fds; the rest were "
+		    "dropped by the kernel", MAX_FDS);
+}
+
+/* Returns the bytes received, 0 at EOF, or a negative errno. */
+static ssize_t
+recv_chunk(struct session *s, char *buf, size_t cap, int64_t deadline, int sigfd)
+{
+	union {
+		char b[CMSG_SPACE(sizeof(int) * MAX_FDS)];
+		struct cmsghdr align;
+	} ctl;
+	struct iovec iov = { buf, cap };
+	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
+	struct pollfd p[2] = { { s->conn, POLLIN, 0 }, { sigfd, POLLIN, 0 } };
+	ssize_t n;
+
+	for (;;) {
+		int64_t left = deadline - now_ms();
+
+		if (left <= 0)
+			return -ETIMEDOUT;
+		if (poll(p, 2, (int)left) < 0 && errno != EINTR)
+			return -errno;
+		if (p[1].revents && take_signal(sigfd) < 0)
+			return -ECANCELED;
+		if (!p[0].revents)
+			continue;
+		mh.msg_control = ctl.b;
+		mh.msg_controllen = sizeof(ctl.b);
+		n = recvmsg(s->conn, &mh, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+		if (n < 0 && (errno == EAGAIN || errno == EINTR))
+			continue;
+		if (n < 0)
+			return -errno;
+		take_fds(s, &mh);
+		return n;
+	}
+}
+
+static void
+log_parse_error(const char *buf, size_t len, const struct json_error *je)
+{
+	char near[24];
+	size_t from = je->offset > 8 ? je->offset - 8 : 0, i;
+
+	for (i = 0; i + 1 < sizeof(near) && from + i < len; i++)
+		near[i] = buf[from + i] >= 0x20 && buf[from + i] < 0x7f ?
+		    buf[from + i] : '.';
+	near[i] = '\0';
+	logmsg(LOG_ERROR, "handshake rejected: %s at byte %zu (near \"%s\")",
+	    je->reason, je->offset, near);
+}
+
+/* Returns the number of mappings of a complete message, or a negative errno. */
+static int
+recv_handshake(struct session *s, int sigfd)
+{
+	int64_t deadline = now_ms() + (int64_t)opt.handshake_timeout * 1000;
+	struct json_error je;
+	size_t len = 0;
+	ssize_t got;
+	int n = JSON_PARTIAL;
+
+	while (n == JSON_PARTIAL) {
+		if (len == sizeof(s->handshake)) {
+			logmsg(LOG_ERROR, "handshake rejected: longer than %zu bytes",
+			    sizeof(s->handshake));
+			return -EMSGSIZE;
+		}
+		got = recv_chunk(s, s->handshake + len, sizeof(s->handshake) - len,
+		    deadline, sigfd);
+		if (got == -ETIMEDOUT)
+			logmsg(LOG_ERROR, "handshake rejected: incomplete after %d s "
+			    "(%zu bytes received)", opt.handshake_timeout, len);
+		else if (got == 0)
+			logmsg(LOG_ERROR, "handshake rejected: VMM closed the socket "
+			    "after %zu bytes of an incomplete message", len);
+		else if (got < 0 && got != -ECANCELED)
+			logmsg(LOG_ERROR, "recvmsg(handshake): %s", strerror((int)-got));
+		if (got <= 0)
+			return got == 0 ? -ECONNRESET : (int)got;
+		len += (size_t)got;
+		n = json_parse_mappings(s->handshake, len, s->mappings, MAX_MAPPINGS, &je);
+	}
+	if (n < 0) {
+		log_parse_error(s->handshake, len, &je);
+		return -EINVAL;
+	}
+	return n;
+}
+
+/* Firecracker's uffd answers a zero-length wake with EINVAL; others ENOTTY. */
+static int
+check_uffd(struct session *s)
+{
+	struct uffdio_range r = { 0, 0 };
+	int fl;
+
+	if (s->uffd < 0) {
+		logmsg(LOG_ERROR, "handshake rejected: no file descriptor came with "
+		    "the message (expected the uffd as SCM_RIGHTS)");
+		return -EBADF;
+	}
+	if (ioctl(s->uffd, (int)UFFDIO_WAKE, &r) == 0 || errno != EINVAL) {
+		logmsg(LOG_ERROR, "handshake rejected: the fd received is not a "
+		    "userfaultfd");
+		return -ENOTTY;
+	}
+	/* Draining until EAGAIN needs a non-blocking uffd. */
+	fl = fcntl(s->uffd, F_GETFL);
+	if (fl >= 0 && !(fl & O_NONBLOCK))
+		fcntl(s->uffd, F_SETFL, fl | O_NONBLOCK);
+	return 0;
+}
+
+static int
+cmp_region(const void *a, const void *b)
+{
+	const struct region *x = a, *y = b;
+
+	return x->base < y->base ? -1 : x->base > y->base;
+}
+
+static int
+setup_regions(struct session *s, size_t n)
+{
+	int need_zeros = 0;
+
+	s->regions = calloc(n, sizeof(*s->regions));
+	if (s->regions == NULL)
+		return -ENOMEM;
+	for (size_t i = 0; i < n; i++) {
+		struct region *r = &s->regions[i];
+		uint64_t pages;
+
+		r->base = s->mappings[i].base;
+		r->size = s->mappings[i].size;
+		r->offset = s->mappings[i].offset;
+		r->page_size = s->mappings[i].page_size;
+		pages = r->size / r->page_size;
+		if ((r->removed = calloc((pages + 63) / 64, 8)) == NULL)
+			return -ENOMEM;
+		need_zeros |= r->page_size == PAGE_2M;
+		s->nregions++;
+	}
+	qsort(s->regions, n, sizeof(*s->regions), cmp_region);
+	if (need_zeros) {
+		void *z = mmap(NULL, PAGE_2M, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS,
+		    -1, 0);
+		if (z == MAP_FAILED)
+			return -errno;
+		s->zeros = z;
+	}
+	return 0;
+}
+
+static int
+map_memfile(struct session *s)
+{
+	void *m;
+
+	if (s->mem_size == 0)
+		return 0;
+	m = mmap(NULL, s->mem_size, PROT_READ, MAP_SHARED, s->memfd, 0);
+	if (m == MAP_FAILED) {
+		logmsg(LOG_ERROR, "mmap(%s, %llu bytes): %s", opt.mem_path,
+		    (unsigned long long)s->mem_size, strerror(errno));
+		return -errno;
+	}
+	s->mem = m;
+	return 0;
+}
+
+static int
+handshake(struct session *s, int sigfd)
+{
+	char why[256];
+	off_t end;
+	int n, rc;
+
+	if ((n = recv_handshake(s, sigfd)) < 0)
+		return n;
+	if ((rc = check_uffd(s)) < 0)
+		return rc;
+	if ((end = lseek(s->memfd, 0, SEEK_END)) < 0) {
+		logmsg(LOG_ERROR, "lseek(%s): %s", opt.mem_path, strerror(errno));
+		return -errno;
+	}
+	s->mem_size = (uint64_t)end;
+	if (mappings_validate(s->mappings, (size_t)n, s->mem_size,
+	    (uint64_t)sysconf(_SC_PAGESIZE), why, sizeof(why)) < 0) {
+		logmsg(LOG_ERROR, "handshake rejected: %s (memory file %s has %llu "
+		    "bytes)", why, opt.mem_path, (unsigned long long)s->mem_size);
+		return -EINVAL;
+	}
+	if ((rc = setup_regions(s, (size_t)n)) < 0) {
+		logmsg(LOG_ERROR, "allocating %d regions: %s", n, strerror(-rc));
+		return rc;
+	}
+	if ((rc = map_memfile(s)) < 0)
+		return rc;
+	logmsg(LOG_INFO, "VMM pid %d: %d region(s), %llu bytes of %s",
+	    (int)s->pid, n, (unsigned long long)s->mem_size, opt.mem_path);
+	return 0;
+}
+
+/*
+ * The session: one VMM connection and everything it owns.
+ */
+
+/* The session takes ownership of conn and memfd; NULL when out of memory. */
+static struct session *
+session_new(int conn, int memfd)
+{
+	struct session *s = calloc(1, sizeof(*s));
+
+	if (s == NULL)
+		return NULL;
+	s->conn = conn;
+	s->memfd = memfd;
+	s->uffd = s->pidfd = -1;
+	s->mappings = calloc(MAX_MAPPINGS, sizeof(*s->mappings));
+	s->faults = calloc(FAULT_QUEUE, sizeof(*s->faults));
+	return s;
+}
+
+static int
+session_open(struct session *s)
+{
+	struct ucred cr;
+	socklen_t l = sizeof(cr);
+
+	if (s->mappings == NULL || s->faults == NULL)
+		return -ENOMEM;
+	if (getsockopt(s->conn, SOL_SOCKET, SO_PEERCRED, &cr, &l) < 0 ||
+	    cr.pid <= 0) {
+		logmsg(LOG_WARN, "the VMM's pid is unknown (SO_PEERCRED): it cannot "
+		    "be killed on a fatal error");
+		return 0;
+	}
+	s->pid = cr.pid;
+	s->pidfd = (int)syscall(SYS_pidfd_open, cr.pid, 0);
+	if (s->pidfd < 0)
+		logmsg(LOG_WARN, "pidfd_open(%d): %s; falling back to kill(2)",
+		    (int)cr.pid, strerror(errno));
+	return 0;
+}
+
+static void
+kill_vmm(struct session *s)
+{
+	int rc;
+
+	if (s->pid <= 0) {
+		logmsg(LOG_ERROR, "cannot kill the VMM: its pid is unknown");
+		return;
+	}
+	if (s->pidfd >= 0)
+		rc = (int)syscall(SYS_pidfd_send_signal, s->pidfd, SIGKILL, NULL, 0);
+	else
+		rc = kill(s->pid, SIGKILL);
+	if (rc < 0 && errno != ESRCH)
+		logmsg(LOG_ERROR, "kill(VMM pid %d, SIGKILL): %s", (int)s->pid,
+		    strerror(errno));
+	else
+		logmsg(LOG_ERROR, "killed VMM pid %d so its guest does not freeze",
+		    (int)s->pid);
+}
+
+static void
+closefd(int *fd)
+{
+	if (*fd >= 0)
+		close(*fd);
+	*fd = -1;
+}
+
+static void
+session_close(struct session *s)
+{
+	closefd(&s->conn);
+	closefd(&s->uffd);
+	closefd(&s->pidfd);
+	closefd(&s->memfd);
+	if (s->mem != NULL)
+		munmap((void *)s->mem, s->mem_size);
+	if (s->zeros != NULL)
+		munmap((void *)s->zeros, PAGE_2M);
+	for (size_t i = 0; i < s->nregions; i++)
+		free(s->regions[i].removed);
+	free(s->regions);
+	free(s->mappings);
+	free(s->faults);
+	s->mem = s->zeros = NULL;
+	s->regions = NULL;
+	s->mappings = NULL;
+	s->faults = NULL;
+	s->nregions = s->nfaults = 0;
+}
+
+static void
+print_counters(const struct session *s, int code)
+{
+	const struct counters *c = &s->n;
+
+	printf("{\"exit_code\":%d,\"vmm_pid\":%d,\"faults\":%llu,"
+	    "\"pages_copied\":%llu,\"zero_pages\":%llu,\"remove_events\":%llu,"
+	    "\"pages_removed\":%llu,\"deferred\":%llu,\"bytes_copied\":%llu,"
+	    "\"already_present\":%llu,\"unregistered\":%llu}\n", code, (int)s->pid,
+	    (unsigned long long)c->faults, (unsigned long long)c->pages_copied,
+	    (unsigned long long)c->zero_pages, (unsigned long long)c->remove_events,
+	    (unsigned long long)c->pages_removed, (unsigned long long)c->deferred,
+	    (unsigned long long)c->bytes_copied,
+	    (unsigned long long)c->already_present,
+	    (unsigned long long)c->unregistered);
+	fflush(stdout);
+}
+
+/*
+ * Setup: the socket and the wait for a VMM.
+ */
+
+/* A socket file nobody listens on is what a killed handler leaves behind. */
+static int
+replace_stale(const char *path, const struct sockaddr_un *a)
+{
+	struct stat st;
+	int probe, rc;
+
+	if (lstat(path, &st) < 0)
+		return -errno;
+	if (!S_ISSOCK(st.st_mode)) {
+		logmsg(LOG_ERROR, "%s exists and is not a socket; not replacing it",
+		    path);
+		return -EEXIST;
+	}
+	if ((probe = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0)) < 0)
+		return -errno;
+	rc = connect(probe, (const struct sockaddr *)a, sizeof(*a));
+	close(probe);
+	if (rc == 0) {
+		logmsg(LOG_ERROR, "%s: another process is listening on it", path);
+		return -EADDRINUSE;
+	}
+	if (errno != ECONNREFUSED) {
+		logmsg(LOG_ERROR, "connect(%s): %s", path, strerror(errno));
+		return -errno;
+	}
+	if (unlink(path) < 0) {
+		logmsg(LOG_ERROR, "unlink(%s): %s", path, strerror(errno));
+		return -errno;
+	}
+	logmsg(LOG_INFO, "replaced stale socket %s", path);
+	return 0;
+}
+
+static int
+listen_socket(const char *path)
+{
+	struct sockaddr_un a = { .sun_family = AF_UNIX };
+	int fd, rc;
+
+	if (strlen(path) >= sizeof(a.sun_path)) {
+		logmsg(LOG_ERROR, "socket path %s is longer than %zu bytes", path,
+		    sizeof(a.sun_path) - 1);
+		return -ENAMETOOLONG;
+	}
+	memcpy(a.sun_path, path, strlen(path));
+	if ((fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0)) < 0)
+		return -errno;
+	rc = bind(fd, (struct sockaddr *)&a, sizeof(a));
+	if (rc < 0 && errno == EADDRINUSE && replace_stale(path, &a) == 0)
+		rc = bind(fd, (struct sockaddr *)&a, sizeof(a));
+	if (rc < 0 || listen(fd, 1) < 0) {
+		rc = -errno;
+		if (rc != -EADDRINUSE)
+			logmsg(LOG_ERROR, "bind/listen(%s): %s", path, strerror(-rc));
+		close(fd);
+		return rc;
+	}
+	return fd;
+}
+
+static int
+accept_vmm(int lfd, int sigfd)
+{
+	struct pollfd p[2] = { { lfd, POLLIN, 0 }, { sigfd, POLLIN, 0 } };
+	int timeout = opt.accept_timeout > 0 ? opt.accept_timeout * 1000 : -1;
+	int rc;
+
+	while ((rc = poll(p, 2, timeout)) < 0 && errno == EINTR)
+		;
+	if (rc < 0)
+		return -errno;
+	if (rc == 0) {
+		logmsg(LOG_ERROR, "no VMM connected within %d s", opt.accept_timeout);
+		return -ETIMEDOUT;
+	}
+	if (p[1].revents && take_signal(sigfd) < 0)
+		return -ECANCELED;
+	if ((rc = accept4(lfd, NULL, NULL, SOCK_CLOEXEC)) < 0) {
+		logmsg(LOG_ERROR, "accept(%s): %s", opt.socket_path, strerror(errno));
+		return -errno;
+	}
+	return rc;
+}
+
+/* SIGTERM and SIGINT arrive through a signalfd, so the loop decides. */
+static int
+signal_fd(void)
+{
+	sigset_t set;
+
+	signal(SIGPIPE, SIG_IGN);
+	sigemptyset(&set);
+	sigaddset(&set, SIGTERM);
+	sigaddset(&set, SIGINT);
+	if (sigprocmask(SIG_BLOCK, &set, NULL) < 0)
+		return -errno;
+	return signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK);
+}
+
+/*
+ * Options.
+ */
+
+static void
+usage(FILE *f)
+{
+	fprintf(f,
+"Usage: uffd-handler [OPTIONS] SOCKET MEMFILE\n"
+"Serve a Firecracker microVM's memory from snapshot file MEMFILE through the\n"
+"userfaultfd Firecracker sends on Unix socket SOCKET (mem_backend Uffd).\n"
+"\n"
+"  -l, --log-level LEVEL        error, warn, info (default) or debug\n"
+"      --accept-timeout SEC     exit 3 if no VMM connects within SEC seconds\n"
+"                               (default 0: wait forever)\n"
+"      --handshake-timeout SEC  reject a VMM that has not sent its handshake\n"
+"                               within SEC seconds (default 5)\n"
+"  -h, --help                   print this help and exit\n"
+"  -V, --version                print the version and exit\n"
+"\n"
+"Exit codes: 0 the VM went away; 1 fatal error while serving (VMM killed);\n"
+"2 usage error; 3 setup error (memory file, socket, no VMM in time);\n"
+"4 handshake rejected (VMM killed); 5 SIGTERM/SIGINT (VMM killed).\n"
+"On exit one JSON line of counters is written to standard output.\n");
+}
+
+static int
+parse_seconds(const char *arg, const char *name, int *out)
+{
+	char *end;
+	unsigned long v;
+
+	errno = 0;
+	v = strtoul(arg, &end, 10);
+	if (errno || end == arg || *end || arg[0] == '-' || v > 86400 * 365) {
+		fprintf(stderr, "uffd-handler: %s: '%s' is not a number of "
+		    "seconds\n", name, arg);
+		return -1;
+	}
+	*out = (int)v;
+	return 0;
+}
+
+static int
+parse_level(const char *arg)
+{
+	static const char *const names[] = { "error", "warn", "info", "debug" };
+
+	for (int i = 0; i < 4; i++)
+		if (strcmp(arg, names[i]) == 0)
+			return opt.log_level = i, 0;
+	fprintf(stderr, "uffd-handler: --log-level: '%s' is not one of error, "
+	    "warn, info, debug\n", arg);
+	return -1;
+}
+
+/* Returns 0 to run, 1 to exit successfully (help, version), -1 on error. */
+static int
+parse_options(int argc, char **argv)
+{
+	enum { OPT_ACCEPT = 256, OPT_HANDSHAKE };
+	static const struct option longopts[] = {
+		{ "log-level", required_argument, NULL, 'l' },
+		{ "accept-timeout", required_argument, NULL, OPT_ACCEPT },
+		{ "handshake-timeout", required_argument, NULL, OPT_HANDSHAKE },
+		{ "help", no_argument, NULL, 'h' },
+		{ "version", no_argument, NULL, 'V' },
+		{ NULL, 0, NULL, 0 },
+	};
+	int c, rc = 0;
+
+	while (rc == 0 && (c = getopt_long(argc, argv, "l:hV", longopts, NULL)) != -1) {
+		switch (c) {
+		case 'l':
+			rc = parse_level(optarg);
+			break;
+		case OPT_ACCEPT:
+			rc = parse_seconds(optarg, "--accept-timeout", &opt.accept_timeout);
+			break;
+		case OPT_HANDSHAKE:
+			rc = parse_seconds(optarg, "--handshake-timeout",
+			    &opt.handshake_timeout);
+			if (rc == 0 && opt.handshake_timeout == 0) {
+				fprintf(stderr, "uffd-handler: --handshake-timeout "
+				    "must be at least 1 second\n");
+				rc = -1;
+			}
+			break;
+		case 'h':
+			usage(stdout);
+			return 1;
+		case 'V':
+			printf("uffd-handler %s\n", VERSION);
+			return 1;
+		default:
+			rc = -1;
+		}
+	}
+	if (rc == 0 && argc - optind != 2) {
+		fprintf(stderr, "uffd-handler: expected SOCKET and MEMFILE "
+		    "(try --help)\n");
+		rc = -1;
+	}
+	if (rc == 0) {
+		opt.socket_path = argv[optind];
+		opt.mem_path = argv[optind + 1];
+	}
+	return rc;
+}
+
+static int
+fail_closed(struct session *s, int code)
+{
+	kill_vmm(s);
+	return code;
+}
+
+int
+main(int argc, char **argv)
+{
+	struct session *s;
+	int memfd, sigfd, lfd, conn, rc, code;
+
+	if ((rc = parse_options(argc, argv)) != 0)
+		return rc > 0 ? 0 : EXIT_USAGE;
+	if ((memfd = open(opt.mem_path, O_RDONLY | O_CLOEXEC)) < 0) {
+		logmsg(LOG_ERROR, "open(%s): %s", opt.mem_path, strerror(errno));
+		return EXIT_SETUP;
+	}
+	if ((sigfd = signal_fd()) < 0) {
+		logmsg(LOG_ERROR, "signalfd: %s", strerror(errno));
+		return EXIT_SETUP;
+	}
+	if ((lfd = listen_socket(opt.socket_path)) < 0)
+		return EXIT_SETUP;
+	logmsg(LOG_INFO, "listening on %s for a VMM", opt.socket_path);
+	conn = accept_vmm(lfd, sigfd);
+	/* One VMM per process: a second one would wait in the backlog forever. */
+	close(lfd);
+	unlink(opt.socket_path);
+	if (conn < 0)
+		return conn == -ECANCELED ? EXIT_SIGNAL : EXIT_SETUP;
+	if ((s = session_new(conn, memfd)) == NULL) {
+		logmsg(LOG_ERROR, "allocating the session: %s", strerror(ENOMEM));
+		return EXIT_FATAL;
+	}
+	if (session_open(s) < 0) {
+		logmsg(LOG_ERROR, "allocating the session: %s", strerror(ENOMEM));
+		code = fail_closed(s, EXIT_FATAL);
+	} else if ((rc = handshake(s, sigfd)) < 0) {
+		code = fail_closed(s, rc == -ECANCELED ? EXIT_SIGNAL : EXIT_HANDSHAKE);
+	} else if ((rc = serve(s, sigfd)) < 0) {
+		code = fail_closed(s, rc == -ECANCELED ? EXIT_SIGNAL : EXIT_FATAL);
+	} else {
+		code = EXIT_VM_GONE;
+	}
+	print_counters(s, code);
+	session_close(s);
+	free(s);
+	return code;
+}
