@@ -976,7 +976,8 @@ parse_options(int argc, char **argv)
 	};
 	int c, rc = 0;
 
-	while (rc == 0 && (c = getopt_long(argc, argv, "l:hV", longopts, NULL)) != -1) {
+	opterr = 0;
+	while (rc == 0 && (c = getopt_long(argc, argv, ":l:hV", longopts, NULL)) != -1) {
 		switch (c) {
 		case 'l':
 			rc = parse_level(optarg);
@@ -999,8 +1000,14 @@ parse_options(int argc, char **argv)
 		case 'V':
 			printf("uffd-handler %s\n", VERSION);
 			return 1;
+		case ':':
+			fprintf(stderr, "uffd-handler: %s needs a value (try --help)\n",
+			    argv[optind - 1]);
+			return -1;
 		default:
-			rc = -1;
+			fprintf(stderr, "uffd-handler: unknown option %s (try --help)\n",
+			    argv[optind - 1]);
+			return -1;
 		}
 	}
 	if (rc == 0 && argc - optind != 2) {

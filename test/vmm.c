@@ -71,6 +71,7 @@ static struct {
 	int stray;			/* fault outside the handshake's regions */
 	const char *raw;		/* send this instead of the mappings */
 	int nofd, extra_fds, split;
+	int linger;			/* seconds to stay alive after checking */
 } o = { .gen = 3, .keep_open = -1, .threads = 4 };
 
 static const char *snap;		/* the memory file, mapped */
@@ -603,6 +604,9 @@ vcpu_main(void *arg)
 		}
 		v->jobs++;
 		atomic_fetch_add(&checked, (off + CHUNK - start) / PAGE);
+		for (uint64_t p = start; p < off + CHUNK; p += PAGE)
+			if (page_kind((o.l.off[r] + p) / PAGE) != 'd')
+				atomic_fetch_add(&zeros_seen, 1);
 	}
 	return NULL;
 }
@@ -682,10 +686,13 @@ run(void)
 		run_kvm();
 	else
 		run_threads();
-	printf("verified %" PRIu64 " pages (%" PRIu64 " read as zero) across %d "
-	    "regions with %d %s%s%s: %" PRIu64 " wrong\n", (uint64_t)checked,
+	printf("verified %" PRIu64 " pages (%" PRIu64 " of them zero) across %d "
+	    "regions with %d %s%s%s%s: %" PRIu64 " wrong\n", (uint64_t)checked,
 	    (uint64_t)zeros_seen, o.l.n, o.threads, o.kvm ? "vCPUs" : "threads",
-	    o.balloon ? ", balloon " : "", o.balloon ? o.balloon : "", (uint64_t)bad);
+	    o.huge ? ", 2 MiB pages" : "", o.balloon ? ", balloon " : "",
+	    o.balloon ? o.balloon : "", (uint64_t)bad);
+	if (o.linger)
+		sleep((unsigned)o.linger);
 	if (sock >= 0)
 		close(sock);
 	return bad ? 1 : 0;
@@ -698,7 +705,8 @@ usage(void)
 "usage: vmm mksnap FILE [--regions MIB,...]\n"
 "       vmm run SOCKET FILE [--regions MIB,...] [--gen 1|2|3] [--keep-open|--close]\n"
 "           [--threads N] [--huge] [--kvm] [--balloon after|during] [--crash]\n"
-"           [--stray-fault] [--raw JSON] [--no-fd] [--extra-fds N] [--split N]\n");
+"           [--stray-fault] [--raw JSON] [--no-fd] [--extra-fds N] [--split N]\n"
+"           [--linger SEC]\n");
 	exit(2);
 }
 
@@ -712,7 +720,7 @@ main(int argc, char **argv)
 		{ "balloon", 1, 0, 'b' }, { "crash", 0, 0, 'X' },
 		{ "stray-fault", 0, 0, 'S' }, { "raw", 1, 0, 'R' },
 		{ "no-fd", 0, 0, 'N' }, { "extra-fds", 1, 0, 'E' },
-		{ "split", 1, 0, 'P' }, { 0, 0, 0, 0 },
+		{ "split", 1, 0, 'P' }, { "linger", 1, 0, 'L' }, { 0, 0, 0, 0 },
 	};
 	const char *cmd = argc > 1 ? argv[1] : "";
 	int c;
@@ -735,6 +743,7 @@ main(int argc, char **argv)
 		case 'N': o.nofd = 1; break;
 		case 'E': o.extra_fds = atoi(optarg); break;
 		case 'P': o.split = atoi(optarg); break;
+		case 'L': o.linger = atoi(optarg); break;
 		default: usage();
 		}
 	}

@@ -1,0 +1,1124 @@
+/*
+ * run - uffd-handler's test suite: a table of named cases, one line each.
+ *
+ *   run [-l] [-H HANDLER] [-R RELEASE] [-V VMM] [PATTERN...]
+ *
+ * -l lists the cases; PATTERNs (shell globs) pick cases by name. HANDLER is
+ * the build the integration cases run (the sanitizer build under
+ * ./build.sh test); RELEASE is the static binary, for the checks of what
+ * ships. Ends with "N passed, N failed, N skipped".
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <fnmatch.h>
+#include <inttypes.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+
+#include "../uffd.h"
+#include "abi.h"
+
+enum { PASS, FAIL, SKIP };
+
+static struct {
+	const char *handler, *release, *vmm;
+	char dir[64];
+	char snap[128];			/* 8,4,4 MiB */
+	char big[128];			/* 32,16,16 MiB */
+	char why[2048];
+	long huge_old;			/* nr_hugepages to restore, or -1 */
+	int seq;
+} T = { .huge_old = -1 };
+
+static int __attribute__((format(printf, 1, 2)))
+fail(const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(T.why, sizeof(T.why), fmt, ap);
+	va_end(ap);
+	return FAIL;
+}
+
+static int __attribute__((format(printf, 1, 2)))
+skip(const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(T.why, sizeof(T.why), fmt, ap);
+	va_end(ap);
+	return SKIP;
+}
+
+static int64_t
+now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void
+read_text(const char *path, char *buf, size_t cap)
+{
+	FILE *f = fopen(path, "r");
+	size_t n = 0;
+
+	if (f != NULL) {
+		n = fread(buf, 1, cap - 1, f);
+		fclose(f);
+	}
+	buf[n] = '\0';
+}
+
+/*
+ * Processes.
+ */
+
+struct proc {
+	pid_t pid;
+	int status;			/* from wait4, or -1 while running */
+	struct rusage ru;
+	int64_t ended;			/* now_ms() when reaped */
+	char out[160], err[160];
+};
+
+static void
+spawn(struct proc *p, char *const argv[], const char *root)
+{
+	int n = ++T.seq;
+
+	snprintf(p->out, sizeof(p->out), "%s/%d.out", T.dir, n);
+	snprintf(p->err, sizeof(p->err), "%s/%d.err", T.dir, n);
+	p->status = -1;
+	if ((p->pid = fork()) != 0)
+		return;
+	if (freopen(p->out, "w", stdout) == NULL || freopen(p->err, "w", stderr) == NULL)
+		_exit(126);
+	if (root != NULL && (chroot(root) < 0 || chdir("/") < 0))
+		_exit(126);
+	execv(argv[0], argv);
+	_exit(127);
+}
+
+/* Returns 0 once reaped, -1 if still running after ms (then kills it). */
+static int
+reap(struct proc *p, int ms)
+{
+	int64_t end = now_ms() + ms;
+
+	if (p->status != -1)
+		return 0;
+	for (;;) {
+		if (wait4(p->pid, &p->status, WNOHANG, &p->ru) == p->pid) {
+			p->ended = now_ms();
+			return 0;
+		}
+		if (now_ms() >= end)
+			break;
+		usleep(5000);
+	}
+	kill(p->pid, SIGKILL);
+	wait4(p->pid, &p->status, 0, &p->ru);
+	p->ended = now_ms();
+	p->status = -2;
+	return -1;
+}
+
+static int
+exited(const struct proc *p, int code)
+{
+	return p->status >= 0 && WIFEXITED(p->status) && WEXITSTATUS(p->status) == code;
+}
+
+static int
+killed(const struct proc *p)
+{
+	return p->status >= 0 && WIFSIGNALED(p->status) && WTERMSIG(p->status) == SIGKILL;
+}
+
+static const char *
+how(const struct proc *p)
+{
+	static char s[4][48];
+	static int i;
+	char *b = s[i++ % 4];
+
+	if (p->status == -2)
+		return "hung (killed by the test)";
+	if (WIFEXITED(p->status))
+		snprintf(b, 48, "exit %d", WEXITSTATUS(p->status));
+	else
+		snprintf(b, 48, "signal %d", WTERMSIG(p->status));
+	return b;
+}
+
+/* The handler is ready once it says so: a stale socket file may exist
+ * before it is replaced. */
+static int
+wait_listening(struct proc *h)
+{
+	char err[4096];
+
+	for (int i = 0; i < 1000; i++) {
+		read_text(h->err, err, sizeof(err));
+		if (strstr(err, "listening on"))
+			return 0;
+		if (waitpid(h->pid, NULL, WNOHANG) != 0)
+			return -1;
+		usleep(2000);
+	}
+	return -1;
+}
+
+/*
+ * A restore: the handler under test and the test VMM, side by side.
+ */
+
+#define MAXARG 24
+
+struct pair {
+	const char *hargs[MAXARG];	/* handler options */
+	const char *vargs[MAXARG];	/* vmm run options */
+	const char *snap;		/* default T.snap */
+	const char *handler;		/* default T.handler */
+	const char *root;		/* chroot for the handler */
+	int term_after_ms;		/* send SIGTERM to the handler */
+	struct proc h, v;
+	char hout[4096], herr[8192], vout[4096], verr[4096];
+	char sock[160];
+};
+
+static void
+start_pair(struct pair *p)
+{
+	char *argv[MAXARG * 2];
+	char hsock[160], hsnap[160];
+	int n = 0;
+
+	snprintf(p->sock, sizeof(p->sock), "%s/%s/s%d.sock", T.dir,
+	    p->root ? "jail" : ".", ++T.seq);
+	snprintf(hsock, sizeof(hsock), "%s", p->root ? strrchr(p->sock, '/') : p->sock);
+	snprintf(hsnap, sizeof(hsnap), "%s", p->root ? "/mem" : p->snap ? p->snap : T.snap);
+	argv[n++] = (char *)(p->handler ? p->handler : T.handler);
+	for (int i = 0; p->hargs[i]; i++)
+		argv[n++] = (char *)p->hargs[i];
+	argv[n++] = hsock;
+	argv[n++] = hsnap;
+	argv[n] = NULL;
+	spawn(&p->h, argv, p->root);
+}
+
+static int
+run_pair(struct pair *p)
+{
+	char *argv[MAXARG * 2];
+	int n = 0;
+
+	start_pair(p);
+	if (wait_listening(&p->h) == 0) {
+		argv[n++] = (char *)T.vmm;
+		argv[n++] = "run";
+		argv[n++] = p->sock;
+		argv[n++] = (char *)(p->snap ? p->snap : T.snap);
+		for (int i = 0; p->vargs[i]; i++)
+			argv[n++] = (char *)p->vargs[i];
+		argv[n] = NULL;
+		spawn(&p->v, argv, NULL);
+		if (p->term_after_ms) {
+			usleep((useconds_t)p->term_after_ms * 1000);
+			kill(p->h.pid, SIGTERM);
+		}
+		reap(&p->v, 60000);
+	} else {
+		p->v.status = -2;
+	}
+	reap(&p->h, 10000);
+	read_text(p->h.out, p->hout, sizeof(p->hout));
+	read_text(p->h.err, p->herr, sizeof(p->herr));
+	read_text(p->v.out, p->vout, sizeof(p->vout));
+	read_text(p->v.err, p->verr, sizeof(p->verr));
+	return 0;
+}
+
+static uint64_t
+counter(const struct pair *p, const char *key)
+{
+	char pat[64];
+	const char *at;
+
+	snprintf(pat, sizeof(pat), "\"%s\":", key);
+	if ((at = strstr(p->hout, pat)) == NULL)
+		return UINT64_MAX;
+	return strtoull(at + strlen(pat), NULL, 10);
+}
+
+static int
+pair_fail(const struct pair *p, const char *what)
+{
+	return fail("%s: handler %s, vmm %s\n--- handler stderr:\n%s--- handler "
+	    "stdout:\n%s--- vmm:\n%s%s", what, how(&p->h), how(&p->v), p->herr,
+	    p->hout, p->vout, p->verr);
+}
+
+/* The VMM verified every byte and the handler then exited 0 promptly. */
+static int
+restored(struct pair *p)
+{
+	run_pair(p);
+	if (!exited(&p->v, 0))
+		return pair_fail(p, "the VMM did not verify its memory");
+	if (!exited(&p->h, 0))
+		return pair_fail(p, "the handler did not exit 0 after the VM");
+	if (p->h.ended - p->v.ended > 2000)
+		return pair_fail(p, "the handler took over 2 s to notice the VM exit");
+	if (counter(p, "faults") == 0 || counter(p, "faults") == UINT64_MAX)
+		return pair_fail(p, "no faults counted");
+	return PASS;
+}
+
+/* A VMM the handler gave up on must be dead, not left frozen. */
+static int
+rejected(struct pair *p, int code, const char *logged)
+{
+	run_pair(p);
+	if (!exited(&p->h, code))
+		return pair_fail(p, "unexpected handler exit");
+	if (!killed(&p->v))
+		return pair_fail(p, "the VMM was not killed");
+	if (strstr(p->herr, logged) == NULL)
+		return pair_fail(p, "the log does not say why");
+	return PASS;
+}
+
+/*
+ * Machine facilities: skip, by name, what the machine lacks.
+ */
+
+static long
+read_long(const char *path)
+{
+	char buf[64];
+
+	read_text(path, buf, sizeof(buf));
+	return buf[0] ? strtol(buf, NULL, 10) : -1;
+}
+
+static int
+write_long(const char *path, long v)
+{
+	FILE *f = fopen(path, "w");
+	int rc;
+
+	if (f == NULL)
+		return -1;
+	rc = fprintf(f, "%ld\n", v) < 0;
+	return (fclose(f) != 0 || rc) ? -1 : 0;
+}
+
+static const char nr_huge[] = "/proc/sys/vm/nr_hugepages";
+
+/* Reserves n 2 MiB pages; the runner restores the old value after the case. */
+static int
+huge_reserve(long n)
+{
+	long old = read_long(nr_huge);
+
+	if (old < 0 || write_long(nr_huge, old + n) < 0)
+		return -1;
+	T.huge_old = old;
+	return read_long(nr_huge) >= old + n ? 0 : -1;
+}
+
+static void
+huge_restore(void)
+{
+	if (T.huge_old >= 0)
+		write_long(nr_huge, T.huge_old);
+	T.huge_old = -1;
+}
+
+static int
+have_kvm(void)
+{
+	int fd = open("/dev/kvm", O_RDWR | O_CLOEXEC);
+
+	if (fd < 0)
+		return 0;
+	close(fd);
+	return 1;
+}
+
+/*
+ * Parser and validation cases.
+ */
+
+static int
+abi_matches_kernel(const void *arg)
+{
+	(void)arg;
+	for (size_t i = 0; i < abi_count; i++)
+		if (abi_ours[i].value != abi_kernel[i].value)
+			return fail("%s: uffd.h says 0x%" PRIx64 ", the kernel 0x%"
+			    PRIx64, abi_ours[i].name, abi_ours[i].value,
+			    abi_kernel[i].value);
+	return PASS;
+}
+
+struct parse_case {
+	const char *json;
+	int n;				/* expected result */
+	uint64_t v[5];			/* first mapping: base size offset ps kib */
+	unsigned fields;
+};
+
+#define ALL3	(MAP_HAS_BASE | MAP_HAS_SIZE | MAP_HAS_OFFSET)
+
+static const struct parse_case gen1 = {
+	"[{\"base_host_virt_addr\":140183504207872,\"size\":3221225472,"
+	"\"offset\":0},{\"base_host_virt_addr\":140180282982400,\"size\":"
+	"1073741824,\"offset\":3221225472}]", 2,
+	{ 140183504207872ull, 3221225472ull, 0, 0, 0 }, ALL3 };
+static const struct parse_case gen2 = {
+	"[{\"base_host_virt_addr\":140183504207872,\"size\":3221225472,"
+	"\"offset\":0,\"page_size_kib\":4096}]", 1,
+	{ 140183504207872ull, 3221225472ull, 0, 0, 4096 },
+	ALL3 | MAP_HAS_PAGE_SIZE_KIB };
+static const struct parse_case gen3 = {
+	"[{\"base_host_virt_addr\":18446744073709551615,\"size\":2097152,"
+	"\"offset\":18446744073709547520,\"page_size\":2097152,"
+	"\"page_size_kib\":2097152}]", 1,
+	{ UINT64_MAX, 2097152, 18446744073709547520ull, 2097152, 2097152 },
+	ALL3 | MAP_HAS_PAGE_SIZE | MAP_HAS_PAGE_SIZE_KIB };
+static const struct parse_case unknown = {
+	" [ {\"gpa_start\": -1.5e+10, \"is_guest_memfd\": false, \"x\": null,"
+	"\"t\":true, \"s\": \"a\\\"b\\\\\\u00e9\\n\", \"o\": {\"a\": [1, {}, []],"
+	" \"b\": {\"c\": 0.25E-3}}, \"e\": [], \"base_host_virt_addr\" : 4096 ,"
+	"\n\"size\":\t8192, \"offset\":0, \"future\": [[[[\"deep\"]]]]} ]\r\n", 1,
+	{ 4096, 8192, 0, 0, 0 }, ALL3 };
+
+static int
+parse_valid(const void *arg)
+{
+	const struct parse_case *c = arg;
+	struct uffd_mapping m[4];
+	struct json_error je = { 0, "" };
+	int n = json_parse_mappings(c->json, strlen(c->json), m, 4, &je);
+	uint64_t got[5];
+
+	if (n != c->n)
+		return fail("returned %d, expected %d (%s at byte %zu)", n, c->n,
+		    je.reason, je.offset);
+	got[0] = m[0].base;
+	got[1] = m[0].size;
+	got[2] = m[0].offset;
+	got[3] = m[0].page_size;
+	got[4] = m[0].page_size_kib;
+	for (int i = 0; i < 5; i++)
+		if (got[i] != c->v[i])
+			return fail("field %d: %" PRIu64 ", expected %" PRIu64, i,
+			    got[i], c->v[i]);
+	if (m[0].fields != c->fields)
+		return fail("fields 0x%x, expected 0x%x", m[0].fields, c->fields);
+	return PASS;
+}
+
+/* Every proper prefix is partial; the whole is complete. */
+static int
+parse_in_pieces(const void *arg)
+{
+	const char *json = unknown.json;
+	size_t len = strlen(json);
+	struct uffd_mapping m[2];
+	struct json_error je;
+	int n;
+
+	(void)arg;
+	for (size_t i = 0; i < len; i++) {
+		/* Trailing blanks after the array complete it early. */
+		if (i > 0 && json[i - 1] == ']')
+			break;
+		n = json_parse_mappings(json, i, m, 2, &je);
+		if (n != JSON_PARTIAL)
+			return fail("prefix of %zu bytes: %d (%s), expected partial",
+			    i, n, je.reason);
+	}
+	n = json_parse_mappings(json, len, m, 2, &je);
+	return n == 1 ? PASS : fail("whole message: %d (%s)", n, je.reason);
+}
+
+struct reject_case {
+	const char *json;
+	int code;
+	const char *reason;		/* a substring of the reason */
+	const char *at;			/* where the error must point */
+};
+
+#define M1 "[{\"base_host_virt_addr\":4096,\"size\":4096,\"offset\":0"
+
+static const struct reject_case rj_garbage = { "hello", JSON_INVALID,
+	"not a JSON array", "hello" };
+static const struct reject_case rj_not_object = { "[4096]", JSON_INVALID,
+	"expected an object", "4096" };
+static const struct reject_case rj_negative = { M1 ",\"page_size\":-4096}]",
+	JSON_RANGE, "negative", "-4096" };
+static const struct reject_case rj_fraction = { M1 ",\"page_size\":4096.0}]",
+	JSON_RANGE, "fraction", ".0" };
+static const struct reject_case rj_exponent = { M1 ",\"page_size\":4e3}]",
+	JSON_RANGE, "exponent", "e3" };
+static const struct reject_case rj_overflow = {
+	M1 ",\"page_size\":18446744073709551616}]", JSON_RANGE, "2^64",
+	"6}]" };
+static const struct reject_case rj_leading_zero = { M1 ",\"page_size\":04096}]",
+	JSON_INVALID, "leading zero", "04096" };
+static const struct reject_case rj_string_int = { M1 ",\"page_size\":\"4096\"}]",
+	JSON_INVALID, "not a number", "\"4096\"}" };
+static const struct reject_case rj_null_int = { M1 ",\"page_size\":null}]",
+	JSON_INVALID, "not a number", "null" };
+static const struct reject_case rj_duplicate = { M1 ",\"offset\":4096}]",
+	JSON_INVALID, "duplicate", "offset\":4096" };
+static const struct reject_case rj_missing = {
+	"[{\"base_host_virt_addr\":4096,\"offset\":0}]", JSON_INVALID,
+	"lacks size", "]" };
+static const struct reject_case rj_trailing = { M1 "}] {}", JSON_INVALID,
+	"after the array", "{}" };
+static const struct reject_case rj_trailing_comma = { M1 "},]", JSON_INVALID,
+	"expected an object", "]" };
+static const struct reject_case rj_bad_escape = { M1 ",\"x\":\"\\q\"}]",
+	JSON_INVALID, "bad escape", "\\q" };
+static const struct reject_case rj_control = { M1 ",\"x\":\"a\tb\"}]",
+	JSON_INVALID, "control character", "\tb" };
+static const struct reject_case rj_bad_literal = { M1 ",\"x\":tru}]",
+	JSON_INVALID, "unexpected character", "tru}" };
+static const struct reject_case rj_bad_number = { M1 ",\"x\":-.5}]",
+	JSON_INVALID, "bad number", ".5}" };
+#define M2 "{\"base_host_virt_addr\":8192,\"size\":4096,\"offset\":0}"
+static const struct reject_case rj_too_many = { M1 "}," M2 "," M2 "]",
+	JSON_TOO_MANY, "too many", M2 "]" };
+
+static int
+parse_reject(const void *arg)
+{
+	const struct reject_case *c = arg;
+	struct uffd_mapping m[2];
+	struct json_error je = { 0, "" };
+	int n = json_parse_mappings(c->json, strlen(c->json), m, 2, &je);
+	size_t at = c->at ? (size_t)(strstr(c->json, c->at) - c->json) : je.offset;
+
+	if (n != c->code)
+		return fail("returned %d (%s at %zu), expected %d", n, je.reason,
+		    je.offset, c->code);
+	if (strstr(je.reason, c->reason) == NULL)
+		return fail("reason \"%s\" lacks \"%s\"", je.reason, c->reason);
+	if (je.offset != at)
+		return fail("error at byte %zu, expected %zu", je.offset, at);
+	return PASS;
+}
+
+/* 10,000 nested brackets in an unknown field stop at the depth bound. */
+static int
+parse_reject_deep(const void *arg)
+{
+	static char json[20100];
+	struct uffd_mapping m[1];
+	struct json_error je;
+	size_t n = (size_t)snprintf(json, sizeof(json), "[{\"x\":");
+	int rc;
+
+	(void)arg;
+	memset(json + n, '[', 10000);
+	memset(json + n + 10000, ']', 10000);
+	strcpy(json + n + 20000, "}]");
+	rc = json_parse_mappings(json, strlen(json), m, 1, &je);
+	if (rc != JSON_TOO_DEEP)
+		return fail("returned %d (%s), expected too deep", rc, je.reason);
+	return je.offset == n + JSON_MAX_DEPTH - 1 ? PASS :
+	    fail("error at %zu, expected %zu", je.offset, n + JSON_MAX_DEPTH - 1);
+}
+
+struct validate_case {
+	const char *json;
+	uint64_t file_size;
+	const char *reason;		/* NULL: must be accepted */
+};
+
+static const struct validate_case va_default_page = {
+	"[{\"base_host_virt_addr\":8192,\"size\":8192,\"offset\":4096}]", 12288,
+	NULL };
+static const struct validate_case va_2m = {
+	"[{\"base_host_virt_addr\":2097152,\"size\":4194304,\"offset\":4096,"
+	"\"page_size\":2097152,\"page_size_kib\":2097152}]", 4198400, NULL };
+static const struct validate_case va_no_mappings = { "[]", 4096,
+	"no mappings" };
+static const struct validate_case va_misaligned = {
+	"[{\"base_host_virt_addr\":4097,\"size\":4096,\"offset\":0}]", 4096,
+	"not aligned" };
+static const struct validate_case va_2m_misaligned = {
+	"[{\"base_host_virt_addr\":4096,\"size\":2097152,\"offset\":0,"
+	"\"page_size\":2097152}]", 2097152, "not aligned" };
+static const struct validate_case va_zero_size = {
+	"[{\"base_host_virt_addr\":4096,\"size\":0,\"offset\":0}]", 4096,
+	"size is zero" };
+static const struct validate_case va_size_multiple = {
+	"[{\"base_host_virt_addr\":4096,\"size\":6144,\"offset\":0}]", 8192,
+	"not a multiple of page size" };
+static const struct validate_case va_offset = {
+	"[{\"base_host_virt_addr\":4096,\"size\":4096,\"offset\":512}]", 8192,
+	"offset 512" };
+static const struct validate_case va_beyond_file = {
+	"[{\"base_host_virt_addr\":4096,\"size\":8192,\"offset\":4096}]", 8192,
+	"beyond the end" };
+static const struct validate_case va_offset_overflow = {
+	"[{\"base_host_virt_addr\":4096,\"size\":8192,\"offset\":"
+	"18446744073709547520}]", 8192, "beyond the end" };
+static const struct validate_case va_base_overflow = {
+	"[{\"base_host_virt_addr\":18446744073709547520,\"size\":8192,"
+	"\"offset\":0}]", 8192, "overflows" };
+static const struct validate_case va_overlap = {
+	"[{\"base_host_virt_addr\":8192,\"size\":8192,\"offset\":0},"
+	"{\"base_host_virt_addr\":65536,\"size\":4096,\"offset\":8192},"
+	"{\"base_host_virt_addr\":12288,\"size\":4096,\"offset\":12288}]", 16384,
+	"mappings 0 and 2 overlap" };
+static const struct validate_case va_bogus_page = {
+	"[{\"base_host_virt_addr\":8192,\"size\":8192,\"offset\":0,"
+	"\"page_size\":8192}]", 8192, "neither 4096 nor 2097152" };
+static const struct validate_case va_disagree = {
+	"[{\"base_host_virt_addr\":8192,\"size\":8192,\"offset\":0,"
+	"\"page_size\":4096,\"page_size_kib\":4}]", 8192, "disagree" };
+
+static int
+validate(const void *arg)
+{
+	const struct validate_case *c = arg;
+	struct uffd_mapping m[4];
+	struct json_error je;
+	char why[256] = "";
+	int n = json_parse_mappings(c->json, strlen(c->json), m, 4, &je), rc;
+
+	if (n < 0)
+		return fail("parse: %s at %zu", je.reason, je.offset);
+	rc = mappings_validate(m, (size_t)n, c->file_size, 4096, why, sizeof(why));
+	if (c->reason == NULL)
+		return rc == 0 ? PASS : fail("rejected: %s", why);
+	if (rc != -EINVAL)
+		return fail("accepted, expected \"%s\"", c->reason);
+	return strstr(why, c->reason) ? PASS :
+	    fail("reason \"%s\" lacks \"%s\"", why, c->reason);
+}
+
+/*
+ * Command line and socket setup.
+ */
+
+static int
+run_handler(const char *const args[], int ms, struct proc *p, char *err, size_t cap)
+{
+	char *argv[MAXARG];
+	int n = 0;
+
+	argv[n++] = (char *)T.handler;
+	for (int i = 0; args[i]; i++)
+		argv[n++] = (char *)args[i];
+	argv[n] = NULL;
+	spawn(p, argv, NULL);
+	reap(p, ms);
+	read_text(p->err, err, cap);
+	return p->status;
+}
+
+static int
+cli_help_version(const void *arg)
+{
+	struct proc p;
+	char out[4096];
+
+	(void)arg;
+	run_handler((const char *[]){ "--help", NULL }, 5000, &p, out, sizeof(out));
+	read_text(p.out, out, sizeof(out));
+	if (!exited(&p, 0) || !strstr(out, "Usage: uffd-handler") ||
+	    !strstr(out, "Exit codes"))
+		return fail("--help: %s, printed: %s", how(&p), out);
+	run_handler((const char *[]){ "--version", NULL }, 5000, &p, out, sizeof(out));
+	read_text(p.out, out, sizeof(out));
+	if (!exited(&p, 0) || strncmp(out, "uffd-handler ", 13) != 0)
+		return fail("--version: %s, printed: %s", how(&p), out);
+	return PASS;
+}
+
+static int
+cli_usage_errors(const void *arg)
+{
+	static const char *const cases[][4] = {
+		{ NULL }, { "onlyone", NULL }, { "a", "b", "c", NULL },
+		{ "--bogus", "a", "b", NULL }, { "--log-level", "loud", "a", NULL },
+		{ "--handshake-timeout", "0", "a", NULL },
+		{ "--accept-timeout", "-1", "a", NULL },
+	};
+	struct proc p;
+	char err[2048];
+
+	(void)arg;
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		const char *args[6] = { NULL };
+
+		for (int j = 0; j < 4 && cases[i][j]; j++)
+			args[j] = cases[i][j];
+		if (i == 4 || i == 5 || i == 6)
+			args[3] = "b";
+		run_handler(args, 5000, &p, err, sizeof(err));
+		if (!exited(&p, 2) || strchr(err, '\n') != strrchr(err, '\n') ||
+		    strncmp(err, "uffd-handler", 12) != 0)
+			return fail("case %zu: %s, expected exit 2 and one line: %s",
+			    i, how(&p), err);
+	}
+	return PASS;
+}
+
+static int
+cli_missing_memfile(const void *arg)
+{
+	char sock[160], err[2048];
+	struct proc p;
+
+	(void)arg;
+	snprintf(sock, sizeof(sock), "%s/nomem.sock", T.dir);
+	run_handler((const char *[]){ sock, "/nonexistent/mem", NULL }, 5000, &p,
+	    err, sizeof(err));
+	if (!exited(&p, 3) || !strstr(err, "open(/nonexistent/mem): No such file"))
+		return fail("%s: %s", how(&p), err);
+	return PASS;
+}
+
+static int
+socket_not_a_socket(const void *arg)
+{
+	char path[160], err[2048], buf[8] = "";
+	struct proc p;
+	FILE *f;
+
+	(void)arg;
+	snprintf(path, sizeof(path), "%s/regular-file", T.dir);
+	if ((f = fopen(path, "w")) == NULL)
+		return fail("fopen: %s", strerror(errno));
+	fputs("keep", f);
+	fclose(f);
+	run_handler((const char *[]){ path, T.snap, NULL }, 5000, &p, err, sizeof(err));
+	read_text(path, buf, sizeof(buf));
+	if (!exited(&p, 3) || !strstr(err, "is not a socket") || strcmp(buf, "keep"))
+		return fail("%s, file now \"%s\": %s", how(&p), buf, err);
+	return PASS;
+}
+
+/* A socket file left by a killed handler is replaced and served. */
+static int
+socket_stale_replaced(const void *arg)
+{
+	struct sockaddr_un a = { .sun_family = AF_UNIX };
+	struct pair p = { .vargs = { "--threads", "2", NULL } };
+	int fd = socket(AF_UNIX, SOCK_STREAM, 0), rc;
+
+	(void)arg;
+	snprintf(a.sun_path, sizeof(a.sun_path), "%s/s%d.sock", T.dir, T.seq + 1);
+	if (bind(fd, (struct sockaddr *)&a, sizeof(a)) < 0)
+		return fail("bind: %s", strerror(errno));
+	close(fd);
+	rc = restored(&p);
+	if (rc == PASS && !strstr(p.herr, "replaced stale socket"))
+		return pair_fail(&p, "no log line about the stale socket");
+	return rc;
+}
+
+static int
+accept_timeout(const void *arg)
+{
+	char sock[160], err[2048];
+	struct proc p;
+
+	(void)arg;
+	snprintf(sock, sizeof(sock), "%s/lonely.sock", T.dir);
+	run_handler((const char *[]){ "--accept-timeout", "1", sock, T.snap, NULL },
+	    5000, &p, err, sizeof(err));
+	if (!exited(&p, 3) || !strstr(err, "no VMM connected within 1 s"))
+		return fail("%s: %s", how(&p), err);
+	if (access(sock, F_OK) == 0)
+		return fail("the socket file was left behind");
+	return PASS;
+}
+
+/*
+ * Restores.
+ */
+
+static int
+restore(const void *arg)
+{
+	struct pair p = { 0 };
+	const char *const *v = arg;
+
+	for (int i = 0; v[i]; i++)
+		p.vargs[i] = v[i];
+	return restored(&p);
+}
+
+static const char *const r_gen1[] = { "--gen", "1", NULL };
+static const char *const r_gen2[] = { "--gen", "2", NULL };
+static const char *const r_gen3[] = { "--gen", "3", NULL };
+static const char *const r_gen3_closed[] = { "--gen", "3", "--close", NULL };
+static const char *const r_regions[] = { "--regions", "2,6,4,4", "--threads",
+	"8", NULL };
+static const char *const r_split[] = { "--split", "5", "--extra-fds", "2", NULL };
+
+static int
+balloon(const void *arg)
+{
+	struct pair p = { .snap = T.big, .vargs = { "--regions", "32,16,16",
+	    "--balloon", arg, NULL } };
+	int rc = restored(&p);
+
+	if (rc != PASS)
+		return rc;
+	if (counter(&p, "remove_events") == 0 || counter(&p, "zero_pages") == 0)
+		return pair_fail(&p, "no removes or no zero pages counted");
+	if (strcmp(arg, "during") == 0 && counter(&p, "deferred") == 0)
+		return pair_fail(&p, "the EAGAIN path never ran (deferred 0)");
+	return PASS;
+}
+
+static int
+hugetlb(const void *arg)
+{
+	struct pair p = { .snap = T.big, .vargs = { "--regions", "32,16,16",
+	    "--huge", arg ? "--balloon" : NULL, arg, NULL } };
+	int rc;
+
+	if (huge_reserve(36) < 0)
+		return skip("cannot reserve 36 hugetlb pages of 2 MiB");
+	if ((rc = restored(&p)) != PASS)
+		return rc;
+	if (counter(&p, "bytes_copied") != counter(&p, "pages_copied") * PAGE_2M)
+		return pair_fail(&p, "pages were not served 2 MiB at a time");
+	if (arg && (counter(&p, "zero_pages") == 0 || counter(&p, "deferred") == 0))
+		return pair_fail(&p, "no zero pages or no deferrals");
+	return PASS;
+}
+
+static int
+kvm(const void *arg)
+{
+	/* Guest memory under this machine's kvm_pvm costs ~2.5 ms of shadow
+	 * paging per 4 KiB page, so the KVM cases use the small snapshot. */
+	struct pair p = { .vargs = { "--kvm", "--threads", "2", arg, NULL } };
+	int rc;
+
+	if (!have_kvm())
+		return skip("no usable /dev/kvm");
+	if (arg && huge_reserve(12) < 0)
+		return skip("cannot reserve 12 hugetlb pages of 2 MiB");
+	if ((rc = restored(&p)) != PASS)
+		return rc;
+	return strstr(p.vout, "kvm: 2 vCPUs") ? PASS :
+	    pair_fail(&p, "the guest did not run");
+}
+
+/*
+ * Endings: the VM goes away, or something is wrong.
+ */
+
+static int
+vmm_crash(const void *arg)
+{
+	struct pair p = { .vargs = { "--crash", NULL } };
+
+	(void)arg;
+	run_pair(&p);
+	if (!killed(&p.v))
+		return pair_fail(&p, "the VMM did not crash as told");
+	if (!exited(&p.h, 0))
+		return pair_fail(&p, "the handler did not exit 0");
+	if (p.h.ended - p.v.ended > 1000)
+		return pair_fail(&p, "the handler took over 1 s to notice");
+	return PASS;
+}
+
+static int
+stray_fault(const void *arg)
+{
+	struct pair p = { .vargs = { "--stray-fault", NULL } };
+
+	(void)arg;
+	return rejected(&p, 1, "outside every mapping");
+}
+
+static int
+bad_handshake(const void *arg)
+{
+	struct pair p = { .hargs = { "--handshake-timeout", "1", NULL } };
+	const char *const *v = arg;
+	int i;
+
+	for (i = 0; v[i + 1]; i++)
+		p.vargs[i] = v[i + 1];
+	return rejected(&p, 4, v[0]);
+}
+
+static const char *const hs_garbage[] = { "rejected: message is not a JSON array",
+	"--raw", "hello", NULL };
+static const char *const hs_no_fd[] = { "rejected: no file descriptor", "--no-fd",
+	NULL };
+static const char *const hs_beyond[] = { "beyond the end of the memory file",
+	"--raw", "[{\"base_host_virt_addr\":4096,\"size\":1073741824,\"offset\":0}]",
+	NULL };
+static const char *const hs_cut[] = { "incomplete after 1 s",
+	"--raw", "[{\"base_host_virt_addr\":4096,\"size\":", NULL };
+static const char *const hs_silent[] = { "incomplete after 1 s (0 bytes",
+	"--raw", "", "--no-fd", NULL };
+
+/* SIGTERM while serving: the VMM is killed, never left frozen. */
+static int
+sigterm(const void *arg)
+{
+	struct pair p = { .vargs = { "--linger", "30", NULL }, .term_after_ms = 1000 };
+
+	(void)arg;
+	return rejected(&p, 5, "received Terminated");
+}
+
+/*
+ * What ships.
+ */
+
+static int
+chroot_empty(const void *arg)
+{
+	char jail[160], cmd[1024], list[256];
+	struct pair p = { .handler = "/uffd-handler", .vargs = { "--threads", "2",
+	    NULL } };
+	FILE *f;
+
+	(void)arg;
+	p.root = jail;
+	snprintf(jail, sizeof(jail), "%s/jail", T.dir);
+	snprintf(cmd, sizeof(cmd), "mkdir -p %s && cp %s %s/uffd-handler && "
+	    "cp %s %s/mem", jail, T.release, jail, T.snap, jail);
+	if (system(cmd) != 0)
+		return fail("%s failed", cmd);
+	snprintf(cmd, sizeof(cmd), "ls -A %s | tr '\\n' ' '", jail);
+	if ((f = popen(cmd, "r")) == NULL || fgets(list, sizeof(list), f) == NULL)
+		return fail("ls %s", jail);
+	pclose(f);
+	if (strcmp(list, "mem uffd-handler ") != 0)
+		return fail("the jail holds more than the binary and memory: %s", list);
+	return restored(&p);
+}
+
+static int
+static_binary(const void *arg)
+{
+	char cmd[512], out[4096] = "";
+	struct stat st;
+	FILE *f;
+	size_t n;
+
+	(void)arg;
+	if (stat(T.release, &st) < 0)
+		return fail("stat(%s): %s", T.release, strerror(errno));
+	if (st.st_size >= 100 * 1024)
+		return fail("%lld bytes, over 100 KiB", (long long)st.st_size);
+	snprintf(cmd, sizeof(cmd), "readelf -ldW %s 2>&1", T.release);
+	if ((f = popen(cmd, "r")) == NULL)
+		return fail("popen(readelf)");
+	n = fread(out, 1, sizeof(out) - 1, f);
+	out[n] = '\0';
+	if (pclose(f) != 0)
+		return fail("readelf failed: %s", out);
+	if (strstr(out, "INTERP") || strstr(out, "(NEEDED)"))
+		return fail("dynamic: %s", out);
+	if (!strstr(out, "LOAD"))
+		return fail("readelf printed no program headers: %s", out);
+	return PASS;
+}
+
+static int
+release_restore(const void *arg)
+{
+	struct pair p = { .handler = T.release, .vargs = { "--balloon", "during",
+	    NULL } };
+
+	(void)arg;
+	return restored(&p);
+}
+
+struct tcase {
+	const char *name;
+	int (*fn)(const void *);
+	const void *arg;
+};
+
+static const struct tcase cases[] = {
+	{ "abi_matches_kernel", abi_matches_kernel, NULL },
+	{ "parse_gen1", parse_valid, &gen1 },
+	{ "parse_gen2_page_size_kib", parse_valid, &gen2 },
+	{ "parse_gen3_page_size_u64_max", parse_valid, &gen3 },
+	{ "parse_unknown_fields_every_type", parse_valid, &unknown },
+	{ "parse_in_pieces", parse_in_pieces, NULL },
+	{ "parse_reject_garbage", parse_reject, &rj_garbage },
+	{ "parse_reject_not_object", parse_reject, &rj_not_object },
+	{ "parse_reject_negative", parse_reject, &rj_negative },
+	{ "parse_reject_fraction", parse_reject, &rj_fraction },
+	{ "parse_reject_exponent", parse_reject, &rj_exponent },
+	{ "parse_reject_past_2_64", parse_reject, &rj_overflow },
+	{ "parse_reject_leading_zero", parse_reject, &rj_leading_zero },
+	{ "parse_reject_string_integer", parse_reject, &rj_string_int },
+	{ "parse_reject_null_integer", parse_reject, &rj_null_int },
+	{ "parse_reject_duplicate_key", parse_reject, &rj_duplicate },
+	{ "parse_reject_missing_field", parse_reject, &rj_missing },
+	{ "parse_reject_trailing_data", parse_reject, &rj_trailing },
+	{ "parse_reject_trailing_comma", parse_reject, &rj_trailing_comma },
+	{ "parse_reject_bad_escape", parse_reject, &rj_bad_escape },
+	{ "parse_reject_control_char", parse_reject, &rj_control },
+	{ "parse_reject_bad_literal", parse_reject, &rj_bad_literal },
+	{ "parse_reject_bad_number", parse_reject, &rj_bad_number },
+	{ "parse_reject_too_many", parse_reject, &rj_too_many },
+	{ "parse_reject_10000_brackets", parse_reject_deep, NULL },
+	{ "validate_default_page_size", validate, &va_default_page },
+	{ "validate_2m_pages", validate, &va_2m },
+	{ "validate_reject_no_mappings", validate, &va_no_mappings },
+	{ "validate_reject_misaligned_base", validate, &va_misaligned },
+	{ "validate_reject_2m_misaligned", validate, &va_2m_misaligned },
+	{ "validate_reject_zero_size", validate, &va_zero_size },
+	{ "validate_reject_partial_page", validate, &va_size_multiple },
+	{ "validate_reject_unaligned_offset", validate, &va_offset },
+	{ "validate_reject_beyond_file", validate, &va_beyond_file },
+	{ "validate_reject_offset_overflow", validate, &va_offset_overflow },
+	{ "validate_reject_base_overflow", validate, &va_base_overflow },
+	{ "validate_reject_overlap", validate, &va_overlap },
+	{ "validate_reject_page_size", validate, &va_bogus_page },
+	{ "validate_reject_page_sizes_disagree", validate, &va_disagree },
+	{ "cli_help_version", cli_help_version, NULL },
+	{ "cli_usage_errors", cli_usage_errors, NULL },
+	{ "cli_missing_memfile", cli_missing_memfile, NULL },
+	{ "socket_not_a_socket", socket_not_a_socket, NULL },
+	{ "socket_stale_replaced", socket_stale_replaced, NULL },
+	{ "accept_timeout", accept_timeout, NULL },
+	{ "restore_gen1_socket_closed", restore, r_gen1 },
+	{ "restore_gen2_socket_closed", restore, r_gen2 },
+	{ "restore_gen3_socket_open", restore, r_gen3 },
+	{ "restore_gen3_socket_closed", restore, r_gen3_closed },
+	{ "restore_four_regions_8_threads", restore, r_regions },
+	{ "restore_split_message_extra_fds", restore, r_split },
+	{ "balloon_after", balloon, "after" },
+	{ "balloon_during", balloon, "during" },
+	{ "hugetlb_restore", hugetlb, NULL },
+	{ "hugetlb_balloon_during", hugetlb, "during" },
+	{ "kvm_restore", kvm, NULL },
+	{ "kvm_restore_hugetlb", kvm, "--huge" },
+	{ "vmm_crash_handler_exits_0", vmm_crash, NULL },
+	{ "fatal_stray_fault_kills_vmm", stray_fault, NULL },
+	{ "handshake_garbage_kills_vmm", bad_handshake, hs_garbage },
+	{ "handshake_no_fd_kills_vmm", bad_handshake, hs_no_fd },
+	{ "handshake_beyond_file_kills_vmm", bad_handshake, hs_beyond },
+	{ "handshake_cut_off_times_out", bad_handshake, hs_cut },
+	{ "handshake_silent_times_out", bad_handshake, hs_silent },
+	{ "sigterm_kills_vmm", sigterm, NULL },
+	{ "chroot_empty", chroot_empty, NULL },
+	{ "static_binary", static_binary, NULL },
+	{ "release_restore_balloon", release_restore, NULL },
+};
+
+static int
+selected(const char *name, char **pats, int npats)
+{
+	if (npats == 0)
+		return 1;
+	for (int i = 0; i < npats; i++)
+		if (fnmatch(pats[i], name, 0) == 0 || strstr(name, pats[i]))
+			return 1;
+	return 0;
+}
+
+static int
+setup(void)
+{
+	char cmd[512];
+
+	snprintf(T.dir, sizeof(T.dir), "/tmp/uffd-test.XXXXXX");
+	if (mkdtemp(T.dir) == NULL)
+		return -1;
+	snprintf(T.snap, sizeof(T.snap), "%s/snap.mem", T.dir);
+	snprintf(T.big, sizeof(T.big), "%s/big.mem", T.dir);
+	snprintf(cmd, sizeof(cmd), "%s mksnap %s >/dev/null && %s mksnap %s "
+	    "--regions 32,16,16 >/dev/null", T.vmm, T.snap, T.vmm, T.big);
+	return system(cmd) == 0 ? 0 : -1;
+}
+
+int
+main(int argc, char **argv)
+{
+	int c, list = 0, counts[3] = { 0 };
+	char cmd[128];
+
+	T.handler = "build/san/uffd-handler";
+	T.release = "build/uffd-handler";
+	T.vmm = "build/test/vmm";
+	while ((c = getopt(argc, argv, "lH:R:V:")) != -1) {
+		switch (c) {
+		case 'l': list = 1; break;
+		case 'H': T.handler = optarg; break;
+		case 'R': T.release = optarg; break;
+		case 'V': T.vmm = optarg; break;
+		default:
+			fprintf(stderr, "usage: run [-l] [-H handler] [-R release] "
+			    "[-V vmm] [pattern...]\n");
+			return 2;
+		}
+	}
+	for (size_t i = 0; list && i < sizeof(cases) / sizeof(cases[0]); i++)
+		printf("%s\n", cases[i].name);
+	if (list)
+		return 0;
+	T.handler = realpath(T.handler, NULL);
+	T.release = realpath(T.release, NULL);
+	T.vmm = realpath(T.vmm, NULL);
+	if (!T.handler || !T.release || !T.vmm || setup() < 0) {
+		fprintf(stderr, "run: build the handler and test/vmm first, and "
+		    "check /tmp\n");
+		return 2;
+	}
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		int64_t t0 = now_ms();
+		int rc;
+
+		if (!selected(cases[i].name, argv + optind, argc - optind))
+			continue;
+		T.why[0] = '\0';
+		rc = cases[i].fn(cases[i].arg);
+		huge_restore();
+		counts[rc]++;
+		if (rc == PASS)
+			printf("PASS %s (%" PRId64 " ms)\n", cases[i].name, now_ms() - t0);
+		else
+			printf("%s %s: %s\n", rc == FAIL ? "FAIL" : "SKIP",
+			    cases[i].name, T.why);
+	}
+	snprintf(cmd, sizeof(cmd), "rm -rf %s", T.dir);
+	if (counts[FAIL] == 0 && system(cmd) != 0)
+		fprintf(stderr, "run: could not remove %s\n", T.dir);
+	printf("%d passed, %d failed, %d skipped\n", counts[PASS], counts[FAIL],
+	    counts[SKIP]);
+	return counts[FAIL] ? 1 : 0;
+}
