@@ -107,7 +107,7 @@ struct session {
 	struct region *regions;
 	size_t nregions;
 	uint64_t *faults;		/* queued fault addresses */
-	size_t nfaults;
+	size_t nfaults, faults_cap;
 	struct counters n;
 	struct uffd_msg msgs[EVENT_BATCH];
 	char handshake[HANDSHAKE_MAX];
@@ -332,14 +332,36 @@ apply_remove(struct session *s, uint64_t start, uint64_t end)
 	}
 }
 
+/*
+ * The queue holds at most one fault per thread waiting on the VMM's side,
+ * so it grows only past FAULT_QUEUE concurrent faults. Reading must never
+ * stop for want of room: an unread REMOVE fails every copy with EAGAIN.
+ */
+static int
+queue_fault(struct session *s, uint64_t addr)
+{
+	if (s->nfaults == s->faults_cap) {
+		uint64_t *f = realloc(s->faults, 2 * s->faults_cap * sizeof(*f));
+
+		if (f == NULL) {
+			logmsg(LOG_ERROR, "growing the fault queue past %zu: %s",
+			    s->faults_cap, strerror(ENOMEM));
+			return -ENOMEM;
+		}
+		s->faults = f;
+		s->faults_cap *= 2;
+	}
+	s->faults[s->nfaults++] = addr;
+	return 0;
+}
+
 static int
 handle_event(struct session *s, const struct uffd_msg *m)
 {
 	switch (m->event) {
 	case UFFD_EVENT_PAGEFAULT:
 		s->n.faults++;
-		s->faults[s->nfaults++] = m->arg.pagefault.address;
-		return 0;
+		return queue_fault(s, m->arg.pagefault.address);
 	case UFFD_EVENT_REMOVE:
 		apply_remove(s, m->arg.remove.start, m->arg.remove.end);
 		return 0;
@@ -350,11 +372,11 @@ handle_event(struct session *s, const struct uffd_msg *m)
 	}
 }
 
-/* Reads the uffd until EAGAIN, or until the fault queue is full. */
+/* Reads the uffd until EAGAIN. */
 static int
 read_events(struct session *s)
 {
-	while (s->nfaults + EVENT_BATCH <= FAULT_QUEUE) {
+	for (;;) {
 		ssize_t n = read(s->uffd, s->msgs, sizeof(s->msgs));
 		int rc;
 
@@ -375,7 +397,6 @@ read_events(struct session *s)
 			if ((rc = handle_event(s, &s->msgs[i])) < 0)
 				return rc;
 	}
-	return 0;
 }
 
 /*
@@ -706,6 +727,7 @@ session_new(int conn, int memfd)
 	s->uffd = s->pidfd = -1;
 	s->mappings = calloc(MAX_MAPPINGS, sizeof(*s->mappings));
 	s->faults = calloc(FAULT_QUEUE, sizeof(*s->faults));
+	s->faults_cap = FAULT_QUEUE;
 	return s;
 }
 

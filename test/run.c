@@ -197,7 +197,8 @@ struct pair {
 	const char *snap;		/* default T.snap */
 	const char *handler;		/* default T.handler */
 	const char *root;		/* chroot for the handler */
-	int term_after_ms;		/* send SIGTERM to the handler */
+	int during_ms;			/* then call during() */
+	void (*during)(struct pair *);
 	struct proc h, v;
 	char hout[4096], herr[8192], vout[4096], verr[4096];
 	char sock[160];
@@ -239,9 +240,9 @@ run_pair(struct pair *p)
 			argv[n++] = (char *)p->vargs[i];
 		argv[n] = NULL;
 		spawn(&p->v, argv, NULL);
-		if (p->term_after_ms) {
-			usleep((useconds_t)p->term_after_ms * 1000);
-			kill(p->h.pid, SIGTERM);
+		if (p->during) {
+			usleep((useconds_t)p->during_ms * 1000);
+			p->during(p);
 		}
 		reap(&p->v, 60000);
 	} else {
@@ -887,14 +888,44 @@ static const char *const hs_cut[] = { "incomplete after 1 s",
 static const char *const hs_silent[] = { "incomplete after 1 s (0 bytes",
 	"--raw", "", "--no-fd", NULL };
 
+static void
+send_sigterm(struct pair *p)
+{
+	kill(p->h.pid, SIGTERM);
+}
+
 /* SIGTERM while serving: the VMM is killed, never left frozen. */
 static int
 sigterm(const void *arg)
 {
-	struct pair p = { .vargs = { "--linger", "30", NULL }, .term_after_ms = 1000 };
+	struct pair p = { .vargs = { "--linger", "30", NULL }, .during_ms = 1000,
+	    .during = send_sigterm };
 
 	(void)arg;
 	return rejected(&p, 5, "received Terminated");
+}
+
+static void
+truncate_snap(struct pair *p)
+{
+	if (truncate(p->snap, 4 * 1024 * 1024) < 0)
+		fprintf(stderr, "truncate(%s): %s\n", p->snap, strerror(errno));
+}
+
+/* The memory file shrinks under a running VM: a clear error, no SIGBUS. */
+static int
+memfile_truncated(const void *arg)
+{
+	char copy[160], cmd[512];
+	struct pair p = { .snap = copy, .vargs = { "--delay", "500", NULL },
+	    .during_ms = 200, .during = truncate_snap };
+
+	(void)arg;
+	snprintf(copy, sizeof(copy), "%s/shrinking.mem", T.dir);
+	snprintf(cmd, sizeof(cmd), "cp %s %s", T.snap, copy);
+	if (system(cmd) != 0)
+		return fail("%s failed", cmd);
+	return rejected(&p, 1, "shrank from 16777216 to 4194304 bytes");
 }
 
 /*
@@ -1034,6 +1065,7 @@ static const struct tcase cases[] = {
 	{ "handshake_cut_off_times_out", bad_handshake, hs_cut },
 	{ "handshake_silent_times_out", bad_handshake, hs_silent },
 	{ "sigterm_kills_vmm", sigterm, NULL },
+	{ "memfile_truncated_kills_vmm", memfile_truncated, NULL },
 	{ "chroot_empty", chroot_empty, NULL },
 	{ "static_binary", static_binary, NULL },
 	{ "release_restore_balloon", release_restore, NULL },

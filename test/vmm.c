@@ -72,6 +72,7 @@ static struct {
 	const char *raw;		/* send this instead of the mappings */
 	int nofd, extra_fds, split;
 	int linger;			/* seconds to stay alive after checking */
+	int delay;			/* ms between handshake and first touch */
 } o = { .gen = 3, .keep_open = -1, .threads = 4 };
 
 static const char *snap;		/* the memory file, mapped */
@@ -658,6 +659,25 @@ stray_fault(int uffd)
 	*(volatile char *)p = 1;
 }
 
+/* What the snapshot held, copied up front: the file may change later. */
+static const char *
+read_oracle(int fd)
+{
+	char *buf = malloc(o.l.total);
+	uint64_t done = 0;
+
+	while (buf != NULL && done < o.l.total) {
+		ssize_t n = pread(fd, buf + done, o.l.total - done, (off_t)done);
+
+		if (n <= 0)
+			die("read(%s): %s", o.file, n ? strerror(errno) : "short file");
+		done += (uint64_t)n;
+	}
+	if (buf == NULL)
+		die("malloc(%" PRIu64 "): %s", o.l.total, strerror(errno));
+	return buf;
+}
+
 static int
 run(void)
 {
@@ -669,9 +689,7 @@ run(void)
 	if ((uint64_t)st.st_size < o.l.total)
 		die("%s: %" PRIu64 " bytes, the layout needs %" PRIu64, o.file,
 		    (uint64_t)st.st_size, o.l.total);
-	snap = mmap(NULL, o.l.total, PROT_READ, MAP_SHARED, fd, 0);
-	if (snap == MAP_FAILED)
-		die("mmap(%s): %s", o.file, strerror(errno));
+	snap = read_oracle(fd);
 	map_regions();
 	uffd = create_uffd();
 	sock = handshake(uffd);
@@ -680,6 +698,8 @@ run(void)
 		sleep(30);
 		return 3;
 	}
+	if (o.delay)
+		usleep((useconds_t)o.delay * 1000);
 	if (o.stray)
 		stray_fault(uffd);
 	if (o.kvm)
@@ -706,7 +726,7 @@ usage(void)
 "       vmm run SOCKET FILE [--regions MIB,...] [--gen 1|2|3] [--keep-open|--close]\n"
 "           [--threads N] [--huge] [--kvm] [--balloon after|during] [--crash]\n"
 "           [--stray-fault] [--raw JSON] [--no-fd] [--extra-fds N] [--split N]\n"
-"           [--linger SEC]\n");
+"           [--linger SEC] [--delay MS]\n");
 	exit(2);
 }
 
@@ -720,7 +740,8 @@ main(int argc, char **argv)
 		{ "balloon", 1, 0, 'b' }, { "crash", 0, 0, 'X' },
 		{ "stray-fault", 0, 0, 'S' }, { "raw", 1, 0, 'R' },
 		{ "no-fd", 0, 0, 'N' }, { "extra-fds", 1, 0, 'E' },
-		{ "split", 1, 0, 'P' }, { "linger", 1, 0, 'L' }, { 0, 0, 0, 0 },
+		{ "split", 1, 0, 'P' }, { "linger", 1, 0, 'L' },
+		{ "delay", 1, 0, 'D' }, { 0, 0, 0, 0 },
 	};
 	const char *cmd = argc > 1 ? argv[1] : "";
 	int c;
@@ -744,6 +765,7 @@ main(int argc, char **argv)
 		case 'E': o.extra_fds = atoi(optarg); break;
 		case 'P': o.split = atoi(optarg); break;
 		case 'L': o.linger = atoi(optarg); break;
+		case 'D': o.delay = atoi(optarg); break;
 		default: usage();
 		}
 	}
