@@ -130,40 +130,42 @@ is_digit(struct cursor *c)
 	return c->pos < c->len && c->s[c->pos] >= '0' && c->s[c->pos] <= '9';
 }
 
+/* The digits a fraction or an exponent needs: at least one. */
+static int
+skip_digits(struct cursor *c, const char *reason)
+{
+	if (c->pos >= c->len)
+		return partial(c);
+	if (!is_digit(c))
+		return fail(c, JSON_INVALID, reason);
+	while (is_digit(c))
+		c->pos++;
+	return 0;
+}
+
 /* Any JSON number, for keys whose value is skipped. */
 static int
 skip_number(struct cursor *c)
 {
+	int rc;
+
 	if (c->s[c->pos] == '-')
 		c->pos++;
-	if (c->pos >= c->len)
-		return partial(c);
-	if (c->s[c->pos] == '0')
+	if (c->pos < c->len && c->s[c->pos] == '0')
 		c->pos++;
-	else if (is_digit(c))
-		while (is_digit(c))
-			c->pos++;
-	else
-		return fail(c, JSON_INVALID, "bad number");
+	else if ((rc = skip_digits(c, "bad number")) < 0)
+		return rc;
 	if (c->pos < c->len && c->s[c->pos] == '.') {
 		c->pos++;
-		if (c->pos >= c->len)
-			return partial(c);
-		if (!is_digit(c))
-			return fail(c, JSON_INVALID, "bad fraction in number");
-		while (is_digit(c))
-			c->pos++;
+		if ((rc = skip_digits(c, "bad fraction in number")) < 0)
+			return rc;
 	}
 	if (c->pos < c->len && (c->s[c->pos] == 'e' || c->s[c->pos] == 'E')) {
 		c->pos++;
 		if (c->pos < c->len && (c->s[c->pos] == '+' || c->s[c->pos] == '-'))
 			c->pos++;
-		if (c->pos >= c->len)
-			return partial(c);
-		if (!is_digit(c))
-			return fail(c, JSON_INVALID, "bad exponent in number");
-		while (is_digit(c))
-			c->pos++;
+		if ((rc = skip_digits(c, "bad exponent in number")) < 0)
+			return rc;
 	}
 	return c->pos >= c->len ? partial(c) : 0;
 }
