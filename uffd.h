@@ -72,6 +72,38 @@ struct uffdio_zeropage {
 	int64_t  zeropage;
 };
 
+/* include/uapi/linux/filter.h, seccomp.h, audit.h, prctl.h */
+struct sock_filter {
+	uint16_t code;
+	uint8_t  jt;
+	uint8_t  jf;
+	uint32_t k;
+};
+
+struct sock_fprog {
+	unsigned short len;
+	struct sock_filter *filter;
+};
+
+struct seccomp_data {
+	int32_t  nr;
+	uint32_t arch;
+	uint64_t instruction_pointer;
+	uint64_t args[6];
+};
+
+#define BPF_LD_W_ABS			0x20	/* BPF_LD | BPF_W | BPF_ABS */
+#define BPF_JEQ_K			0x15	/* BPF_JMP | BPF_JEQ | BPF_K */
+#define BPF_RET_K			0x06	/* BPF_RET | BPF_K */
+#define SECCOMP_MODE_FILTER		2
+#define SECCOMP_RET_KILL_PROCESS	0x80000000u
+#define SECCOMP_RET_ERRNO		0x00050000u
+#define SECCOMP_RET_ALLOW		0x7fff0000u
+#define AUDIT_ARCH_X86_64		0xc000003eu
+#define AUDIT_ARCH_AARCH64		0xc00000b7u
+#define PR_SET_NO_NEW_PRIVS		38
+#define PR_SET_SECCOMP			22
+
 /*
  * One entry of Firecracker's handshake (GuestRegionUffdMapping). The parser
  * fills these from the caller's array; mappings_validate() checks them

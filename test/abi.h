@@ -38,7 +38,25 @@
 	F(uffdio_copy, copy) \
 	F(uffdio_zeropage, range) \
 	F(uffdio_zeropage, mode) \
-	F(uffdio_zeropage, zeropage)
+	F(uffdio_zeropage, zeropage) \
+	C(BPF_LD_W_ABS) \
+	C(BPF_JEQ_K) \
+	C(BPF_RET_K) \
+	C(SECCOMP_MODE_FILTER) \
+	C(SECCOMP_RET_KILL_PROCESS) \
+	C(SECCOMP_RET_ERRNO) \
+	C(SECCOMP_RET_ALLOW) \
+	C(AUDIT_ARCH_X86_64) \
+	C(AUDIT_ARCH_AARCH64) \
+	C(PR_SET_NO_NEW_PRIVS) \
+	C(PR_SET_SECCOMP) \
+	S(sock_filter) \
+	S(sock_fprog) \
+	S(seccomp_data) \
+	F(sock_filter, k) \
+	F(sock_fprog, filter) \
+	F(seccomp_data, arch) \
+	F(seccomp_data, args)
 
 struct abi_fact {
 	const char *name;

@@ -202,6 +202,8 @@ struct pair {
 	struct proc h, v;
 	char hout[4096], herr[8192], vout[4096], verr[4096];
 	char sock[160];
+	struct stat sock_st;		/* the socket once the handler listens */
+	char status[4096];		/* /proc/PID/status, if read_status ran */
 };
 
 static void
@@ -232,6 +234,7 @@ run_pair(struct pair *p)
 
 	start_pair(p);
 	if (wait_listening(&p->h) == 0) {
+		stat(p->sock, &p->sock_st);
 		argv[n++] = (char *)T.vmm;
 		argv[n++] = "run";
 		argv[n++] = p->sock;
@@ -928,6 +931,31 @@ memfile_truncated(const void *arg)
 	return rejected(&p, 1, "shrank from 16777216 to 4194304 bytes");
 }
 
+static void
+read_status(struct pair *p)
+{
+	char path[64];
+
+	snprintf(path, sizeof(path), "/proc/%d/status", (int)p->h.pid);
+	read_text(path, p->status, sizeof(p->status));
+}
+
+/* The handler confines itself once serving; --no-seccomp turns it off. */
+static int
+seccomp_status(const void *arg)
+{
+	struct pair p = { .handler = T.release, .hargs = { arg, NULL },
+	    .vargs = { "--linger", "1", NULL }, .during_ms = 400,
+	    .during = read_status };
+	const char *want = arg ? "Seccomp:\t0\n" : "Seccomp:\t2\n";
+	int rc = restored(&p);
+
+	if (rc != PASS)
+		return rc;
+	return strstr(p.status, want) ? PASS :
+	    pair_fail(&p, arg ? "confined despite --no-seccomp" : "not confined");
+}
+
 /*
  * What ships.
  */
@@ -954,6 +982,36 @@ chroot_empty(const void *arg)
 	if (strcmp(list, "mem uffd-handler ") != 0)
 		return fail("the jail holds more than the binary and memory: %s", list);
 	return restored(&p);
+}
+
+/* As a jailer runs it: uid 65534 in an empty chroot, socket for the VMM. */
+static int
+chroot_uid_65534(const void *arg)
+{
+	char jail[160], cmd[1024];
+	struct pair p = { .handler = "/uffd-handler", .hargs = { "--uid", "65534",
+	    "--gid", "65534", "--socket-owner", "65534:65534", "--socket-mode",
+	    "0600", NULL }, .vargs = { "--uid", "65534", "--linger", "1", NULL },
+	    .during_ms = 400, .during = read_status };
+	int rc;
+
+	(void)arg;
+	p.root = jail;
+	snprintf(jail, sizeof(jail), "%s/jail", T.dir);
+	snprintf(cmd, sizeof(cmd), "rm -rf %s && mkdir -p %s && cp %s "
+	    "%s/uffd-handler && cp %s %s/mem", jail, jail, T.release, jail, T.snap,
+	    jail);
+	if (system(cmd) != 0)
+		return fail("%s failed", cmd);
+	if ((rc = restored(&p)) != PASS)
+		return rc;
+	if (p.sock_st.st_uid != 65534 || p.sock_st.st_gid != 65534 ||
+	    (p.sock_st.st_mode & 07777) != 0600)
+		return pair_fail(&p, "the socket's owner or mode was not set");
+	if (!strstr(p.status, "Uid:\t65534\t65534\t65534\t65534") ||
+	    !strstr(p.status, "Seccomp:\t2"))
+		return pair_fail(&p, "not running as 65534 under seccomp");
+	return PASS;
 }
 
 static int
@@ -1066,7 +1124,10 @@ static const struct tcase cases[] = {
 	{ "handshake_silent_times_out", bad_handshake, hs_silent },
 	{ "sigterm_kills_vmm", sigterm, NULL },
 	{ "memfile_truncated_kills_vmm", memfile_truncated, NULL },
+	{ "seccomp_confined_while_serving", seccomp_status, NULL },
+	{ "seccomp_off_with_flag", seccomp_status, "--no-seccomp" },
 	{ "chroot_empty", chroot_empty, NULL },
+	{ "chroot_uid_65534", chroot_uid_65534, NULL },
 	{ "static_binary", static_binary, NULL },
 	{ "release_restore_balloon", release_restore, NULL },
 };
@@ -1088,7 +1149,8 @@ setup(void)
 	char cmd[512];
 
 	snprintf(T.dir, sizeof(T.dir), "/tmp/uffd-test.XXXXXX");
-	if (mkdtemp(T.dir) == NULL)
+	/* Traversable, for the cases that run the VMM as another uid. */
+	if (mkdtemp(T.dir) == NULL || chmod(T.dir, 0755) < 0)
 		return -1;
 	snprintf(T.snap, sizeof(T.snap), "%s/snap.mem", T.dir);
 	snprintf(T.big, sizeof(T.big), "%s/big.mem", T.dir);

@@ -20,6 +20,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <grp.h>
 #include <getopt.h>
 #include <inttypes.h>
 #include <pthread.h>
@@ -73,7 +74,8 @@ static struct {
 	int nofd, extra_fds, split;
 	int linger;			/* seconds to stay alive after checking */
 	int delay;			/* ms between handshake and first touch */
-} o = { .gen = 3, .keep_open = -1, .threads = 4 };
+	long uid;			/* run as this uid once the uffd exists */
+} o = { .gen = 3, .keep_open = -1, .threads = 4, .uid = -1 };
 
 static const char *snap;		/* the memory file, mapped */
 static char *host[MAX_REGIONS];		/* guest memory in this process */
@@ -692,6 +694,12 @@ run(void)
 	snap = read_oracle(fd);
 	map_regions();
 	uffd = create_uffd();
+	/* Creating a uffd that sees kernel faults takes privilege; a jailed
+	 * VMM then runs as the jail's ids, which the handler must match. */
+	if (o.uid >= 0 && (setgroups(0, NULL) < 0 ||
+	    setresgid((gid_t)o.uid, (gid_t)o.uid, (gid_t)o.uid) < 0 ||
+	    setresuid((uid_t)o.uid, (uid_t)o.uid, (uid_t)o.uid) < 0))
+		die("dropping to uid %ld: %s", o.uid, strerror(errno));
 	sock = handshake(uffd);
 	if (o.raw || o.nofd) {
 		/* Whatever the handler makes of it, it must not leave us here. */
@@ -726,7 +734,7 @@ usage(void)
 "       vmm run SOCKET FILE [--regions MIB,...] [--gen 1|2|3] [--keep-open|--close]\n"
 "           [--threads N] [--huge] [--kvm] [--balloon after|during] [--crash]\n"
 "           [--stray-fault] [--raw JSON] [--no-fd] [--extra-fds N] [--split N]\n"
-"           [--linger SEC] [--delay MS]\n");
+"           [--linger SEC] [--delay MS] [--uid UID]\n");
 	exit(2);
 }
 
@@ -741,7 +749,7 @@ main(int argc, char **argv)
 		{ "stray-fault", 0, 0, 'S' }, { "raw", 1, 0, 'R' },
 		{ "no-fd", 0, 0, 'N' }, { "extra-fds", 1, 0, 'E' },
 		{ "split", 1, 0, 'P' }, { "linger", 1, 0, 'L' },
-		{ "delay", 1, 0, 'D' }, { 0, 0, 0, 0 },
+		{ "delay", 1, 0, 'D' }, { "uid", 1, 0, 'U' }, { 0, 0, 0, 0 },
 	};
 	const char *cmd = argc > 1 ? argv[1] : "";
 	int c;
@@ -766,6 +774,7 @@ main(int argc, char **argv)
 		case 'P': o.split = atoi(optarg); break;
 		case 'L': o.linger = atoi(optarg); break;
 		case 'D': o.delay = atoi(optarg); break;
+		case 'U': o.uid = atol(optarg); break;
 		default: usage();
 		}
 	}
