@@ -4,6 +4,7 @@
 #   ./build.sh [release]  build/uffd-handler: static musl binary, stripped
 #   ./build.sh test       also a sanitizer build and the test programs, then
 #                         the whole suite (test/run; extra args pick cases)
+#   ./build.sh fuzz       build/fuzz/handshake, the libFuzzer target
 #   ./build.sh demo       restore a sample snapshot through the handler
 #   ./build.sh clean
 set -eu
@@ -21,6 +22,19 @@ need_musl() {
 		return 0
 	fi
 	echo "build.sh: musl-gcc not found: run 'apt-get install musl-tools' as root" >&2
+	exit 1
+}
+
+# Debian package $2 for command $1, installed when missing and root.
+need() {
+	command -v "$1" >/dev/null 2>&1 && return 0
+	if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+		echo "build.sh: installing $2" >&2
+		apt-get update -qq >/dev/null
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
+		return 0
+	fi
+	echo "build.sh: $1 not found: run 'apt-get install $2' as root" >&2
 	exit 1
 }
 
@@ -51,6 +65,15 @@ test_programs() {
 		-o build/test/run test/run.c test/abi_ours.c test/abi_kernel.c json_min.c
 }
 
+# libFuzzer over the parser and the region checks.
+fuzz() {
+	need clang clang
+	mkdir -p build/fuzz
+	clang -std=c11 -g -O1 -fsanitize=fuzzer,address,undefined \
+		-fno-sanitize-recover=all \
+		-o build/fuzz/handshake test/fuzz_handshake.c json_min.c
+}
+
 demo() {
 	release
 	test_programs
@@ -59,7 +82,8 @@ demo() {
 
 case "${1:-release}" in
 release)	release ;;
-test)		release; sanitized; test_programs; shift; build/test/run "$@" ;;
+test)		release; sanitized; test_programs; fuzz; shift; build/test/run "$@" ;;
+fuzz)		fuzz ;;
 demo)		demo ;;
 clean)		rm -rf build ;;
 *)		echo "usage: ./build.sh [release|test|demo|clean]" >&2; exit 2 ;;

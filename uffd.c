@@ -187,8 +187,10 @@ uffdio_result(struct session *s, int err, uint64_t dst, uint64_t len,
 	case ESRCH:
 		return IO_GONE;
 	default:
-		logmsg(LOG_ERROR, "%s(dst=0x%llx, len=%llu): %s", what,
-		    (unsigned long long)dst, (unsigned long long)len, strerror(err));
+		logmsg(LOG_ERROR, "%s(dst=0x%llx, len=%llu): %s%s", what,
+		    (unsigned long long)dst, (unsigned long long)len, strerror(err),
+		    err == ENOMEM && len >= PAGE_2M ? " (hugetlb pool exhausted? "
+		    "see /proc/sys/vm/nr_hugepages)" : "");
 		return -err;
 	}
 }
@@ -1258,11 +1260,37 @@ parse_options(int argc, char **argv)
 	return rc;
 }
 
+/* Whether the VMM process has exited within ms (its pidfd is readable). */
+static int
+vmm_gone(struct session *s, int ms)
+{
+	struct pollfd p = { s->pidfd, POLLIN, 0 };
+
+	if (s->pidfd >= 0)
+		return poll(&p, 1, ms) == 1;
+	return s->pid > 0 && kill(s->pid, 0) < 0 && errno == ESRCH;
+}
+
 static int
 fail_closed(struct session *s, int code)
 {
 	kill_vmm(s);
 	return code;
+}
+
+/* A VMM that died mid-handshake went away; one that is alive is killed. */
+static int
+handshake_failed(struct session *s, int rc)
+{
+	if (rc == -ECANCELED)
+		return fail_closed(s, EXIT_SIGNAL);
+	/* A dying process closes its files before its pidfd says it exited,
+	 * so EOF gets a moment to be explained by the VMM's death. */
+	if (vmm_gone(s, rc == -ECONNRESET ? 500 : 0)) {
+		logmsg(LOG_INFO, "VMM pid %d exited during the handshake", (int)s->pid);
+		return EXIT_VM_GONE;
+	}
+	return fail_closed(s, EXIT_HANDSHAKE);
 }
 
 int
@@ -1298,7 +1326,7 @@ main(int argc, char **argv)
 		logmsg(LOG_ERROR, "allocating the session: %s", strerror(ENOMEM));
 		code = fail_closed(s, EXIT_FATAL);
 	} else if ((rc = handshake(s, sigfd)) < 0) {
-		code = fail_closed(s, rc == -ECANCELED ? EXIT_SIGNAL : EXIT_HANDSHAKE);
+		code = handshake_failed(s, rc);
 	} else if (opt.seccomp && seccomp_confine() < 0) {
 		code = fail_closed(s, EXIT_FATAL);
 	} else if ((rc = serve(s, sigfd)) < 0) {

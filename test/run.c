@@ -36,6 +36,8 @@ static struct {
 	char dir[64];
 	char snap[128];			/* 8,4,4 MiB */
 	char big[128];			/* 32,16,16 MiB */
+	char r64[128];			/* 64 regions of 1 MiB */
+	const char *fuzz;
 	char why[2048];
 	long huge_old;			/* nr_hugepages to restore, or -1 */
 	int seq;
@@ -197,6 +199,7 @@ struct pair {
 	const char *snap;		/* default T.snap */
 	const char *handler;		/* default T.handler */
 	const char *root;		/* chroot for the handler */
+	int vmm_ms;			/* how long the VMM may take (60 s) */
 	int during_ms;			/* then call during() */
 	void (*during)(struct pair *);
 	struct proc h, v;
@@ -226,37 +229,51 @@ start_pair(struct pair *p)
 	spawn(&p->h, argv, p->root);
 }
 
+/* Starts the handler and, once it listens, the VMM; -1 if it never listens. */
 static int
-run_pair(struct pair *p)
+start_both(struct pair *p)
 {
 	char *argv[MAXARG * 2];
 	int n = 0;
 
 	start_pair(p);
-	if (wait_listening(&p->h) == 0) {
-		stat(p->sock, &p->sock_st);
-		argv[n++] = (char *)T.vmm;
-		argv[n++] = "run";
-		argv[n++] = p->sock;
-		argv[n++] = (char *)(p->snap ? p->snap : T.snap);
-		for (int i = 0; p->vargs[i]; i++)
-			argv[n++] = (char *)p->vargs[i];
-		argv[n] = NULL;
-		spawn(&p->v, argv, NULL);
-		if (p->during) {
-			usleep((useconds_t)p->during_ms * 1000);
-			p->during(p);
-		}
-		reap(&p->v, 60000);
-	} else {
+	if (wait_listening(&p->h) < 0) {
 		p->v.status = -2;
+		return -1;
 	}
+	stat(p->sock, &p->sock_st);
+	argv[n++] = (char *)T.vmm;
+	argv[n++] = "run";
+	argv[n++] = p->sock;
+	argv[n++] = (char *)(p->snap ? p->snap : T.snap);
+	for (int i = 0; p->vargs[i]; i++)
+		argv[n++] = (char *)p->vargs[i];
+	argv[n] = NULL;
+	spawn(&p->v, argv, NULL);
+	return 0;
+}
+
+/* Reaps both (the VMM first, within vmm_ms) and reads what they printed. */
+static void
+finish_pair(struct pair *p)
+{
+	if (p->v.status != -2)
+		reap(&p->v, p->vmm_ms ? p->vmm_ms : 60000);
 	reap(&p->h, 10000);
 	read_text(p->h.out, p->hout, sizeof(p->hout));
 	read_text(p->h.err, p->herr, sizeof(p->herr));
 	read_text(p->v.out, p->vout, sizeof(p->vout));
 	read_text(p->v.err, p->verr, sizeof(p->verr));
-	return 0;
+}
+
+static void
+run_pair(struct pair *p)
+{
+	if (start_both(p) == 0 && p->during) {
+		usleep((useconds_t)p->during_ms * 1000);
+		p->during(p);
+	}
+	finish_pair(p);
 }
 
 static uint64_t
@@ -785,6 +802,7 @@ static const char *const r_gen3_closed[] = { "--gen", "3", "--close", NULL };
 static const char *const r_regions[] = { "--regions", "2,6,4,4", "--threads",
 	"8", NULL };
 static const char *const r_split[] = { "--split", "5", "--extra-fds", "2", NULL };
+static const char *const r_two_fds[] = { "--extra-fds", "1", NULL };
 
 static int
 balloon(const void *arg)
@@ -888,8 +906,6 @@ static const char *const hs_beyond[] = { "beyond the end of the memory file",
 	NULL };
 static const char *const hs_cut[] = { "incomplete after 1 s",
 	"--raw", "[{\"base_host_virt_addr\":4096,\"size\":", NULL };
-static const char *const hs_silent[] = { "incomplete after 1 s (0 bytes",
-	"--raw", "", "--no-fd", NULL };
 
 static void
 send_sigterm(struct pair *p)
@@ -929,6 +945,215 @@ memfile_truncated(const void *arg)
 	if (system(cmd) != 0)
 		return fail("%s failed", cmd);
 	return rejected(&p, 1, "shrank from 16777216 to 4194304 bytes");
+}
+
+/*
+ * Hostile handshakes through the real handler: each is rejected with one
+ * line saying what and where, exit 4, and the VMM killed.
+ */
+
+#define RAW1(f)	"[{\"base_host_virt_addr\":" f "}]"
+
+static const char *const hs_past_2_64[] = { "integer exceeds 2^64-1 at byte 43",
+	"--raw", RAW1("18446744073709551616,\"size\":4096,\"offset\":0"), NULL };
+static const char *const hs_negative[] = { "negative number in an integer "
+	"field at byte 24", "--raw", RAW1("-4096,\"size\":4096,\"offset\":0"), NULL };
+static const char *const hs_fraction[] = { "fraction in an integer field at "
+	"byte 28", "--raw", RAW1("4096.5,\"size\":4096,\"offset\":0"), NULL };
+static const char *const hs_exponent[] = { "exponent in an integer field at "
+	"byte 25", "--raw", RAW1("4e3,\"size\":4096,\"offset\":0"), NULL };
+static const char *const hs_misaligned[] = { "mapping 0: base_host_virt_addr "
+	"0x1001 is not aligned to page size 4096", "--raw",
+	RAW1("4097,\"size\":4096,\"offset\":0"), NULL };
+static const char *const hs_overlap[] = { "mappings 0 and 1 overlap", "--raw",
+	"[{\"base_host_virt_addr\":8192,\"size\":8192,\"offset\":0},"
+	"{\"base_host_virt_addr\":12288,\"size\":4096,\"offset\":8192}]", NULL };
+static const char *const hs_zero_size[] = { "mapping 0: size is zero", "--raw",
+	RAW1("4096,\"size\":0,\"offset\":0"), NULL };
+static const char *const hs_page_size[] = { "page size 65536 is neither", "--raw",
+	RAW1("65536,\"size\":65536,\"offset\":0,\"page_size\":65536"), NULL };
+
+static int
+deep_brackets(const void *arg)
+{
+	static char json[20100];
+	const char *v[] = { "nesting deeper than 32 levels at byte 37", "--raw",
+		json, NULL };
+	size_t n = (size_t)snprintf(json, sizeof(json), "[{\"x\":");
+
+	(void)arg;
+	memset(json + n, '[', 10000);
+	memset(json + n + 10000, ']', 10000);
+	strcpy(json + n + 20000, "}]");
+	return bad_handshake(v);
+}
+
+/* Connects and never sends: rejected on time, without spinning the CPU. */
+static int
+silent_vmm(const void *arg)
+{
+	struct pair p = { .hargs = { "--handshake-timeout", "1", NULL },
+	    .vargs = { "--raw", "", "--no-fd", NULL } };
+	int rc;
+	long cpu_ms;
+
+	(void)arg;
+	if ((rc = rejected(&p, 4, "incomplete after 1 s (0 bytes")) != PASS)
+		return rc;
+	cpu_ms = (p.h.ru.ru_utime.tv_sec + p.h.ru.ru_stime.tv_sec) * 1000 +
+	    (p.h.ru.ru_utime.tv_usec + p.h.ru.ru_stime.tv_usec) / 1000;
+	return cpu_ms < 200 ? PASS : pair_fail(&p, "the wait used CPU");
+}
+
+/* 64 regions, blanks and unknown fields of every type: accepted, served. */
+static int
+padded_64_regions(const void *arg)
+{
+	struct pair p = { .snap = T.r64, .vargs = { "--regions", "64x1", "--pad",
+	    "--threads", "4", NULL } };
+	const char *at;
+	int rc;
+
+	(void)arg;
+	if ((rc = restored(&p)) != PASS)
+		return rc;
+	if ((at = strstr(p.vout, "handshake: ")) == NULL || atoi(at + 11) <= 8192)
+		return pair_fail(&p, "the message was not over 8 KiB");
+	return strstr(p.herr, "64 region(s)") ? PASS :
+	    pair_fail(&p, "not all 64 regions were taken");
+}
+
+/*
+ * Faults in the world.
+ */
+
+static int
+wait_text(const char *path, const char *text, int ms)
+{
+	char buf[4096];
+
+	for (int i = 0; i < ms; i += 2) {
+		read_text(path, buf, sizeof(buf));
+		if (strstr(buf, text))
+			return 0;
+		usleep(2000);
+	}
+	return -1;
+}
+
+/* One VMM SIGKILLed a random time after connecting; returns the handler's
+ * delay in noticing, or -1 with T.why set. */
+static int
+kill_once(unsigned *seed, int *in_handshake)
+{
+	struct pair p = { .vargs = { "--split", "3", "--balloon", "during", NULL } };
+	int delay = (int)(rand_r(seed) % 250);
+
+	if (start_both(&p) < 0 || wait_text(p.v.out, "connected", 2000) < 0) {
+		finish_pair(&p);
+		pair_fail(&p, "the VMM never connected");
+		return -1;
+	}
+	usleep((useconds_t)delay * 1000);
+	kill(p.v.pid, SIGKILL);
+	finish_pair(&p);
+	if (!exited(&p.h, 0)) {
+		char what[64];
+
+		snprintf(what, sizeof(what), "VMM killed %d ms after connecting: "
+		    "the handler did not exit 0", delay);
+		pair_fail(&p, what);
+		return -1;
+	}
+	*in_handshake += strstr(p.herr, "during the handshake") != NULL;
+	return (int)(p.h.ended - p.v.ended);
+}
+
+static int
+vmm_killed_50_times(const void *arg)
+{
+	unsigned seed = (unsigned)time(NULL);
+	int worst = 0, in_handshake = 0, ms;
+
+	(void)arg;
+	for (int i = 0; i < 50; i++) {
+		if ((ms = kill_once(&seed, &in_handshake)) < 0)
+			return FAIL;
+		if (ms > 1000)
+			return fail("kill %d: the handler took %d ms to exit", i, ms);
+		worst = ms > worst ? ms : worst;
+	}
+	printf("  50 kills (%d during the handshake): the handler exited 0 within "
+	    "%d ms at worst\n", in_handshake, worst);
+	return PASS;
+}
+
+/* Fewer 2 MiB pages than the guest needs: a clear error, the VMM killed. */
+static int
+hugetlb_pool_exhausted(const void *arg)
+{
+	struct pair p = { .vargs = { "--huge", NULL } };
+	long total, free_pages;
+	char mi[8192], *at;
+
+	(void)arg;
+	read_text("/proc/meminfo", mi, sizeof(mi));
+	if ((at = strstr(mi, "HugePages_Total:")) == NULL)
+		return skip("no hugetlb support");
+	total = atol(at + 16);
+	free_pages = atol(strstr(mi, "HugePages_Free:") + 15);
+	/* Four free pages for a guest of eight. */
+	if (huge_reserve(4 - free_pages) < 0 || total < 0)
+		return skip("cannot set the hugetlb pool");
+	return rejected(&p, 1, "hugetlb pool exhausted");
+}
+
+/* Random faults, writes and removes with an exact oracle; see vmm.c. */
+static int
+stress(const void *arg)
+{
+	const char *env = getenv("UFFD_STRESS_SECONDS");
+	char secs[16];
+	struct pair p = { .snap = T.big, .vargs = { "--regions", "32,16,16",
+	    "--stress", secs, NULL } };
+	int s = env ? atoi(env) : 30, rc;
+
+	(void)arg;
+	snprintf(secs, sizeof(secs), "%d", s > 0 ? s : 30);
+	p.vmm_ms = (atoi(secs) + 60) * 1000;
+	if ((rc = restored(&p)) != PASS)
+		return rc;
+	if (counter(&p, "deferred") < 1000)
+		return pair_fail(&p, "fewer than 1000 deferrals: EAGAIN barely ran");
+	return PASS;
+}
+
+/* A bounded libFuzzer run over the parser and the region checks. */
+static int
+fuzz_short(const void *arg)
+{
+	char cmd[1024], out[8192], *at;
+	int rc;
+
+	(void)arg;
+	if (access(T.fuzz, X_OK) != 0)
+		return skip("no fuzz target built (clang with libFuzzer missing)");
+	snprintf(cmd, sizeof(cmd), "cp -r test/corpus %s/corpus && %s "
+	    "-max_total_time=10 -dict=test/fuzz.dict %s/corpus > %s/fuzz.log 2>&1",
+	    T.dir, T.fuzz, T.dir, T.dir);
+	rc = system(cmd);
+	snprintf(cmd, sizeof(cmd), "tail -n 40 %s/fuzz.log > %s/fuzz.tail", T.dir,
+	    T.dir);
+	if (system(cmd) != 0)
+		return fail("%s failed", cmd);
+	snprintf(cmd, sizeof(cmd), "%s/fuzz.tail", T.dir);
+	read_text(cmd, out, sizeof(out));
+	if (rc != 0)
+		return fail("libFuzzer found something:\n%s", out);
+	if ((at = strstr(out, "Done ")) == NULL)
+		return fail("libFuzzer did not finish:\n%s", out);
+	printf("  fuzz: %.*s\n", (int)strcspn(at, "\n"), at);
+	return PASS;
 }
 
 static void
@@ -1121,7 +1346,22 @@ static const struct tcase cases[] = {
 	{ "handshake_no_fd_kills_vmm", bad_handshake, hs_no_fd },
 	{ "handshake_beyond_file_kills_vmm", bad_handshake, hs_beyond },
 	{ "handshake_cut_off_times_out", bad_handshake, hs_cut },
-	{ "handshake_silent_times_out", bad_handshake, hs_silent },
+	{ "handshake_silent_times_out_idle", silent_vmm, NULL },
+	{ "handshake_past_2_64_kills_vmm", bad_handshake, hs_past_2_64 },
+	{ "handshake_negative_kills_vmm", bad_handshake, hs_negative },
+	{ "handshake_fraction_kills_vmm", bad_handshake, hs_fraction },
+	{ "handshake_exponent_kills_vmm", bad_handshake, hs_exponent },
+	{ "handshake_misaligned_base_kills_vmm", bad_handshake, hs_misaligned },
+	{ "handshake_overlap_kills_vmm", bad_handshake, hs_overlap },
+	{ "handshake_zero_size_kills_vmm", bad_handshake, hs_zero_size },
+	{ "handshake_bogus_page_size_kills_vmm", bad_handshake, hs_page_size },
+	{ "handshake_10000_brackets_kills_vmm", deep_brackets, NULL },
+	{ "handshake_two_fds_served", restore, r_two_fds },
+	{ "handshake_64_regions_padded_served", padded_64_regions, NULL },
+	{ "vmm_killed_50_times", vmm_killed_50_times, NULL },
+	{ "hugetlb_pool_exhausted_kills_vmm", hugetlb_pool_exhausted, NULL },
+	{ "stress_faults_removes_oracle", stress, NULL },
+	{ "fuzz_handshake_short", fuzz_short, NULL },
 	{ "sigterm_kills_vmm", sigterm, NULL },
 	{ "memfile_truncated_kills_vmm", memfile_truncated, NULL },
 	{ "seccomp_confined_while_serving", seccomp_status, NULL },
@@ -1131,6 +1371,18 @@ static const struct tcase cases[] = {
 	{ "static_binary", static_binary, NULL },
 	{ "release_restore_balloon", release_restore, NULL },
 };
+
+/* The programs by absolute path: cases chdir and chroot. */
+static int
+absolute(const char **path, int slot)
+{
+	static char buf[4][4096];
+
+	if (realpath(*path, buf[slot]) == NULL)
+		return -1;
+	*path = buf[slot];
+	return 0;
+}
 
 static int
 selected(const char *name, char **pats, int npats)
@@ -1154,8 +1406,10 @@ setup(void)
 		return -1;
 	snprintf(T.snap, sizeof(T.snap), "%s/snap.mem", T.dir);
 	snprintf(T.big, sizeof(T.big), "%s/big.mem", T.dir);
+	snprintf(T.r64, sizeof(T.r64), "%s/r64.mem", T.dir);
 	snprintf(cmd, sizeof(cmd), "%s mksnap %s >/dev/null && %s mksnap %s "
-	    "--regions 32,16,16 >/dev/null", T.vmm, T.snap, T.vmm, T.big);
+	    "--regions 32,16,16 >/dev/null && %s mksnap %s --regions 64x1 "
+	    ">/dev/null", T.vmm, T.snap, T.vmm, T.big, T.vmm, T.r64);
 	return system(cmd) == 0 ? 0 : -1;
 }
 
@@ -1168,6 +1422,8 @@ main(int argc, char **argv)
 	T.handler = "build/san/uffd-handler";
 	T.release = "build/uffd-handler";
 	T.vmm = "build/test/vmm";
+	T.fuzz = "build/fuzz/handshake";
+	absolute(&T.fuzz, 3);
 	while ((c = getopt(argc, argv, "lH:R:V:")) != -1) {
 		switch (c) {
 		case 'l': list = 1; break;
@@ -1184,10 +1440,8 @@ main(int argc, char **argv)
 		printf("%s\n", cases[i].name);
 	if (list)
 		return 0;
-	T.handler = realpath(T.handler, NULL);
-	T.release = realpath(T.release, NULL);
-	T.vmm = realpath(T.vmm, NULL);
-	if (!T.handler || !T.release || !T.vmm || setup() < 0) {
+	if (absolute(&T.handler, 0) < 0 || absolute(&T.release, 1) < 0 ||
+	    absolute(&T.vmm, 2) < 0 || setup() < 0) {
 		fprintf(stderr, "run: build the handler and test/vmm first, and "
 		    "check /tmp\n");
 		return 2;

@@ -45,7 +45,8 @@
 #define GIB		((uint64_t)1 << 30)
 #define PAGE		((uint64_t)4096)
 #define HUGE		(2 * MIB)
-#define MAX_REGIONS	4
+#define MAX_REGIONS	64
+#define KVM_REGIONS	4		/* the guest identity-maps 4 GiB */
 #define CODE_GPA	0x8000ull
 #define SLOT_GPA	0x9000ull
 #define DATA_GPA	0x10000ull	/* region 0 bytes below this are the guest's */
@@ -73,6 +74,8 @@ static struct {
 	const char *raw;		/* send this instead of the mappings */
 	int nofd, extra_fds, split;
 	int linger;			/* seconds to stay alive after checking */
+	int pad;			/* pad the handshake with unknown fields */
+	int stress;			/* seconds of random faults and removes */
 	int delay;			/* ms between handshake and first touch */
 	long uid;			/* run as this uid once the uffd exists */
 } o = { .gen = 3, .keep_open = -1, .threads = 4, .uid = -1 };
@@ -94,24 +97,31 @@ die(const char *fmt, ...)
 	exit(2);
 }
 
+/* "8,4,4": sizes in MiB; "64x1": 64 regions of 1 MiB. */
 static void
 parse_regions(const char *arg)
 {
-	char *copy = strdup(arg), *tok, *save = NULL;
+	char *copy = strdup(arg), *tok, *save = NULL, *x;
 
 	o.l.n = 0;
 	o.l.total = 0;
 	for (tok = strtok_r(copy, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
-		uint64_t mib = strtoull(tok, NULL, 10);
+		uint64_t count = 1, mib = strtoull(tok, &x, 10);
 
-		if (o.l.n == MAX_REGIONS || mib == 0 || mib % 2 || mib > 1024)
-			die("--regions: up to %d sizes in MiB, each even, 2..1024",
-			    MAX_REGIONS);
-		o.l.size[o.l.n] = mib * MIB;
-		o.l.off[o.l.n] = o.l.total;
-		o.l.gpa[o.l.n] = (uint64_t)o.l.n * GIB;
-		o.l.total += mib * MIB;
-		o.l.n++;
+		if (*x == 'x') {
+			count = mib;
+			mib = strtoull(x + 1, NULL, 10);
+		}
+		for (; count > 0; count--) {
+			if (o.l.n == MAX_REGIONS || mib == 0 || mib > 1024)
+				die("--regions: up to %d sizes in MiB, 1..1024",
+				    MAX_REGIONS);
+			o.l.size[o.l.n] = mib * MIB;
+			o.l.off[o.l.n] = o.l.total;
+			o.l.gpa[o.l.n] = (uint64_t)o.l.n * GIB;
+			o.l.total += mib * MIB;
+			o.l.n++;
+		}
 	}
 	free(copy);
 }
@@ -249,6 +259,12 @@ create_uffd(void)
 	return uffd;
 }
 
+/* Unknown fields of every JSON type and blanks, as a future VMM may send. */
+static const char pad[] = "\n\t\"gpa_start\" : 1099511627776 ,\r\n"
+	"\t\"is_guest_memfd\" : false , \"slot\" : null , \"ratio\" : -1.5e-3 ,"
+	" \"name\" : \"dram \\\"0\\\" \\u00e9\" , \"flags\" : [ true , [ ] , { } ] ,"
+	" \"nested\" : { \"a\" : { \"b\" : [ 1 , 2.0 , \"3\" ] } } ,  ";
+
 /* The mappings as Firecracker's GuestRegionUffdMapping serializes them. */
 static size_t
 mappings_json(char *buf, size_t cap)
@@ -258,8 +274,12 @@ mappings_json(char *buf, size_t cap)
 
 	n += (size_t)snprintf(buf + n, cap - n, "[");
 	for (int i = 0; i < o.l.n; i++) {
-		n += (size_t)snprintf(buf + n, cap - n, "%s{\"base_host_virt_addr\":%"
-		    PRIu64 ",\"size\":%" PRIu64 ",\"offset\":%" PRIu64, i ? "," : "",
+		if (o.pad)
+			n += (size_t)snprintf(buf + n, cap - n, "%s{%s", i ? " ,\n " :
+			    "  ", pad);
+		n += (size_t)snprintf(buf + n, cap - n, "%s%s\"base_host_virt_addr\":%"
+		    PRIu64 ",\"size\":%" PRIu64 ",\"offset\":%" PRIu64,
+		    i && !o.pad ? "," : "", o.pad ? "" : "{",
 		    (uint64_t)(uintptr_t)host[i], o.l.size[i], o.l.off[i]);
 		if (o.gen == 3)
 			n += (size_t)snprintf(buf + n, cap - n, ",\"page_size\":%" PRIu64, ps);
@@ -315,7 +335,10 @@ handshake(int uffd)
 	snprintf(a.sun_path, sizeof(a.sun_path), "%s", o.socket);
 	if (connect(sock, (struct sockaddr *)&a, sizeof(a)) < 0)
 		die("connect(%s): %s", o.socket, strerror(errno));
+	printf("connected\n");
+	fflush(stdout);
 	len = o.raw ? strlen(o.raw) : mappings_json(buf, sizeof(buf));
+	printf("handshake: %zu bytes\n", len);
 	if (o.raw)
 		memcpy(buf, o.raw, len + 1);
 	for (size_t i = 0; i < parts; i++) {
@@ -648,6 +671,161 @@ run_kvm(void)
 	return 0;
 }
 
+/*
+ * Stress: vCPU threads fault, read and write random pages while a balloon
+ * thread keeps removing random ranges, touched or not. Each 64 KiB chunk
+ * has a lock, so every page has one exact expected content: the snapshot or
+ * zeros (once removed), plus the last word a thread wrote into it.
+ */
+
+#define STRESS_CHUNK	(16 * PAGE)
+
+struct page_oracle {
+	uint8_t removed, written;
+	uint64_t value;			/* at word page % 509 */
+};
+
+static struct page_oracle *oracle;
+static pthread_mutex_t *chunk_lock;
+static int64_t stress_end;
+static atomic_uint_fast64_t removes, writes;
+
+static int64_t
+mono_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static uint64_t
+next_rand(uint64_t *s)
+{
+	*s ^= *s << 13;
+	*s ^= *s >> 7;
+	*s ^= *s << 17;
+	return *s;
+}
+
+/* Page p of the whole layout: its region and its address here. */
+static char *
+page_addr(uint64_t p, int *region)
+{
+	uint64_t off = p * PAGE;
+	int r = 0;
+
+	while (off >= o.l.off[r] + o.l.size[r])
+		r++;
+	*region = r;
+	return host[r] + (off - o.l.off[r]);
+}
+
+static void
+check_oracle(uint64_t p)
+{
+	const struct page_oracle *po = &oracle[p];
+	const uint64_t *got, *snapw = (const uint64_t *)(snap + p * PAGE);
+	int r;
+
+	got = (const uint64_t *)page_addr(p, &r);
+	for (size_t w = 0; w < PAGE / 8; w++) {
+		uint64_t want = po->removed ? 0 : snapw[w];
+
+		if (po->written && w == p % 509)
+			want = po->value;
+		if (got[w] != want && atomic_fetch_add(&bad, 1) < 5)
+			fprintf(stderr, "vmm: page %" PRIu64 " word %zu: 0x%016" PRIx64
+			    ", expected 0x%016" PRIx64 " (%s%s)\n", p, w, got[w], want,
+			    po->removed ? "removed" : "snapshot",
+			    po->written ? ", written" : "");
+	}
+	atomic_fetch_add(&checked, 1);
+}
+
+static void *
+stress_vcpu(void *arg)
+{
+	uint64_t seed = 0x9e3779b97f4a7c15ull * ((uintptr_t)arg + 1);
+	uint64_t npages = o.l.total / PAGE;
+
+	while (mono_ms() < stress_end) {
+		uint64_t p = next_rand(&seed) % npages;
+		pthread_mutex_t *lock = &chunk_lock[p * PAGE / STRESS_CHUNK];
+		int r;
+
+		pthread_mutex_lock(lock);
+		if (next_rand(&seed) % 4 == 0) {
+			uint64_t v = next_rand(&seed);
+
+			((volatile uint64_t *)page_addr(p, &r))[p % 509] = v;
+			oracle[p].written = 1;
+			oracle[p].value = v;
+			atomic_fetch_add(&writes, 1);
+		}
+		check_oracle(p);
+		pthread_mutex_unlock(lock);
+	}
+	return NULL;
+}
+
+static void *
+stress_balloon(void *arg)
+{
+	uint64_t seed = 0x2545f4914f6cdd1dull, nchunks = o.l.total / STRESS_CHUNK;
+
+	(void)arg;
+	/* A third of the chunks, so the end state mixes snapshot pages,
+	 * removed ones and writes to both. */
+	while (mono_ms() < stress_end) {
+		uint64_t c = next_rand(&seed) % nchunks / 3 * 3;
+		uint64_t p0 = c * STRESS_CHUNK / PAGE;
+		int r;
+
+		pthread_mutex_lock(&chunk_lock[c]);
+		if (madvise(page_addr(p0, &r), STRESS_CHUNK, MADV_DONTNEED) < 0)
+			die("madvise(DONTNEED): %s", strerror(errno));
+		for (uint64_t p = p0; p < p0 + STRESS_CHUNK / PAGE; p++)
+			oracle[p] = (struct page_oracle){ .removed = 1 };
+		pthread_mutex_unlock(&chunk_lock[c]);
+		atomic_fetch_add(&removes, 1);
+		usleep(200);
+	}
+	return NULL;
+}
+
+static void
+run_stress(void)
+{
+	uint64_t npages = o.l.total / PAGE, nchunks = o.l.total / STRESS_CHUNK;
+	uint64_t removed = 0, written = 0;
+	pthread_t t[17];
+
+	oracle = calloc(npages, sizeof(*oracle));
+	chunk_lock = calloc(nchunks, sizeof(*chunk_lock));
+	if (oracle == NULL || chunk_lock == NULL)
+		die("calloc: %s", strerror(ENOMEM));
+	for (uint64_t c = 0; c < nchunks; c++)
+		pthread_mutex_init(&chunk_lock[c], NULL);
+	/* A handler that strands a fault must fail the test, not hang it. */
+	alarm((unsigned)o.stress + 30);
+	stress_end = mono_ms() + (int64_t)o.stress * 1000;
+	for (int i = 0; i < o.threads; i++)
+		pthread_create(&t[i], NULL, stress_vcpu, (void *)(uintptr_t)i);
+	pthread_create(&t[o.threads], NULL, stress_balloon, NULL);
+	for (int i = 0; i <= o.threads; i++)
+		pthread_join(t[i], NULL);
+
+	for (uint64_t p = 0; p < npages; p++) {
+		check_oracle(p);
+		removed += oracle[p].removed;
+		written += oracle[p].written;
+	}
+	printf("stress: %d s, %" PRIu64 " removes of 64 KiB, %" PRIu64 " writes; "
+	    "at the end %" PRIu64 " pages removed, %" PRIu64 " written\n", o.stress,
+	    (uint64_t)removes, (uint64_t)writes, removed, written);
+}
+
 /* A fault in memory registered with the uffd but absent from the handshake. */
 static void
 stray_fault(int uffd)
@@ -712,6 +890,8 @@ run(void)
 		stray_fault(uffd);
 	if (o.kvm)
 		run_kvm();
+	else if (o.stress)
+		run_stress();
 	else
 		run_threads();
 	printf("verified %" PRIu64 " pages (%" PRIu64 " of them zero) across %d "
@@ -734,7 +914,7 @@ usage(void)
 "       vmm run SOCKET FILE [--regions MIB,...] [--gen 1|2|3] [--keep-open|--close]\n"
 "           [--threads N] [--huge] [--kvm] [--balloon after|during] [--crash]\n"
 "           [--stray-fault] [--raw JSON] [--no-fd] [--extra-fds N] [--split N]\n"
-"           [--linger SEC] [--delay MS] [--uid UID]\n");
+"           [--linger SEC] [--delay MS] [--uid UID] [--pad] [--stress SEC]\n");
 	exit(2);
 }
 
@@ -749,7 +929,8 @@ main(int argc, char **argv)
 		{ "stray-fault", 0, 0, 'S' }, { "raw", 1, 0, 'R' },
 		{ "no-fd", 0, 0, 'N' }, { "extra-fds", 1, 0, 'E' },
 		{ "split", 1, 0, 'P' }, { "linger", 1, 0, 'L' },
-		{ "delay", 1, 0, 'D' }, { "uid", 1, 0, 'U' }, { 0, 0, 0, 0 },
+		{ "delay", 1, 0, 'D' }, { "uid", 1, 0, 'U' }, { "pad", 0, 0, 'p' },
+		{ "stress", 1, 0, 's' }, { 0, 0, 0, 0 },
 	};
 	const char *cmd = argc > 1 ? argv[1] : "";
 	int c;
@@ -775,13 +956,19 @@ main(int argc, char **argv)
 		case 'L': o.linger = atoi(optarg); break;
 		case 'D': o.delay = atoi(optarg); break;
 		case 'U': o.uid = atol(optarg); break;
+		case 'p': o.pad = 1; break;
+		case 's': o.stress = atoi(optarg); break;
 		default: usage();
 		}
 	}
 	if (o.gen < 1 || o.gen > 3 || o.threads < 1 || o.threads > 16 ||
 	    o.extra_fds < 0 || o.extra_fds > 3 || (o.huge && o.gen == 1) ||
+	    (o.kvm && o.l.n > KVM_REGIONS) || (o.stress && (o.huge || o.kvm)) ||
 	    (o.balloon && strcmp(o.balloon, "after") && strcmp(o.balloon, "during")))
 		usage();
+	for (int i = 0; o.huge && i < o.l.n; i++)
+		if (o.l.size[i] % HUGE)
+			die("--huge: region sizes must be multiples of 2 MiB");
 	if (strcmp(cmd, "mksnap") == 0 && argc - optind == 1)
 		return mksnap(argv[optind]);
 	if (strcmp(cmd, "run") == 0 && argc - optind == 2) {
