@@ -4,6 +4,7 @@
 #   ./build.sh [release]  build/uffd-handler: static musl binary, stripped
 #   ./build.sh test       also a sanitizer build and the test programs, then
 #                         the whole suite (test/run; extra args pick cases)
+#   ./build.sh aarch64    build/aarch64/uffd-handler, the same for Graviton
 #   ./build.sh fuzz       build/fuzz/handshake, the libFuzzer target
 #   ./build.sh demo       restore a sample snapshot through the handler
 #   ./build.sh clean
@@ -48,6 +49,24 @@ release() {
 	strip build/uffd-handler
 }
 
+# The same static build for Graviton hosts (aarch64), with Debian's cross
+# gcc and musl-dev:arm64. Only when the toolchain is there, unless asked for.
+SPECS=/usr/lib/aarch64-linux-musl/musl-gcc.specs
+aarch64() {
+	if ! command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || [ ! -f "$SPECS" ]; then
+		[ "${1:-}" = optional ] && return 0
+		echo "build.sh: no aarch64 toolchain: run 'dpkg --add-architecture arm64;" \
+			"apt-get update; apt-get install gcc-aarch64-linux-gnu musl-dev:arm64'" >&2
+		exit 1
+	fi
+	mkdir -p build/aarch64
+	aarch64-linux-gnu-gcc -specs "$SPECS" $WARN -Os -static \
+		-fno-asynchronous-unwind-tables -Wl,--gc-sections \
+		-ffunction-sections -fdata-sections \
+		-o build/aarch64/uffd-handler $SRC
+	aarch64-linux-gnu-strip build/aarch64/uffd-handler
+}
+
 # The same sources with address and undefined-behaviour sanitizers, which
 # the integration tests run.
 sanitized() {
@@ -82,9 +101,12 @@ demo() {
 
 case "${1:-release}" in
 release)	release ;;
-test)		release; sanitized; test_programs; fuzz; shift; build/test/run "$@" ;;
+test)		release; aarch64 optional; sanitized; test_programs; fuzz; shift
+		build/test/run "$@" ;;
+aarch64)	aarch64 ;;
 fuzz)		fuzz ;;
 demo)		demo ;;
 clean)		rm -rf build ;;
-*)		echo "usage: ./build.sh [release|test|demo|clean]" >&2; exit 2 ;;
+*)		echo "usage: ./build.sh [release|test|aarch64|fuzz|demo|clean]" >&2
+		exit 2 ;;
 esac

@@ -55,6 +55,9 @@
 #ifndef SYS_pidfd_open
 #define SYS_pidfd_open		434
 #endif
+#ifndef SO_PEERPIDFD
+#define SO_PEERPIDFD		77
+#endif
 #ifndef SYS_pidfd_send_signal
 #define SYS_pidfd_send_signal	424
 #endif
@@ -850,25 +853,33 @@ session_new(int conn, int memfd)
 	return s;
 }
 
+/*
+ * The VMM's pidfd: SO_PEERPIDFD (Linux 6.5) works even when the VMM's pid
+ * is invisible here, as from a container in its own pid namespace, where
+ * SO_PEERCRED reports pid 0; pidfd_open(SO_PEERCRED's pid) before that.
+ */
 static int
 session_open(struct session *s)
 {
-	struct ucred cr;
+	struct ucred cr = { 0, 0, 0 };
 	socklen_t l = sizeof(cr);
+	int fd = -1;
 
 	if (s->mappings == NULL || s->faults == NULL)
 		return -ENOMEM;
-	if (getsockopt(s->conn, SOL_SOCKET, SO_PEERCRED, &cr, &l) < 0 ||
-	    cr.pid <= 0) {
-		logmsg(LOG_WARN, "the VMM's pid is unknown (SO_PEERCRED): it cannot "
-		    "be killed on a fatal error");
-		return 0;
-	}
-	s->pid = cr.pid;
-	s->pidfd = (int)syscall(SYS_pidfd_open, cr.pid, 0);
+	if (getsockopt(s->conn, SOL_SOCKET, SO_PEERCRED, &cr, &l) == 0)
+		s->pid = cr.pid;
+	l = sizeof(fd);
+	if (getsockopt(s->conn, SOL_SOCKET, SO_PEERPIDFD, &fd, &l) == 0 && fd >= 0)
+		s->pidfd = fd;
+	else if (s->pid > 0)
+		s->pidfd = (int)syscall(SYS_pidfd_open, s->pid, 0);
 	if (s->pidfd < 0)
-		logmsg(LOG_WARN, "pidfd_open(%d): %s; falling back to kill(2)",
-		    (int)cr.pid, strerror(errno));
+		logmsg(LOG_WARN, "no pidfd for the VMM (pid %d): its exit is seen "
+		    "only through the uffd", (int)s->pid);
+	if (s->pid <= 0)
+		logmsg(LOG_WARN, "the VMM's pid is not visible here (another pid "
+		    "namespace?): it cannot be killed on a fatal error");
 	return 0;
 }
 
@@ -877,7 +888,7 @@ kill_vmm(struct session *s)
 {
 	int rc;
 
-	if (s->pid <= 0) {
+	if (s->pid <= 0 && s->pidfd < 0) {
 		logmsg(LOG_ERROR, "cannot kill the VMM: its pid is unknown");
 		return;
 	}

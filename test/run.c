@@ -1266,6 +1266,69 @@ static_binary(const void *arg)
 	return PASS;
 }
 
+/*
+ * The FROM scratch image under podman, serving a restore through a
+ * bind-mounted socket. In its own pid namespace the VMM's pid is hidden and
+ * the VM's exit is seen through SO_PEERPIDFD; with --pid=host (arg) a fatal
+ * error kills the VMM.
+ */
+static int
+podman_scratch_image(const void *arg)
+{
+	static const char image[] = "localhost/uffd-handler:test";
+	char cmd[1024], vol[256], log[8192];
+	struct pair p = { .handler = "/usr/bin/podman", .vargs = { "--threads",
+	    "2", arg ? "--stray-fault" : NULL, NULL } };
+	const char *h[] = { "run", "--rm", "--runtime", "runc", "--ulimit",
+	    "nofile=1024:1024", "--ulimit", "nproc=1024:1024", "-v", vol,
+	    arg ? arg : image, arg ? image : NULL, NULL };
+	int rc;
+
+	if (access("/usr/bin/podman", X_OK) != 0 || access("/usr/bin/runc", X_OK) != 0)
+		return skip("podman or runc is not installed");
+	snprintf(cmd, sizeof(cmd), "podman build -q -t %s . > %s/podman.log 2>&1",
+	    image, T.dir);
+	rc = system(cmd);
+	snprintf(cmd, sizeof(cmd), "%s/podman.log", T.dir);
+	read_text(cmd, log, sizeof(log));
+	if (rc != 0)
+		return fail("podman build: %s", log);
+	snprintf(vol, sizeof(vol), "%s:%s", T.dir, T.dir);
+	for (int i = 0; h[i]; i++)
+		p.hargs[i] = h[i];
+	rc = arg ? rejected(&p, 1, "killed VMM pid") : restored(&p);
+	if (system("podman rmi -f localhost/uffd-handler:test >/dev/null 2>&1") != 0)
+		fprintf(stderr, "run: podman rmi failed\n");
+	return rc;
+}
+
+/* The aarch64 build: a static AArch64 executable that runs (--version). */
+static int
+aarch64_binary(const void *arg)
+{
+	char cmd[512], out[4096] = "";
+	FILE *f;
+	size_t n;
+
+	(void)arg;
+	if (access("build/aarch64/uffd-handler", X_OK) != 0)
+		return skip("no aarch64 cross toolchain (.ci/run installs it)");
+	if (access("/usr/bin/qemu-aarch64-static", X_OK) != 0)
+		return skip("qemu-user-static is not installed");
+	snprintf(cmd, sizeof(cmd), "readelf -hlW build/aarch64/uffd-handler && "
+	    "qemu-aarch64-static build/aarch64/uffd-handler --version");
+	if ((f = popen(cmd, "r")) == NULL)
+		return fail("popen: %s", strerror(errno));
+	n = fread(out, 1, sizeof(out) - 1, f);
+	out[n] = '\0';
+	if (pclose(f) != 0)
+		return fail("%s failed: %s", cmd, out);
+	if (!strstr(out, "AArch64") || !strstr(out, "EXEC (Executable file)") ||
+	    strstr(out, "INTERP") || !strstr(out, "uffd-handler "))
+		return fail("not a static AArch64 executable that runs:\n%s", out);
+	return PASS;
+}
+
 static int
 release_restore(const void *arg)
 {
@@ -1369,6 +1432,9 @@ static const struct tcase cases[] = {
 	{ "chroot_empty", chroot_empty, NULL },
 	{ "chroot_uid_65534", chroot_uid_65534, NULL },
 	{ "static_binary", static_binary, NULL },
+	{ "aarch64_static_binary", aarch64_binary, NULL },
+	{ "podman_scratch_image_restore", podman_scratch_image, NULL },
+	{ "podman_pid_host_kills_vmm", podman_scratch_image, "--pid=host" },
 	{ "release_restore_balloon", release_restore, NULL },
 };
 
