@@ -883,22 +883,28 @@ session_open(struct session *s)
 	return 0;
 }
 
+/*
+ * SIGKILL through the pidfd, which cannot hit a recycled pid; by pid when
+ * that fails (ENOSYS before Linux 5.1 or under emulators, EINVAL across pid
+ * namespaces) and the pid is a real one: a frozen guest is the worse risk.
+ */
 static void
 kill_vmm(struct session *s)
 {
-	int rc;
+	int rc = -1;
 
-	if (s->pid <= 0 && s->pidfd < 0) {
-		logmsg(LOG_ERROR, "cannot kill the VMM: its pid is unknown");
+	if (s->pidfd < 0 && s->pid <= 0) {
+		logmsg(LOG_ERROR, "cannot kill the VMM: its pid is not known here; "
+		    "its guest may stay frozen");
 		return;
 	}
 	if (s->pidfd >= 0)
 		rc = (int)syscall(SYS_pidfd_send_signal, s->pidfd, SIGKILL, NULL, 0);
-	else
+	if (rc < 0 && (s->pidfd < 0 || errno != ESRCH) && s->pid > 0)
 		rc = kill(s->pid, SIGKILL);
 	if (rc < 0 && errno != ESRCH)
-		logmsg(LOG_ERROR, "kill(VMM pid %d, SIGKILL): %s", (int)s->pid,
-		    strerror(errno));
+		logmsg(LOG_ERROR, "kill(VMM pid %d, SIGKILL): %s; its guest may stay "
+		    "frozen", (int)s->pid, strerror(errno));
 	else
 		logmsg(LOG_ERROR, "killed VMM pid %d so its guest does not freeze",
 		    (int)s->pid);
@@ -1304,10 +1310,39 @@ handshake_failed(struct session *s, int rc)
 	return fail_closed(s, EXIT_HANDSHAKE);
 }
 
+/* One VMM, from its connection to the exit code; owns conn and memfd. */
+static int
+run_session(int conn, int memfd, int sigfd)
+{
+	struct session *s = session_new(conn, memfd);
+	int rc, code;
+
+	if (s == NULL || session_open(s) < 0) {
+		logmsg(LOG_ERROR, "allocating the session: %s", strerror(ENOMEM));
+		if (s == NULL) {
+			close(conn);
+			close(memfd);
+			return EXIT_FATAL;
+		}
+		code = fail_closed(s, EXIT_FATAL);
+	} else if ((rc = handshake(s, sigfd)) < 0) {
+		code = handshake_failed(s, rc);
+	} else if (opt.seccomp && seccomp_confine() < 0) {
+		code = fail_closed(s, EXIT_FATAL);
+	} else if ((rc = serve(s, sigfd)) < 0) {
+		code = fail_closed(s, rc == -ECANCELED ? EXIT_SIGNAL : EXIT_FATAL);
+	} else {
+		code = EXIT_VM_GONE;
+	}
+	print_counters(s, code);
+	session_close(s);
+	free(s);
+	return code;
+}
+
 int
 main(int argc, char **argv)
 {
-	struct session *s;
 	int memfd, sigfd, lfd, conn, rc, code;
 
 	if ((rc = parse_options(argc, argv)) != 0)
@@ -1327,26 +1362,12 @@ main(int argc, char **argv)
 	/* One VMM per process: a second one would wait in the backlog forever. */
 	close(lfd);
 	unlink(opt.socket_path);
-	if (conn < 0)
-		return conn == -ECANCELED ? EXIT_SIGNAL : EXIT_SETUP;
-	if ((s = session_new(conn, memfd)) == NULL) {
-		logmsg(LOG_ERROR, "allocating the session: %s", strerror(ENOMEM));
-		return EXIT_FATAL;
-	}
-	if (session_open(s) < 0) {
-		logmsg(LOG_ERROR, "allocating the session: %s", strerror(ENOMEM));
-		code = fail_closed(s, EXIT_FATAL);
-	} else if ((rc = handshake(s, sigfd)) < 0) {
-		code = handshake_failed(s, rc);
-	} else if (opt.seccomp && seccomp_confine() < 0) {
-		code = fail_closed(s, EXIT_FATAL);
-	} else if ((rc = serve(s, sigfd)) < 0) {
-		code = fail_closed(s, rc == -ECANCELED ? EXIT_SIGNAL : EXIT_FATAL);
+	if (conn >= 0) {
+		code = run_session(conn, memfd, sigfd);
 	} else {
-		code = EXIT_VM_GONE;
+		code = conn == -ECANCELED ? EXIT_SIGNAL : EXIT_SETUP;
+		close(memfd);
 	}
-	print_counters(s, code);
-	session_close(s);
-	free(s);
+	close(sigfd);
 	return code;
 }

@@ -1088,6 +1088,58 @@ vmm_killed_50_times(const void *arg)
 	return PASS;
 }
 
+/* Every fd valgrind saw open at exit came from the parent: the line after
+ * each "Open file descriptor N:" says "<inherited from parent>". */
+static int
+fds_closed(const struct pair *p)
+{
+	const char *at = p->herr;
+
+	if (strstr(p->herr, "FILE DESCRIPTORS:") == NULL)
+		return pair_fail(p, "valgrind printed no fd report");
+	while ((at = strstr(at, "Open file descriptor")) != NULL) {
+		const char *line = strchr(at, '\n');
+		const char *end = line ? strchr(line + 1, '\n') : NULL;
+		const char *inherited = line ? strstr(line, "<inherited from parent>") : NULL;
+
+		if (inherited == NULL || (end != NULL && inherited > end))
+			return pair_fail(p, "an fd of the handler's own was open at exit");
+		at = line;
+	}
+	return PASS;
+}
+
+/*
+ * The release binary under valgrind --track-fds: whatever ends the session
+ * (the VM exits, is killed mid-serve, sends garbage, faults astray), the
+ * handler's teardown closes every fd it opened.
+ */
+static int
+no_fds_left(const void *arg)
+{
+	static const char *const ends[][4] = {
+		{ "--threads", "2", NULL }, { "--crash", NULL },
+		{ "--raw", "garbage", NULL }, { "--stray-fault", NULL },
+	};
+	int rc = PASS;
+
+	(void)arg;
+	if (access("/usr/bin/valgrind", X_OK) != 0)
+		return skip("valgrind is not installed");
+	for (size_t i = 0; i < 4 && rc == PASS; i++) {
+		struct pair p = { .handler = "/usr/bin/valgrind", .hargs = { "-q",
+		    "--vgdb=no", "--track-fds=yes", T.release, NULL } };
+
+		for (int j = 0; ends[i][j]; j++)
+			p.vargs[j] = ends[i][j];
+		run_pair(&p);
+		if (p.h.status < 0 || !WIFEXITED(p.h.status))
+			return pair_fail(&p, "the handler did not exit");
+		rc = fds_closed(&p);
+	}
+	return rc;
+}
+
 /* Fewer 2 MiB pages than the guest needs: a clear error, the VMM killed. */
 static int
 hugetlb_pool_exhausted(const void *arg)
@@ -1422,6 +1474,7 @@ static const struct tcase cases[] = {
 	{ "handshake_two_fds_served", restore, r_two_fds },
 	{ "handshake_64_regions_padded_served", padded_64_regions, NULL },
 	{ "vmm_killed_50_times", vmm_killed_50_times, NULL },
+	{ "no_fds_left_at_exit", no_fds_left, NULL },
 	{ "hugetlb_pool_exhausted_kills_vmm", hugetlb_pool_exhausted, NULL },
 	{ "stress_faults_removes_oracle", stress, NULL },
 	{ "fuzz_handshake_short", fuzz_short, NULL },
