@@ -33,6 +33,7 @@
 #include <fcntl.h>
 #include <getopt.h>
 #include <poll.h>
+#include <setjmp.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -91,20 +92,42 @@ static struct {
 	int accept_timeout;		/* seconds; 0 waits forever */
 	int handshake_timeout;		/* seconds */
 	int seccomp;
+	int optimize;			/* runs, zero pages; off: one page a fault */
 	long uid, gid;			/* to drop to after binding; -1: keep */
 	long sock_uid, sock_gid;	/* socket owner; -1: keep */
 	long sock_mode;			/* -1: as created */
 } opt = { .log_level = LOG_INFO, .handshake_timeout = 5, .seccomp = 1,
+	.optimize = 1,
 	.uid = -1, .gid = -1, .sock_uid = -1, .sock_gid = -1, .sock_mode = -1 };
 
 struct region {
 	uint64_t base, size, offset, page_size;
 	uint64_t *removed;		/* a bit per page the guest discarded */
+	uint64_t *zero;			/* a bit per page known all zero in the file */
 };
+
+/* A queued fault: its address, and when its event was read. */
+struct fault {
+	uint64_t addr;
+	uint64_t read_ns;
+};
+
+/* A sequential fault stream: the page it should fault next, its window. */
+struct stream {
+	uint64_t next;
+	uint64_t window;
+	uint64_t used;
+};
+
+#define STREAMS		8
+#define MAX_RUN_4K	512		/* 2 MiB ahead at most */
+#define MAX_RUN_2M	4
 
 struct counters {
 	uint64_t faults, pages_copied, zero_pages, remove_events, pages_removed;
 	uint64_t deferred, bytes_copied, already_present, unregistered;
+	uint64_t zero_data_pages, prefetched, syscalls;
+	uint64_t service_us_log2[16];	/* event read to page in, by 2^k us */
 };
 
 struct session {
@@ -116,8 +139,11 @@ struct session {
 	struct uffd_mapping *mappings;
 	struct region *regions;
 	size_t nregions;
-	uint64_t *faults;		/* queued fault addresses */
+	struct fault *faults;		/* queued faults */
 	size_t nfaults, faults_cap;
+	struct stream streams[STREAMS];
+	struct stream *cur;		/* the stream of the fault being served */
+	uint64_t stream_clock;
 	struct counters n;
 	struct uffd_msg msgs[EVENT_BATCH];
 	char handshake[HANDSHAKE_MAX];
@@ -142,13 +168,19 @@ logmsg(int level, const char *fmt, ...)
 	(void)!write(STDERR_FILENO, line, (size_t)n);
 }
 
-static int64_t
-now_ms(void)
+static uint64_t
+now_ns(void)
 {
 	struct timespec ts;
 
 	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+	return (uint64_t)ts.tv_sec * 1000000000 + (uint64_t)ts.tv_nsec;
+}
+
+static int64_t
+now_ms(void)
+{
+	return (int64_t)(now_ns() / 1000000);
 }
 
 /*
@@ -162,6 +194,7 @@ uffdio_wake(struct session *s, uint64_t start, uint64_t len)
 {
 	struct uffdio_range r = { start, len };
 
+	s->n.syscalls++;
 	if (ioctl(s->uffd, (int)UFFDIO_WAKE, &r) == 0)
 		return IO_DONE;
 	if (errno == ESRCH)
@@ -207,6 +240,7 @@ uffdio_copy(struct session *s, uint64_t dst, const char *src, uint64_t len,
 
 	for (;;) {
 		c = (struct uffdio_copy){ .dst = dst, .src = (uintptr_t)src, .len = len };
+		s->n.syscalls++;
 		if (ioctl(s->uffd, (int)UFFDIO_COPY, &c) == 0) {
 			*done += len;
 			return IO_DONE;
@@ -227,6 +261,7 @@ uffdio_zeropage(struct session *s, uint64_t dst, uint64_t len, uint64_t *done)
 
 	for (;;) {
 		z = (struct uffdio_zeropage){ .range = { dst, len } };
+		s->n.syscalls++;
 		if (ioctl(s->uffd, (int)UFFDIO_ZEROPAGE, &z) == 0) {
 			*done += len;
 			return IO_DONE;
@@ -259,11 +294,15 @@ find_region(struct session *s, uint64_t addr)
 }
 
 static int
-page_removed(const struct region *r, uint64_t page)
+bit_test(const uint64_t *map, uint64_t i)
 {
-	uint64_t i = (page - r->base) / r->page_size;
+	return (map[i / 64] >> (i % 64)) & 1;
+}
 
-	return (r->removed[i / 64] >> (i % 64)) & 1;
+static void
+bit_set(uint64_t *map, uint64_t i)
+{
+	map[i / 64] |= (uint64_t)1 << (i % 64);
 }
 
 /* Explains an EFAULT from a copy: the usual cause is a truncated file. */
@@ -280,21 +319,159 @@ check_memfile(struct session *s)
 }
 
 /*
- * Pages the guest discarded read as zero. UFFDIO_ZEROPAGE maps the shared
- * zero page; hugetlb has no zero page (EINVAL), so 2 MiB pages get a copy
- * of zeros.
+ * Reading the mapped file in user space (to find all-zero pages) faults
+ * with SIGBUS if the file was truncated; the kernel's own copies get EFAULT
+ * instead. The guard turns the signal into an error. The jump buffer is
+ * global because a signal handler can reach nothing else.
+ */
+static sigjmp_buf bus_jmp;
+static volatile sig_atomic_t bus_armed;
+
+static void
+on_sigbus(int sig)
+{
+	if (bus_armed)
+		siglongjmp(bus_jmp, 1);
+	signal(sig, SIG_DFL);
+	raise(sig);
+}
+
+static int
+is_zero(const char *p, size_t len)
+{
+	const uint64_t *w = (const uint64_t *)(const void *)p;
+
+	for (size_t i = 0; i < len / 8; i++)
+		if (w[i] != 0)
+			return 0;
+	return 1;
+}
+
+enum { KIND_DATA, KIND_ZERO, KIND_REMOVED };
+
+/*
+ * What page idx must hold: zeros because the guest removed it, zeros
+ * because the snapshot page is all zero (a hole, or zero bytes), or data.
+ * Hugetlb has no zero page, so 2 MiB snapshot pages are always copied.
  */
 static int
-serve_zero(struct session *s, struct region *r, uint64_t page)
+page_kind(struct session *s, struct region *r, uint64_t idx)
 {
+	if (bit_test(r->removed, idx))
+		return KIND_REMOVED;
+	if (!opt.optimize || r->page_size != PAGE_4K)
+		return KIND_DATA;
+	if (bit_test(r->zero, idx))
+		return KIND_ZERO;
+	if (!is_zero(s->mem + r->offset + idx * PAGE_4K, PAGE_4K))
+		return KIND_DATA;
+	bit_set(r->zero, idx);
+	return KIND_ZERO;
+}
+
+/*
+ * Sequential detection. A fault at the page a stream expects next doubles
+ * that stream's window; any other fault starts a stream of one page, so
+ * random access never installs pages the guest did not ask for.
+ */
+static uint64_t
+window_for(struct session *s, struct region *r, uint64_t page)
+{
+	uint64_t max = (r->page_size == PAGE_4K ? MAX_RUN_4K : MAX_RUN_2M);
+	uint64_t left = (r->base + r->size - page) / r->page_size;
+	struct stream *st = &s->streams[0];
+
+	if (!opt.optimize) {
+		s->cur = st;
+		return 1;
+	}
+	for (size_t i = 0; i < STREAMS; i++)
+		if (s->streams[i].next == page) {
+			st = &s->streams[i];
+			st->window = st->window * 2 > max ? max : st->window * 2;
+			goto found;
+		}
+	for (size_t i = 1; i < STREAMS; i++)
+		if (s->streams[i].used < st->used)
+			st = &s->streams[i];
+	st->window = 1;
+found:
+	st->used = ++s->stream_clock;
+	s->cur = st;
+	return st->window < left ? st->window : left;
+}
+
+/* Installs n pages of one kind at page index idx; *got counts pages done. */
+static int
+install_run(struct session *s, struct region *r, uint64_t idx, uint64_t n,
+    int kind, uint64_t *got)
+{
+	uint64_t dst = r->base + idx * r->page_size, len = n * r->page_size;
 	uint64_t done = 0;
 	int rc;
 
-	if (r->page_size == PAGE_4K)
-		rc = uffdio_zeropage(s, page, r->page_size, &done);
+	if (kind == KIND_DATA)
+		rc = uffdio_copy(s, dst, s->mem + r->offset + idx * r->page_size,
+		    len, &done);
+	else if (r->page_size == PAGE_4K)
+		rc = uffdio_zeropage(s, dst, len, &done);
 	else
-		rc = uffdio_copy(s, page, s->zeros, r->page_size, &done);
-	s->n.zero_pages += done / r->page_size;
+		rc = uffdio_copy(s, dst, s->zeros, len, &done);
+	*got = done / r->page_size;
+	if (kind == KIND_DATA) {
+		s->n.pages_copied += *got;
+		s->n.bytes_copied += done;
+	} else {
+		*(kind == KIND_ZERO ? &s->n.zero_data_pages : &s->n.zero_pages) += *got;
+	}
+	if (rc == -EFAULT)
+		check_memfile(s);
+	return rc;
+}
+
+/*
+ * The faulting page first, then the rest of the window as runs of one kind,
+ * one ioctl each. The fault is served once its page is in; the pages ahead
+ * are a bet that stops at the first page already present or refused.
+ */
+static int
+serve_window(struct session *s, struct region *r, uint64_t idx, uint64_t n)
+{
+	uint64_t at = 0, len, got;
+	int kind = page_kind(s, r, idx), next = kind, rc;
+
+	while (at < n) {
+		for (len = 1; at + len < n; len++)
+			if ((next = page_kind(s, r, idx + at + len)) != kind)
+				break;
+		rc = install_run(s, r, idx + at, len, kind, &got);
+		if (at == 0 && got == 0)
+			return rc;
+		if (rc < 0)
+			return rc;
+		at += got;
+		if (got < len || rc != IO_DONE)
+			break;
+		kind = next;
+	}
+	s->n.prefetched += at - 1;
+	s->cur->next = r->base + (idx + at) * r->page_size;
+	return IO_DONE;
+}
+
+/* serve_window under the SIGBUS guard; -ENXIO if the file read faulted. */
+static int __attribute__((noinline))
+guarded_window(struct session *s, struct region *r, uint64_t idx, uint64_t n)
+{
+	int rc;
+
+	if (sigsetjmp(bus_jmp, 0)) {
+		bus_armed = 0;
+		return -ENXIO;
+	}
+	bus_armed = 1;
+	rc = serve_window(s, r, idx, n);
+	bus_armed = 0;
 	return rc;
 }
 
@@ -302,7 +479,7 @@ static int
 serve_fault(struct session *s, uint64_t addr)
 {
 	struct region *r = find_region(s, addr);
-	uint64_t page, done = 0;
+	uint64_t page, n;
 	int rc;
 
 	if (r == NULL) {
@@ -311,14 +488,13 @@ serve_fault(struct session *s, uint64_t addr)
 		return -EFAULT;
 	}
 	page = addr & ~(r->page_size - 1);
-	if (page_removed(r, page))
-		return serve_zero(s, r, page);
-	rc = uffdio_copy(s, page, s->mem + r->offset + (page - r->base),
-	    r->page_size, &done);
-	s->n.bytes_copied += done;
-	s->n.pages_copied += done / r->page_size;
-	if (rc == -EFAULT)
+	n = window_for(s, r, page);
+	rc = guarded_window(s, r, (page - r->base) / r->page_size, n);
+	if (rc == -ENXIO) {
 		check_memfile(s);
+		logmsg(LOG_ERROR, "reading %s near offset %llu: SIGBUS", opt.mem_path,
+		    (unsigned long long)(r->offset + (page - r->base)));
+	}
 	return rc;
 }
 
@@ -338,7 +514,7 @@ apply_remove(struct session *s, uint64_t start, uint64_t end)
 		first = (lo - r->base + r->page_size - 1) / r->page_size;
 		last = (hi - r->base) / r->page_size;
 		for (uint64_t p = first; p < last; p++)
-			r->removed[p / 64] |= (uint64_t)1 << (p % 64);
+			bit_set(r->removed, p);
 		if (last > first)
 			s->n.pages_removed += last - first;
 	}
@@ -350,10 +526,10 @@ apply_remove(struct session *s, uint64_t start, uint64_t end)
  * stop for want of room: an unread REMOVE fails every copy with EAGAIN.
  */
 static int
-queue_fault(struct session *s, uint64_t addr)
+queue_fault(struct session *s, uint64_t addr, uint64_t now)
 {
 	if (s->nfaults == s->faults_cap) {
-		uint64_t *f = realloc(s->faults, 2 * s->faults_cap * sizeof(*f));
+		struct fault *f = realloc(s->faults, 2 * s->faults_cap * sizeof(*f));
 
 		if (f == NULL) {
 			logmsg(LOG_ERROR, "growing the fault queue past %zu: %s",
@@ -363,17 +539,17 @@ queue_fault(struct session *s, uint64_t addr)
 		s->faults = f;
 		s->faults_cap *= 2;
 	}
-	s->faults[s->nfaults++] = addr;
+	s->faults[s->nfaults++] = (struct fault){ addr, now };
 	return 0;
 }
 
 static int
-handle_event(struct session *s, const struct uffd_msg *m)
+handle_event(struct session *s, const struct uffd_msg *m, uint64_t now)
 {
 	switch (m->event) {
 	case UFFD_EVENT_PAGEFAULT:
 		s->n.faults++;
-		return queue_fault(s, m->arg.pagefault.address);
+		return queue_fault(s, m->arg.pagefault.address, now);
 	case UFFD_EVENT_REMOVE:
 		apply_remove(s, m->arg.remove.start, m->arg.remove.end);
 		return 0;
@@ -384,14 +560,19 @@ handle_event(struct session *s, const struct uffd_msg *m)
 	}
 }
 
-/* Reads the uffd until EAGAIN. */
+/*
+ * Reads the uffd until it is empty: EAGAIN, or a read shorter than asked,
+ * which says the same without one more syscall.
+ */
 static int
 read_events(struct session *s)
 {
 	for (;;) {
 		ssize_t n = read(s->uffd, s->msgs, sizeof(s->msgs));
+		uint64_t now = now_ns();
 		int rc;
 
+		s->n.syscalls++;
 		if (n < 0 && errno == EINTR)
 			continue;
 		if (n < 0 && errno == EAGAIN)
@@ -406,9 +587,24 @@ read_events(struct session *s)
 			return -EPROTO;
 		}
 		for (ssize_t i = 0; i < n / (ssize_t)sizeof(struct uffd_msg); i++)
-			if ((rc = handle_event(s, &s->msgs[i])) < 0)
+			if ((rc = handle_event(s, &s->msgs[i], now)) < 0)
 				return rc;
+		if ((size_t)n < sizeof(s->msgs))
+			return 0;
 	}
+}
+
+static void
+record_service(struct session *s, uint64_t read_ns)
+{
+	uint64_t us = (now_ns() - read_ns) / 1000;
+	int k = 0;
+
+	while (us > 0 && k < 15) {
+		us >>= 1;
+		k++;
+	}
+	s->n.service_us_log2[k]++;
 }
 
 /*
@@ -421,9 +617,11 @@ serve_pending(struct session *s)
 	size_t i;
 	int rc = IO_DONE;
 
-	for (i = 0; i < s->nfaults; i++)
-		if ((rc = serve_fault(s, s->faults[i])) != IO_DONE)
+	for (i = 0; i < s->nfaults; i++) {
+		if ((rc = serve_fault(s, s->faults[i].addr)) != IO_DONE)
 			break;
+		record_service(s, s->faults[i].read_ns);
+	}
 	if (rc != IO_RETRY) {
 		s->nfaults = 0;
 		return rc;
@@ -462,6 +660,7 @@ serve(struct session *s, int sigfd)
 	for (;;) {
 		/* A deferred fault is retried soon even if no event arrives:
 		 * EAGAIN lasts until the madvise caller has resumed. */
+		s->n.syscalls++;
 		if (poll(p, 3, s->nfaults ? 1 : -1) < 0) {
 			if (errno == EINTR)
 				continue;
@@ -631,6 +830,28 @@ check_uffd(struct session *s)
 	return 0;
 }
 
+/* Sparse holes (unplugged memory, diff snapshots) read as zero: found with
+ * SEEK_HOLE, they are served as zero pages without reading the file. */
+static void
+mark_holes(struct session *s, struct region *r)
+{
+	off_t pos = (off_t)r->offset, end = (off_t)(r->offset + r->size);
+
+	while (pos < end) {
+		off_t hole = lseek(s->memfd, pos, SEEK_HOLE), data;
+
+		if (hole < 0 || hole >= end)
+			return;
+		data = lseek(s->memfd, hole, SEEK_DATA);
+		if (data < 0 || data > end)
+			data = end;
+		for (uint64_t p = ((uint64_t)hole - r->offset + PAGE_4K - 1) / PAGE_4K;
+		    p < ((uint64_t)data - r->offset) / PAGE_4K; p++)
+			bit_set(r->zero, p);
+		pos = data;
+	}
+}
+
 static int
 cmp_region(const void *a, const void *b)
 {
@@ -656,8 +877,11 @@ setup_regions(struct session *s, size_t n)
 		r->offset = s->mappings[i].offset;
 		r->page_size = s->mappings[i].page_size;
 		pages = r->size / r->page_size;
-		if ((r->removed = calloc((pages + 63) / 64, 8)) == NULL)
+		if ((r->removed = calloc((pages + 63) / 64, 8)) == NULL ||
+		    (r->zero = calloc((pages + 63) / 64, 8)) == NULL)
 			return -ENOMEM;
+		if (opt.optimize && r->page_size == PAGE_4K)
+			mark_holes(s, r);
 		need_zeros |= r->page_size == PAGE_2M;
 		s->nregions++;
 	}
@@ -929,8 +1153,10 @@ session_close(struct session *s)
 		munmap((void *)s->mem, s->mem_size);
 	if (s->zeros != NULL)
 		munmap((void *)s->zeros, PAGE_2M);
-	for (size_t i = 0; i < s->nregions; i++)
+	for (size_t i = 0; i < s->nregions; i++) {
 		free(s->regions[i].removed);
+		free(s->regions[i].zero);
+	}
 	free(s->regions);
 	free(s->mappings);
 	free(s->faults);
@@ -945,17 +1171,34 @@ static void
 print_counters(const struct session *s, int code)
 {
 	const struct counters *c = &s->n;
+	const struct {
+		const char *name;
+		uint64_t value;
+	} f[] = {
+		{ "faults", c->faults }, { "pages_copied", c->pages_copied },
+		{ "zero_pages", c->zero_pages },
+		{ "zero_data_pages", c->zero_data_pages },
+		{ "memory_saved_bytes", c->zero_data_pages * PAGE_4K },
+		{ "prefetched", c->prefetched },
+		{ "remove_events", c->remove_events },
+		{ "pages_removed", c->pages_removed }, { "deferred", c->deferred },
+		{ "bytes_copied", c->bytes_copied },
+		{ "already_present", c->already_present },
+		{ "unregistered", c->unregistered }, { "syscalls", c->syscalls },
+	};
+	char line[2048];
+	int n = snprintf(line, sizeof(line), "{\"exit_code\":%d,\"vmm_pid\":%d",
+	    code, (int)s->pid);
 
-	printf("{\"exit_code\":%d,\"vmm_pid\":%d,\"faults\":%llu,"
-	    "\"pages_copied\":%llu,\"zero_pages\":%llu,\"remove_events\":%llu,"
-	    "\"pages_removed\":%llu,\"deferred\":%llu,\"bytes_copied\":%llu,"
-	    "\"already_present\":%llu,\"unregistered\":%llu}\n", code, (int)s->pid,
-	    (unsigned long long)c->faults, (unsigned long long)c->pages_copied,
-	    (unsigned long long)c->zero_pages, (unsigned long long)c->remove_events,
-	    (unsigned long long)c->pages_removed, (unsigned long long)c->deferred,
-	    (unsigned long long)c->bytes_copied,
-	    (unsigned long long)c->already_present,
-	    (unsigned long long)c->unregistered);
+	for (size_t i = 0; i < sizeof(f) / sizeof(f[0]); i++)
+		n += snprintf(line + n, sizeof(line) - (size_t)n, ",\"%s\":%llu",
+		    f[i].name, (unsigned long long)f[i].value);
+	n += snprintf(line + n, sizeof(line) - (size_t)n, ",\"service_us_log2\":[");
+	for (int i = 0; i < 16; i++)
+		n += snprintf(line + n, sizeof(line) - (size_t)n, "%s%llu", i ? "," : "",
+		    (unsigned long long)c->service_us_log2[i]);
+	snprintf(line + n, sizeof(line) - (size_t)n, "]}\n");
+	fputs(line, stdout);
 	fflush(stdout);
 }
 
@@ -1077,6 +1320,7 @@ signal_fd(void)
 	sigset_t set;
 
 	signal(SIGPIPE, SIG_IGN);
+	signal(SIGBUS, on_sigbus);
 	sigemptyset(&set);
 	sigaddset(&set, SIGTERM);
 	sigaddset(&set, SIGINT);
@@ -1106,6 +1350,7 @@ usage(FILE *f)
 "      --socket-mode MODE       chmod SOCKET, octal (e.g. 0600)\n"
 "      --uid UID, --gid GID     drop to these ids once SOCKET is bound\n"
 "      --no-seccomp             do not confine the handler with seccomp\n"
+"      --no-optimize            one page per fault: no runs, no zero pages\n"
 "  -h, --help                   print this help and exit\n"
 "  -V, --version                print the version and exit\n"
 "\n"
@@ -1200,7 +1445,7 @@ static int
 parse_options(int argc, char **argv)
 {
 	enum { OPT_ACCEPT = 256, OPT_HANDSHAKE, OPT_OWNER, OPT_MODE, OPT_UID,
-		OPT_GID, OPT_NO_SECCOMP };
+		OPT_GID, OPT_NO_SECCOMP, OPT_NO_OPTIMIZE };
 	static const struct option longopts[] = {
 		{ "log-level", required_argument, NULL, 'l' },
 		{ "accept-timeout", required_argument, NULL, OPT_ACCEPT },
@@ -1210,6 +1455,7 @@ parse_options(int argc, char **argv)
 		{ "uid", required_argument, NULL, OPT_UID },
 		{ "gid", required_argument, NULL, OPT_GID },
 		{ "no-seccomp", no_argument, NULL, OPT_NO_SECCOMP },
+		{ "no-optimize", no_argument, NULL, OPT_NO_OPTIMIZE },
 		{ "help", no_argument, NULL, 'h' },
 		{ "version", no_argument, NULL, 'V' },
 		{ NULL, 0, NULL, 0 },
@@ -1248,6 +1494,9 @@ parse_options(int argc, char **argv)
 			break;
 		case OPT_NO_SECCOMP:
 			opt.seccomp = 0;
+			break;
+		case OPT_NO_OPTIMIZE:
+			opt.optimize = 0;
 			break;
 		case 'h':
 			usage(stdout);

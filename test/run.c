@@ -804,6 +804,31 @@ static const char *const r_regions[] = { "--regions", "2,6,4,4", "--threads",
 static const char *const r_split[] = { "--split", "5", "--extra-fds", "2", NULL };
 static const char *const r_two_fds[] = { "--extra-fds", "1", NULL };
 
+/*
+ * The fault path: sequential access is served in growing runs and all-zero
+ * snapshot pages as zero pages; --no-optimize serves one page per fault.
+ */
+static int
+fault_path(const void *arg)
+{
+	struct pair p = { .hargs = { arg, NULL }, .vargs = { "--threads", "1",
+	    "--balloon", "after", NULL } };
+	int rc = restored(&p);
+	uint64_t ahead = counter(&p, "prefetched"), zero = counter(&p,
+	    "zero_data_pages");
+
+	if (rc != PASS)
+		return rc;
+	if (arg == NULL && (ahead == 0 || zero == 0 ||
+	    counter(&p, "faults") * 4 > counter(&p, "pages_copied")))
+		return pair_fail(&p, "no runs or no zero pages on sequential access");
+	if (arg != NULL && (ahead != 0 || zero != 0 ||
+	    counter(&p, "pages_copied") + counter(&p, "zero_pages") !=
+	    counter(&p, "faults") - counter(&p, "already_present")))
+		return pair_fail(&p, "not one page per fault");
+	return PASS;
+}
+
 static int
 balloon(const void *arg)
 {
@@ -1449,6 +1474,8 @@ static const struct tcase cases[] = {
 	{ "restore_gen3_socket_closed", restore, r_gen3_closed },
 	{ "restore_four_regions_8_threads", restore, r_regions },
 	{ "restore_split_message_extra_fds", restore, r_split },
+	{ "fault_path_runs_and_zero_pages", fault_path, NULL },
+	{ "fault_path_no_optimize_one_page", fault_path, "--no-optimize" },
 	{ "balloon_after", balloon, "after" },
 	{ "balloon_during", balloon, "during" },
 	{ "hugetlb_restore", hugetlb, NULL },
