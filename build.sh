@@ -7,6 +7,7 @@
 #   ./build.sh aarch64    build/aarch64/uffd-handler, the same for Graviton
 #   ./build.sh fuzz       build/fuzz/handshake, the libFuzzer target
 #   ./build.sh demo       restore a sample snapshot through the handler
+#   ./build.sh bench      the benchmark (bench/bench.c): table, JSON, SVG
 #   ./build.sh clean
 set -eu
 cd "$(dirname "$0")"
@@ -93,6 +94,14 @@ fuzz() {
 		-o build/fuzz/handshake test/fuzz_handshake.c json_min.c
 }
 
+# The benchmark: File backend, copy limit and the handler side by side.
+bench() {
+	release
+	test_programs
+	cc -std=c11 -Wall -Wextra -Werror -O2 -o build/test/bench bench/bench.c -lm
+	build/test/bench "$@"
+}
+
 demo() {
 	release
 	test_programs
@@ -106,7 +115,8 @@ test)		release; aarch64 optional; sanitized; test_programs; fuzz; shift
 aarch64)	aarch64 ;;
 fuzz)		fuzz ;;
 demo)		demo ;;
+bench)		shift; bench "$@" ;;
 clean)		rm -rf build ;;
-*)		echo "usage: ./build.sh [release|test|aarch64|fuzz|demo|clean]" >&2
+*)		echo "usage: ./build.sh [release|test|aarch64|fuzz|demo|bench|clean]" >&2
 		exit 2 ;;
 esac

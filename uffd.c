@@ -112,16 +112,19 @@ struct fault {
 	uint64_t read_ns;
 };
 
-/* A sequential fault stream: the page it should fault next, its window. */
+/* A sequential fault stream: the page it should fault next, its window,
+ * and how far into the file readahead has been asked for. */
 struct stream {
 	uint64_t next;
 	uint64_t window;
 	uint64_t used;
+	uint64_t ra_end;
 };
 
 #define STREAMS		8
 #define MAX_RUN_4K	512		/* 2 MiB ahead at most */
 #define MAX_RUN_2M	4
+#define READAHEAD	(8ull << 20)	/* asked for ahead of a sequential stream */
 
 struct counters {
 	uint64_t faults, pages_copied, zero_pages, remove_events, pages_removed;
@@ -395,10 +398,34 @@ window_for(struct session *s, struct region *r, uint64_t page)
 		if (s->streams[i].used < st->used)
 			st = &s->streams[i];
 	st->window = 1;
+	st->ra_end = 0;
 found:
 	st->used = ++s->stream_clock;
 	s->cur = st;
 	return st->window < left ? st->window : left;
+}
+
+/*
+ * A cold page cache makes every copy wait for the disk. Once a stream is
+ * clearly sequential, the file ahead of it is asked for with WILLNEED, which
+ * starts the reads and returns: the fault was already served.
+ */
+static void
+readahead_stream(struct session *s, struct region *r, uint64_t file_off)
+{
+	struct stream *st = s->cur;
+	uint64_t end = r->offset + r->size;
+
+	if (!opt.optimize || st->window < 8 || file_off + READAHEAD / 2 < st->ra_end)
+		return;
+	if (st->ra_end < file_off || st->ra_end > end)
+		st->ra_end = file_off;
+	if (st->ra_end >= end)
+		return;
+	s->n.syscalls++;
+	posix_fadvise(s->memfd, (off_t)st->ra_end, (off_t)(end - st->ra_end <
+	    READAHEAD ? end - st->ra_end : READAHEAD), POSIX_FADV_WILLNEED);
+	st->ra_end += READAHEAD;
 }
 
 /* Installs n pages of one kind at page index idx; *got counts pages done. */
@@ -456,6 +483,7 @@ serve_window(struct session *s, struct region *r, uint64_t idx, uint64_t n)
 	}
 	s->n.prefetched += at - 1;
 	s->cur->next = r->base + (idx + at) * r->page_size;
+	readahead_stream(s, r, r->offset + (idx + at) * r->page_size);
 	return IO_DONE;
 }
 
@@ -968,7 +996,7 @@ static const long allowed_syscalls[] = {
 	SYS_munmap, SYS_mremap, SYS_madvise, SYS_brk, SYS_exit, SYS_exit_group,
 	SYS_rt_sigreturn, SYS_rt_sigprocmask, SYS_clock_gettime, SYS_lseek,
 	SYS_newfstatat, SYS_kill, SYS_pidfd_send_signal, SYS_getpid, SYS_gettid,
-	SYS_tgkill, SYS_restart_syscall,
+	SYS_tgkill, SYS_restart_syscall, SYS_fadvise64,
 #ifdef SYS_poll
 	SYS_poll,
 #endif

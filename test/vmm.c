@@ -76,9 +76,12 @@ static struct {
 	int linger;			/* seconds to stay alive after checking */
 	int pad;			/* pad the handshake with unknown fields */
 	int stress;			/* seconds of random faults and removes */
+	const char *backend, *workload;	/* bench mode */
+	int zero_every;			/* mksnap: every Nth page all zero */
 	int delay;			/* ms between handshake and first touch */
 	long uid;			/* run as this uid once the uffd exists */
-} o = { .gen = 3, .keep_open = -1, .threads = 4, .uid = -1 };
+} o = { .gen = 3, .keep_open = -1, .threads = 4, .uid = -1, .backend = "uffd",
+	.workload = "seqread", .zero_every = 5 };
 
 static const char *snap;		/* the memory file, mapped */
 static char *host[MAX_REGIONS];		/* guest memory in this process */
@@ -145,7 +148,8 @@ page_kind(uint64_t p)
 
 	if (p * PAGE >= hole)
 		return 'h';
-	if (p % 5 == 3 && p * PAGE >= DATA_GPA)
+	if (p % (uint64_t)o.zero_every == 3 % (uint64_t)o.zero_every &&
+	    p * PAGE >= DATA_GPA)
 		return 'z';
 	return 'd';
 }
@@ -637,12 +641,9 @@ vcpu_main(void *arg)
 	return NULL;
 }
 
-static int
-run_kvm(void)
+static void
+kvm_setup_vm(void)
 {
-	struct vcpu v[16];
-	uint64_t jobs = 0;
-
 	if ((kvm_fd = open("/dev/kvm", O_RDWR | O_CLOEXEC)) < 0)
 		die("open(/dev/kvm): %s", strerror(errno));
 	if ((vm_fd = ioctl(kvm_fd, KVM_CREATE_VM, 0)) < 0)
@@ -655,6 +656,15 @@ run_kvm(void)
 		if (ioctl(vm_fd, KVM_SET_USER_MEMORY_REGION, &m) < 0)
 			die("KVM_SET_USER_MEMORY_REGION: %s", strerror(errno));
 	}
+}
+
+static int
+run_kvm(void)
+{
+	struct vcpu v[16];
+	uint64_t jobs = 0;
+
+	kvm_setup_vm();
 	for (int i = 0; i < o.threads; i++) {
 		v[i] = (struct vcpu){ .id = i };
 		vcpu_setup(&v[i]);
@@ -826,6 +836,219 @@ run_stress(void)
 	    (uint64_t)removes, (uint64_t)writes, removed, written);
 }
 
+/*
+ * Bench mode: the same restore, timed, one JSON line out. --backend file
+ * maps each region MAP_PRIVATE from the file (Firecracker's File backend),
+ * copy memcpys the whole file into anonymous memory first (the copy limit),
+ * uffd restores through the handler. No oracle here: the tests check the
+ * bytes, the benchmark the time and the memory.
+ */
+
+static uint64_t
+now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000 + (uint64_t)ts.tv_nsec;
+}
+
+static void
+map_file_private(int fd)
+{
+	for (int i = 0; i < o.l.n; i++) {
+		host[i] = mmap(NULL, o.l.size[i], PROT_READ | PROT_WRITE,
+		    MAP_PRIVATE | MAP_NORESERVE, fd, (off_t)o.l.off[i]);
+		if (host[i] == MAP_FAILED)
+			die("mmap(%s, region %d): %s", o.file, i, strerror(errno));
+	}
+}
+
+static void
+copy_all(int fd)
+{
+	const char *src = mmap(NULL, o.l.total, PROT_READ, MAP_SHARED, fd, 0);
+
+	if (src == MAP_FAILED)
+		die("mmap(%s): %s", o.file, strerror(errno));
+	for (int i = 0; i < o.l.n; i++)
+		memcpy(host[i], src + o.l.off[i], o.l.size[i]);
+	munmap((void *)src, o.l.total);
+}
+
+static long
+status_kb(const char *key)
+{
+	char buf[4096], *at;
+	int fd = open("/proc/self/status", O_RDONLY | O_CLOEXEC);
+	ssize_t n = fd < 0 ? -1 : read(fd, buf, sizeof(buf) - 1);
+
+	if (fd >= 0)
+		close(fd);
+	if (n <= 0)
+		return -1;
+	buf[n] = '\0';
+	return (at = strstr(buf, key)) ? atol(at + strlen(key)) : -1;
+}
+
+struct toucher {
+	pthread_t t;
+	char **pages;
+	uint64_t n;
+	uint32_t *lat;			/* ns per first touch */
+	int write;
+};
+
+static void *
+touch_timed(void *arg)
+{
+	struct toucher *t = arg;
+
+	for (uint64_t i = 0; i < t->n; i++) {
+		uint64_t t0 = now_ns(), dt;
+
+		if (t->write)
+			*(volatile uint64_t *)t->pages[i] = i;
+		else
+			(void)*(volatile uint64_t *)t->pages[i];
+		dt = now_ns() - t0;
+		t->lat[i] = dt > UINT32_MAX ? UINT32_MAX : (uint32_t)dt;
+	}
+	return NULL;
+}
+
+/* The pages a workload touches, in its order: all in order, all shuffled,
+ * or a scattered tenth, shuffled. */
+static char **
+page_list(const char *w, uint64_t *n)
+{
+	uint64_t total = o.l.total / PAGE, seed = 88172645463325252ull, k = 0;
+	char **p = malloc(total * sizeof(*p));
+	int r;
+
+	if (p == NULL)
+		die("malloc: %s", strerror(ENOMEM));
+	for (uint64_t i = 0; i < total; i++)
+		if (strcmp(w, "ws10") != 0 || next_rand(&seed) % 10 == 0)
+			p[k++] = page_addr(i, &r);
+	if (strcmp(w, "rand2") == 0 || strcmp(w, "ws10") == 0)
+		for (uint64_t i = k - 1; i > 0; i--) {
+			uint64_t j = next_rand(&seed) % (i + 1);
+			char *t = p[i];
+
+			p[i] = p[j];
+			p[j] = t;
+		}
+	*n = k;
+	return p;
+}
+
+static int
+cmp_u32(const void *a, const void *b)
+{
+	uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+
+	return x < y ? -1 : x > y;
+}
+
+/* Returns the ns the touching took; lat gets every touch's latency. */
+static uint64_t
+touch_all(char **pages, uint64_t n, uint32_t *lat, int threads, int write)
+{
+	struct toucher t[16];
+	uint64_t t0 = now_ns();
+
+	for (int i = 0; i < threads; i++) {
+		uint64_t a = n * (uint64_t)i / (uint64_t)threads;
+		uint64_t b = n * (uint64_t)(i + 1) / (uint64_t)threads;
+
+		t[i] = (struct toucher){ .pages = pages + a, .n = b - a,
+		    .lat = lat + a, .write = write };
+		pthread_create(&t[i].t, NULL, touch_timed, &t[i]);
+	}
+	for (int i = 0; i < threads; i++)
+		pthread_join(t[i].t, NULL);
+	return now_ns() - t0;
+}
+
+/* The KVM pass: one vCPU hashes the first 4 MiB of guest data (this
+ * machine's kvm_pvm spends ~2.5 ms of shadow paging per page). */
+static uint64_t
+bench_kvm(uint64_t *pages)
+{
+	uint64_t t0, end = 4 * MIB < o.l.size[0] ? 4 * MIB : o.l.size[0];
+	struct vcpu v = { .id = 0 };
+
+	o.threads = 1;
+	o.l.n = 1;
+	o.l.size[0] = end;
+	snap = NULL;
+	kvm_setup_vm();
+	vcpu_setup(&v);
+	t0 = now_ns();
+	for (uint64_t off = DATA_GPA, next; off < end; off = next) {
+		next = (off / CHUNK + 1) * CHUNK < end ? (off / CHUNK + 1) * CHUNK : end;
+		vcpu_hash(&v, off, next - off);
+	}
+	*pages = (end - DATA_GPA) / PAGE;
+	return now_ns() - t0;
+}
+
+static int
+bench(void)
+{
+	const char *w = o.workload;
+	uint64_t n = 0, ns;
+	uint32_t *lat = NULL;
+	char **pages = NULL;
+	long anon0;
+	int fd, sock = -1;
+
+	if ((fd = open(o.file, O_RDONLY | O_CLOEXEC)) < 0)
+		die("open(%s): %s", o.file, strerror(errno));
+	if (strcmp(o.backend, "file") == 0) {
+		map_file_private(fd);
+	} else {
+		map_regions();
+		if (strcmp(o.backend, "uffd") == 0)
+			sock = handshake(create_uffd());
+	}
+	if (strcmp(w, "kvm") != 0) {
+		pages = page_list(w, &n);
+		if ((lat = calloc(n, sizeof(*lat))) == NULL)
+			die("calloc: %s", strerror(ENOMEM));
+	}
+	anon0 = status_kb("RssAnon:");
+	ns = now_ns();
+	if (strcmp(o.backend, "copy") == 0)
+		copy_all(fd);
+	ns = now_ns() - ns;
+	if (strcmp(w, "kvm") == 0) {
+		ns += bench_kvm(&n);
+	} else if (strcmp(w, "balloon") == 0) {
+		/* Touched, given back to the host, faulted again. */
+		touch_all(pages, n, lat, 1, 0);
+		for (int i = 0; i < o.l.n; i++)
+			madvise(host[i], o.l.size[i], MADV_DONTNEED);
+		anon0 = status_kb("RssAnon:");
+		ns += touch_all(pages, n, lat, 1, 0);
+	} else {
+		ns += touch_all(pages, n, lat, o.threads, strcmp(w, "seqwrite") == 0);
+	}
+	if (lat != NULL)
+		qsort(lat, n, sizeof(*lat), cmp_u32);
+	printf("{\"backend\":\"%s\",\"workload\":\"%s\",\"pages\":%" PRIu64
+	    ",\"total_ms\":%.3f,\"us_per_page\":%.3f,\"p50_us\":%.2f,\"p99_us\":%.2f"
+	    ",\"rss_anon_mb\":%.1f,\"rss_file_mb\":%.1f,\"touched_mb\":%.1f}\n",
+	    o.backend, w, n, (double)ns / 1e6, (double)ns / 1e3 / (double)n,
+	    lat ? lat[n / 2] / 1e3 : -1.0, lat ? lat[n * 99 / 100] / 1e3 : -1.0,
+	    (double)(status_kb("RssAnon:") - anon0) / 1024.0,
+	    (double)status_kb("RssFile:") / 1024.0, (double)(n * PAGE) / MIB);
+	if (sock >= 0)
+		close(sock);
+	return 0;
+}
+
 /* A fault in memory registered with the uffd but absent from the handshake. */
 static void
 stray_fault(int uffd)
@@ -914,7 +1137,10 @@ usage(void)
 "       vmm run SOCKET FILE [--regions MIB,...] [--gen 1|2|3] [--keep-open|--close]\n"
 "           [--threads N] [--huge] [--kvm] [--balloon after|during] [--crash]\n"
 "           [--stray-fault] [--raw JSON] [--no-fd] [--extra-fds N] [--split N]\n"
-"           [--linger SEC] [--delay MS] [--uid UID] [--pad] [--stress SEC]\n");
+"           [--linger SEC] [--delay MS] [--uid UID] [--pad] [--stress SEC]\n"
+"       vmm bench SOCKET FILE [--regions MIB,...] [--backend file|copy|uffd]\n"
+"           [--workload seqread|seqwrite|rand2|ws10|balloon|kvm] [--threads N]\n"
+"       (mksnap also takes --zero-every N)\n");
 	exit(2);
 }
 
@@ -930,7 +1156,8 @@ main(int argc, char **argv)
 		{ "no-fd", 0, 0, 'N' }, { "extra-fds", 1, 0, 'E' },
 		{ "split", 1, 0, 'P' }, { "linger", 1, 0, 'L' },
 		{ "delay", 1, 0, 'D' }, { "uid", 1, 0, 'U' }, { "pad", 0, 0, 'p' },
-		{ "stress", 1, 0, 's' }, { 0, 0, 0, 0 },
+		{ "stress", 1, 0, 's' }, { "backend", 1, 0, 'B' },
+		{ "workload", 1, 0, 'W' }, { "zero-every", 1, 0, 'Z' }, { 0, 0, 0, 0 },
 	};
 	const char *cmd = argc > 1 ? argv[1] : "";
 	int c;
@@ -958,6 +1185,9 @@ main(int argc, char **argv)
 		case 'U': o.uid = atol(optarg); break;
 		case 'p': o.pad = 1; break;
 		case 's': o.stress = atoi(optarg); break;
+		case 'B': o.backend = optarg; break;
+		case 'W': o.workload = optarg; break;
+		case 'Z': o.zero_every = atoi(optarg); break;
 		default: usage();
 		}
 	}
@@ -971,6 +1201,11 @@ main(int argc, char **argv)
 			die("--huge: region sizes must be multiples of 2 MiB");
 	if (strcmp(cmd, "mksnap") == 0 && argc - optind == 1)
 		return mksnap(argv[optind]);
+	if (strcmp(cmd, "bench") == 0 && argc - optind == 2) {
+		o.socket = argv[optind];
+		o.file = argv[optind + 1];
+		return bench();
+	}
 	if (strcmp(cmd, "run") == 0 && argc - optind == 2) {
 		o.socket = argv[optind];
 		o.file = argv[optind + 1];

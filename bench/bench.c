@@ -1,0 +1,432 @@
+/*
+ * bench - uffd-handler against the kernel's File backend and the copy
+ * limit, side by side in one run (./build.sh bench).
+ *
+ *   bench [-r REPS] [-o DIR] [WORKLOAD...]
+ *
+ * Backends: file (MAP_PRIVATE of the memory file, Firecracker's File
+ * backend), copy (memcpy of the whole file into anonymous memory: the copy
+ * limit), uffd (the handler), uffd0 (the handler with --no-optimize: one
+ * page per fault). Every repetition runs every workload on every backend,
+ * interleaved, so a noisy neighbour hits all alike; medians are reported.
+ * Writes DIR/results.json and DIR/results.svg and prints the table.
+ */
+#define _GNU_SOURCE
+#include <fnmatch.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/resource.h>
+#include <sys/utsname.h>
+#include <sys/wait.h>
+
+#define MAXREP	15
+#define NB	4
+#define NM	9
+
+enum { FILEB, COPY, UFFD, UFFD0 };
+static const char *const backends[NB] = { "file", "copy", "uffd", "uffd0" };
+
+/* Per run: the VMM's JSON fields, then the handler's. */
+enum { TOTAL, PER_PAGE, P50, P99, ANON, TOUCHED, HCPU, FAULTS, SYSCALLS };
+static const char *const metrics[NM] = { "total_ms", "us_per_page", "p50_us",
+	"p99_us", "rss_anon_mb", "touched_mb", "handler_cpu_ms", "faults",
+	"syscalls" };
+
+struct workload {
+	const char *name, *snap, *what, *vmm_workload;
+	int threads, cold, selected;
+	double m[NB][MAXREP][NM];
+	double med[NB][NM];
+};
+
+static struct workload work[] = {
+	{ "seqread", "snap.mem", "1 vCPU, sequential read", "seqread", 1, 0, 0,
+	    {{{0}}}, {{0}} },
+	{ "seqwrite", "snap.mem", "1 vCPU, sequential write", "seqwrite", 1, 0, 0,
+	    {{{0}}}, {{0}} },
+	{ "rand2", "snap.mem", "2 vCPUs, random, every page", "rand2", 2, 0, 0,
+	    {{{0}}}, {{0}} },
+	{ "ws10", "snap.mem", "2 vCPUs, scattered 10% working set", "ws10", 2, 0, 0,
+	    {{{0}}}, {{0}} },
+	{ "balloon", "snap.mem", "re-fault after the balloon took all", "balloon",
+	    1, 0, 0, {{{0}}}, {{0}} },
+	{ "kvm", "snap.mem", "KVM vCPU (long mode) reads 4 MiB", "kvm", 1, 0, 0,
+	    {{{0}}}, {{0}} },
+	{ "seqread_cold", "snap.mem", "1 vCPU, sequential read, cold cache",
+	    "seqread", 1, 1, 0, {{{0}}}, {{0}} },
+	{ "halfzero", "half.mem", "sequential read, half the pages zero",
+	    "seqread", 1, 0, 0, {{{0}}}, {{0}} },
+};
+#define NW (int)(sizeof(work) / sizeof(work[0]))
+
+static const char *dir = "build/bench";
+static const char *vmm = "build/test/vmm", *handler = "build/uffd-handler";
+static int reps = 3;
+
+static const char *
+layout(const struct workload *w)
+{
+	return strcmp(w->snap, "half.mem") == 0 ? "128,64,64" : "512,256,256";
+}
+
+static double
+field(const char *json, const char *key)
+{
+	char pat[64];
+	const char *at;
+
+	snprintf(pat, sizeof(pat), "\"%s\":", key);
+	return json && (at = strstr(json, pat)) ? strtod(at + strlen(pat), NULL) : -1;
+}
+
+static void
+slurp(const char *path, char *buf, size_t cap)
+{
+	FILE *f = fopen(path, "r");
+	size_t n = f ? fread(buf, 1, cap - 1, f) : 0;
+
+	if (f)
+		fclose(f);
+	buf[n] = '\0';
+}
+
+static pid_t
+spawn(char *const argv[], const char *out, const char *err)
+{
+	pid_t pid = fork();
+
+	if (pid != 0)
+		return pid;
+	if (!freopen(out, "w", stdout) || !freopen(err, "w", stderr))
+		_exit(126);
+	execv(argv[0], argv);
+	_exit(127);
+}
+
+/* The cold-cache runs start with the page cache empty (as root). */
+static void
+drop_caches(void)
+{
+	FILE *f;
+
+	sync();
+	if ((f = fopen("/proc/sys/vm/drop_caches", "w")) != NULL) {
+		fputs("3\n", f);
+		fclose(f);
+	}
+}
+
+static pid_t
+start_handler(const char *snap, const char *sock, int plain)
+{
+	char *argv[] = { (char *)handler, plain ? "--no-optimize" : "-linfo",
+		(char *)sock, (char *)snap, NULL };
+	char out[256], err[256], buf[4096];
+	pid_t pid;
+
+	snprintf(out, sizeof(out), "%s/handler.out", dir);
+	snprintf(err, sizeof(err), "%s/handler.err", dir);
+	unlink(sock);
+	unlink(err);
+	pid = spawn(argv, out, err);
+	for (int i = 0; i < 5000; i++) {
+		slurp(err, buf, sizeof(buf));
+		if (strstr(buf, "listening on"))
+			return pid;
+		usleep(1000);
+	}
+	fprintf(stderr, "bench: the handler did not start: %s\n", buf);
+	exit(1);
+}
+
+static double
+cpu_ms(const struct rusage *ru)
+{
+	return (double)(ru->ru_utime.tv_sec + ru->ru_stime.tv_sec) * 1e3 +
+	    (double)(ru->ru_utime.tv_usec + ru->ru_stime.tv_usec) / 1e3;
+}
+
+static int
+run_one(struct workload *w, int b, int rep)
+{
+	char snap[256], sock[256], path[256], threads[8], line[4096], hline[4096];
+	char *argv[] = { (char *)vmm, "bench", b >= UFFD ? sock : "-", snap,
+		"--regions", (char *)layout(w), "--backend",
+		b >= UFFD ? "uffd" : (char *)backends[b], "--workload",
+		(char *)w->vmm_workload, "--threads", threads, NULL };
+	struct rusage ru = { 0 };
+	double *m = w->m[b][rep];
+	pid_t h = 0, v;
+	int st = 0;
+
+	snprintf(snap, sizeof(snap), "%s/%s", dir, w->snap);
+	snprintf(sock, sizeof(sock), "%s/bench.sock", dir);
+	snprintf(threads, sizeof(threads), "%d", w->threads);
+	if (w->cold)
+		drop_caches();
+	if (b >= UFFD)
+		h = start_handler(snap, sock, b == UFFD0);
+	snprintf(line, sizeof(line), "%s/vmm.out", dir);
+	snprintf(path, sizeof(path), "%s/vmm.err", dir);
+	v = spawn(argv, line, path);
+	waitpid(v, &st, 0);
+	if (h > 0)
+		wait4(h, NULL, 0, &ru);
+	snprintf(path, sizeof(path), "%s/vmm.out", dir);
+	slurp(path, line, sizeof(line));
+	snprintf(path, sizeof(path), "%s/handler.out", dir);
+	slurp(path, hline, sizeof(hline));
+	if (!WIFEXITED(st) || WEXITSTATUS(st) != 0 || !strstr(line, "{\"backend\"")) {
+		snprintf(path, sizeof(path), "%s/vmm.err", dir);
+		slurp(path, line, sizeof(line));
+		fprintf(stderr, "bench: %s on %s failed: %s\n", w->name, backends[b],
+		    line);
+		return -1;
+	}
+	for (int i = TOTAL; i <= TOUCHED; i++)
+		m[i] = field(strstr(line, "{\"backend\""), metrics[i]);
+	m[HCPU] = b >= UFFD ? cpu_ms(&ru) : -1;
+	m[FAULTS] = b >= UFFD ? field(hline, "faults") : -1;
+	m[SYSCALLS] = b >= UFFD ? field(hline, "syscalls") : -1;
+	return 0;
+}
+
+static int
+cmp_double(const void *a, const void *b)
+{
+	double x = *(const double *)a, y = *(const double *)b;
+
+	return x < y ? -1 : x > y;
+}
+
+static void
+medians(struct workload *w)
+{
+	double v[MAXREP];
+
+	for (int b = 0; b < NB; b++)
+		for (int i = 0; i < NM; i++) {
+			for (int r = 0; r < reps; r++)
+				v[r] = w->m[b][r][i];
+			qsort(v, (size_t)reps, sizeof(v[0]), cmp_double);
+			w->med[b][i] = v[reps / 2];
+		}
+}
+
+static double
+ratio(double a, double b)
+{
+	return b > 0 ? a / b : -1;
+}
+
+static void
+machine(char *buf, size_t cap)
+{
+	char cpu[4096], *at, *end;
+	struct utsname u;
+
+	uname(&u);
+	slurp("/proc/cpuinfo", cpu, sizeof(cpu));
+	at = strstr(cpu, "model name");
+	at = at ? strchr(at, ':') + 2 : (char *)"unknown cpu";
+	if ((end = strchr(at, '\n')) != NULL)
+		*end = '\0';
+	snprintf(buf, cap, "%s, %ld CPUs, Linux %s", at, sysconf(_SC_NPROCESSORS_ONLN),
+	    u.release);
+}
+
+static void
+write_json(const char *mach)
+{
+	char path[256];
+	FILE *f;
+
+	snprintf(path, sizeof(path), "%s/results.json", dir);
+	if ((f = fopen(path, "w")) == NULL)
+		return;
+	fprintf(f, "{\"machine\":\"%s\",\"repetitions\":%d,\"workloads\":[", mach, reps);
+	for (int i = 0, first = 1; i < NW; i++) {
+		struct workload *w = &work[i];
+
+		if (!w->selected)
+			continue;
+		fprintf(f, "%s\n {\"name\":\"%s\",\"what\":\"%s\",\"median\":{",
+		    first ? "" : ",", w->name, w->what);
+		first = 0;
+		for (int b = 0; b < NB; b++) {
+			fprintf(f, "%s\"%s\":{", b ? "," : "", backends[b]);
+			for (int m = 0; m < NM; m++)
+				fprintf(f, "%s\"%s\":%.3f", m ? "," : "", metrics[m],
+				    w->med[b][m]);
+			fprintf(f, "}");
+		}
+		fprintf(f, "},\"runs_us_per_page\":{");
+		for (int b = 0; b < NB; b++) {
+			fprintf(f, "%s\"%s\":[", b ? "," : "", backends[b]);
+			for (int r = 0; r < reps; r++)
+				fprintf(f, "%s%.3f", r ? "," : "", w->m[b][r][PER_PAGE]);
+			fprintf(f, "]");
+		}
+		fprintf(f, "},\"uffd_over_file\":%.3f,\"uffd_over_copy\":%.3f,"
+		    "\"uffd_over_uffd0\":%.3f,\"uffd0_over_copy\":%.3f}",
+		    ratio(w->med[UFFD][TOTAL], w->med[FILEB][TOTAL]),
+		    ratio(w->med[UFFD][TOTAL], w->med[COPY][TOTAL]),
+		    ratio(w->med[UFFD][PER_PAGE], w->med[UFFD0][PER_PAGE]),
+		    ratio(w->med[UFFD0][TOTAL], w->med[COPY][TOTAL]));
+	}
+	fprintf(f, "\n]}\n");
+	fclose(f);
+}
+
+/* Grouped bars of us per page, log scale, one group per workload. */
+static void
+write_svg(const char *mach)
+{
+	static const char *const colour[NB] = { "#4e79a7", "#f28e2b", "#59a14f",
+		"#e15759" };
+	const double top = 60, h = 300, lo = -2, hi = 4;	/* 10^-2 .. 10^4 us */
+	char path[256];
+	int n = 0, x0 = 70, gw = 110;
+	FILE *f;
+
+	for (int i = 0; i < NW; i++)
+		n += work[i].selected;
+	snprintf(path, sizeof(path), "%s/results.svg", dir);
+	if ((f = fopen(path, "w")) == NULL)
+		return;
+	fprintf(f, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" "
+	    "height=\"460\" font-family=\"sans-serif\" font-size=\"12\">\n"
+	    "<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n"
+	    "<text x=\"%d\" y=\"24\" font-size=\"16\">uffd-handler: microseconds "
+	    "per page touched (median of %d, log scale)</text>\n"
+	    "<text x=\"%d\" y=\"42\" fill=\"#555\">%s</text>\n",
+	    x0 + n * gw + 40 > 880 ? x0 + n * gw + 40 : 880, x0, reps, x0, mach);
+	for (int e = (int)lo; e <= (int)hi; e++) {
+		double y = top + h - (e - lo) / (hi - lo) * h;
+
+		fprintf(f, "<line x1=\"%d\" x2=\"%d\" y1=\"%.1f\" y2=\"%.1f\" "
+		    "stroke=\"#ddd\"/><text x=\"%d\" y=\"%.1f\" text-anchor=\"end\">"
+		    "%g</text>\n", x0, x0 + n * gw, y, y, x0 - 6, y + 4, pow(10, e));
+	}
+	for (int i = 0, g = 0; i < NW; i++) {
+		if (!work[i].selected)
+			continue;
+		for (int b = 0; b < NB; b++) {
+			double v = work[i].med[b][PER_PAGE], l = v > 0 ? log10(v) : lo;
+			double y = top + h - ((l < lo ? lo : l) - lo) / (hi - lo) * h;
+
+			fprintf(f, "<rect x=\"%d\" y=\"%.1f\" width=\"20\" height=\"%.1f\" "
+			    "fill=\"%s\"><title>%s %s: %.3f us/page</title></rect>\n",
+			    x0 + g * gw + 10 + b * 22, y, top + h - y, colour[b],
+			    work[i].name, backends[b], v);
+		}
+		fprintf(f, "<text x=\"%d\" y=\"%.0f\" text-anchor=\"middle\">%s</text>\n",
+		    x0 + g * gw + 54, top + h + 18, work[i].name);
+		g++;
+	}
+	for (int b = 0; b < NB; b++)
+		fprintf(f, "<rect x=\"%d\" y=\"410\" width=\"14\" height=\"14\" "
+		    "fill=\"%s\"/><text x=\"%d\" y=\"422\">%s</text>\n", x0 + b * 190,
+		    colour[b], x0 + b * 190 + 20, b == FILEB ? "file: kernel File backend" :
+		    b == COPY ? "copy: memcpy limit" : b == UFFD ? "uffd: uffd-handler" :
+		    "uffd0: --no-optimize");
+	fprintf(f, "</svg>\n");
+	fclose(f);
+}
+
+/* The table the README carries: medians, and the ratios the targets use. */
+static void
+print_table(const char *mach)
+{
+	printf("\n%s; median of %d interleaved runs\n\n", mach, reps);
+	printf("%-13s %-6s %9s %8s %8s %8s %9s %9s %9s %8s\n", "workload", "backend",
+	    "total ms", "us/page", "p50 us", "p99 us", "anon MiB", "touched",
+	    "hdl cpu ms", "faults");
+	for (int i = 0; i < NW; i++) {
+		struct workload *w = &work[i];
+
+		if (!w->selected)
+			continue;
+		for (int b = 0; b < NB; b++) {
+			double *m = w->med[b];
+
+			printf("%-13s %-6s %9.1f %8.3f %8.2f %8.2f %9.1f %9.1f %9.1f %8.0f\n",
+			    b ? "" : w->name, backends[b], m[TOTAL], m[PER_PAGE], m[P50],
+			    m[P99], m[ANON], m[TOUCHED], m[HCPU], m[FAULTS]);
+		}
+		printf("%-13s uffd/file %.2fx, uffd/copy %.2fx, uffd/uffd0 per page "
+		    "%.2fx, uffd0/copy %.2fx; handler syscalls per page touched: "
+		    "uffd %.2f, uffd0 %.2f\n", "", ratio(w->med[UFFD][TOTAL],
+		    w->med[FILEB][TOTAL]), ratio(w->med[UFFD][TOTAL], w->med[COPY][TOTAL]),
+		    ratio(w->med[UFFD][PER_PAGE], w->med[UFFD0][PER_PAGE]),
+		    ratio(w->med[UFFD0][TOTAL], w->med[COPY][TOTAL]),
+		    ratio(w->med[UFFD][SYSCALLS], w->med[UFFD][TOUCHED] * 256),
+		    ratio(w->med[UFFD0][SYSCALLS], w->med[UFFD0][TOUCHED] * 256));
+	}
+}
+
+static int
+selected(const char *name, char **pats, int n)
+{
+	for (int i = 0; i < n; i++)
+		if (fnmatch(pats[i], name, 0) == 0)
+			return 1;
+	return n == 0;
+}
+
+static int
+make_snapshots(void)
+{
+	char cmd[1024];
+
+	snprintf(cmd, sizeof(cmd), "mkdir -p %s && { [ -f %s/snap.mem ] || %s mksnap "
+	    "%s/snap.mem --regions 512,256,256; } && { [ -f %s/half.mem ] || %s "
+	    "mksnap %s/half.mem --regions 128,64,64 --zero-every 2; }", dir, dir, vmm,
+	    dir, dir, vmm, dir);
+	return system(cmd);
+}
+
+int
+main(int argc, char **argv)
+{
+	char mach[512];
+	int c;
+
+	while ((c = getopt(argc, argv, "r:o:")) != -1) {
+		if (c == 'r' && atoi(optarg) > 0 && atoi(optarg) <= MAXREP)
+			reps = atoi(optarg);
+		else if (c == 'o')
+			dir = optarg;
+		else {
+			fprintf(stderr, "usage: bench [-r REPS (1-%d)] [-o DIR] "
+			    "[WORKLOAD...]\n", MAXREP);
+			return 2;
+		}
+	}
+	for (int i = 0; i < NW; i++)
+		work[i].selected = selected(work[i].name, argv + optind, argc - optind);
+	if (make_snapshots() != 0)
+		return 1;
+	machine(mach, sizeof(mach));
+	for (int r = 0; r < reps; r++)
+		for (int i = 0; i < NW; i++)
+			for (int b = 0; work[i].selected && b < NB; b++) {
+				fprintf(stderr, "\rbench: run %d/%d, %-13s %-6s", r + 1, reps,
+				    work[i].name, backends[b]);
+				if (run_one(&work[i], b, r) < 0)
+					return 1;
+			}
+	fprintf(stderr, "\n");
+	for (int i = 0; i < NW; i++)
+		if (work[i].selected)
+			medians(&work[i]);
+	write_json(mach);
+	write_svg(mach);
+	print_table(mach);
+	printf("\nwrote %s/results.json and %s/results.svg\n", dir, dir);
+	return 0;
+}
