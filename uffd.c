@@ -112,19 +112,16 @@ struct fault {
 	uint64_t read_ns;
 };
 
-/* A sequential fault stream: the page it should fault next, its window,
- * and how far into the file readahead has been asked for. */
+/* A sequential fault stream: the page it should fault next, its window. */
 struct stream {
 	uint64_t next;
 	uint64_t window;
 	uint64_t used;
-	uint64_t ra_end;
 };
 
 #define STREAMS		8
 #define MAX_RUN_4K	512		/* 2 MiB ahead at most */
 #define MAX_RUN_2M	4
-#define READAHEAD	(8ull << 20)	/* asked for ahead of a sequential stream */
 
 struct counters {
 	uint64_t faults, pages_copied, zero_pages, remove_events, pages_removed;
@@ -398,34 +395,10 @@ window_for(struct session *s, struct region *r, uint64_t page)
 		if (s->streams[i].used < st->used)
 			st = &s->streams[i];
 	st->window = 1;
-	st->ra_end = 0;
 found:
 	st->used = ++s->stream_clock;
 	s->cur = st;
 	return st->window < left ? st->window : left;
-}
-
-/*
- * A cold page cache makes every copy wait for the disk. Once a stream is
- * clearly sequential, the file ahead of it is asked for with WILLNEED, which
- * starts the reads and returns: the fault was already served.
- */
-static void
-readahead_stream(struct session *s, struct region *r, uint64_t file_off)
-{
-	struct stream *st = s->cur;
-	uint64_t end = r->offset + r->size;
-
-	if (!opt.optimize || st->window < 8 || file_off + READAHEAD / 2 < st->ra_end)
-		return;
-	if (st->ra_end < file_off || st->ra_end > end)
-		st->ra_end = file_off;
-	if (st->ra_end >= end)
-		return;
-	s->n.syscalls++;
-	posix_fadvise(s->memfd, (off_t)st->ra_end, (off_t)(end - st->ra_end <
-	    READAHEAD ? end - st->ra_end : READAHEAD), POSIX_FADV_WILLNEED);
-	st->ra_end += READAHEAD;
 }
 
 /* Installs n pages of one kind at page index idx; *got counts pages done. */
@@ -483,7 +456,6 @@ serve_window(struct session *s, struct region *r, uint64_t idx, uint64_t n)
 	}
 	s->n.prefetched += at - 1;
 	s->cur->next = r->base + (idx + at) * r->page_size;
-	readahead_stream(s, r, r->offset + (idx + at) * r->page_size);
 	return IO_DONE;
 }
 
@@ -660,13 +632,22 @@ serve_pending(struct session *s)
 	return rc;
 }
 
+static void print_counters(const struct session *, int);
+
+/* SIGUSR1 prints the counters of s (if any) and goes on; SIGTERM and SIGINT
+ * return -ECANCELED. */
 static int
-take_signal(int sigfd)
+take_signal(int sigfd, const struct session *s)
 {
 	struct signalfd_siginfo si;
 
 	if (read(sigfd, &si, sizeof(si)) != (ssize_t)sizeof(si))
 		return 0;
+	if (si.ssi_signo == SIGUSR1) {
+		if (s != NULL)
+			print_counters(s, -1);
+		return 0;
+	}
 	logmsg(LOG_WARN, "received %s", strsignal((int)si.ssi_signo));
 	return -ECANCELED;
 }
@@ -699,7 +680,7 @@ serve(struct session *s, int sigfd)
 			logmsg(LOG_INFO, "VMM pid %d exited", (int)s->pid);
 			return 0;
 		}
-		if (p[2].revents && (rc = take_signal(sigfd)) < 0)
+		if (p[2].revents && (rc = take_signal(sigfd, s)) < 0)
 			return rc;
 		if (p[0].revents & (POLLERR | POLLNVAL)) {
 			logmsg(LOG_ERROR, "poll(uffd): error condition 0x%x",
@@ -766,7 +747,7 @@ recv_chunk(struct session *s, char *buf, size_t cap, int64_t deadline, int sigfd
 			return -ETIMEDOUT;
 		if (poll(p, 2, (int)left) < 0 && errno != EINTR)
 			return -errno;
-		if (p[1].revents && take_signal(sigfd) < 0)
+		if (p[1].revents && take_signal(sigfd, s) < 0)
 			return -ECANCELED;
 		if (!p[0].revents)
 			continue;
@@ -996,7 +977,7 @@ static const long allowed_syscalls[] = {
 	SYS_munmap, SYS_mremap, SYS_madvise, SYS_brk, SYS_exit, SYS_exit_group,
 	SYS_rt_sigreturn, SYS_rt_sigprocmask, SYS_clock_gettime, SYS_lseek,
 	SYS_newfstatat, SYS_kill, SYS_pidfd_send_signal, SYS_getpid, SYS_gettid,
-	SYS_tgkill, SYS_restart_syscall, SYS_fadvise64,
+	SYS_tgkill, SYS_restart_syscall,
 #ifdef SYS_poll
 	SYS_poll,
 #endif
@@ -1332,7 +1313,7 @@ accept_vmm(int lfd, int sigfd)
 		logmsg(LOG_ERROR, "no VMM connected within %d s", opt.accept_timeout);
 		return -ETIMEDOUT;
 	}
-	if (p[1].revents && take_signal(sigfd) < 0)
+	if (p[1].revents && take_signal(sigfd, NULL) < 0)
 		return -ECANCELED;
 	if ((rc = accept4(lfd, NULL, NULL, SOCK_CLOEXEC)) < 0) {
 		logmsg(LOG_ERROR, "accept(%s): %s", opt.socket_path, strerror(errno));
@@ -1341,7 +1322,7 @@ accept_vmm(int lfd, int sigfd)
 	return rc;
 }
 
-/* SIGTERM and SIGINT arrive through a signalfd, so the loop decides. */
+/* SIGTERM, SIGINT and SIGUSR1 arrive through a signalfd: the loop decides. */
 static int
 signal_fd(void)
 {
@@ -1352,6 +1333,7 @@ signal_fd(void)
 	sigemptyset(&set);
 	sigaddset(&set, SIGTERM);
 	sigaddset(&set, SIGINT);
+	sigaddset(&set, SIGUSR1);
 	if (sigprocmask(SIG_BLOCK, &set, NULL) < 0)
 		return -errno;
 	return signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK);
@@ -1382,6 +1364,7 @@ usage(FILE *f)
 "  -h, --help                   print this help and exit\n"
 "  -V, --version                print the version and exit\n"
 "\n"
+"SIGUSR1 prints the counters at any time (with exit_code -1).\n"
 "Exit codes: 0 the VM went away; 1 fatal error while serving (VMM killed);\n"
 "2 usage error; 3 setup error (memory file, socket, no VMM in time);\n"
 "4 handshake rejected (VMM killed); 5 SIGTERM/SIGINT (VMM killed).\n"

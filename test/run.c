@@ -950,6 +950,32 @@ sigterm(const void *arg)
 }
 
 static void
+send_sigusr1(struct pair *p)
+{
+	kill(p->h.pid, SIGUSR1);
+}
+
+/* SIGUSR1 prints the counters while serving, and serving goes on. */
+static int
+sigusr1_counters(const void *arg)
+{
+	struct pair p = { .vargs = { "--linger", "1", NULL }, .during_ms = 500,
+	    .during = send_sigusr1 };
+	const char *second;
+	int rc;
+
+	(void)arg;
+	if ((rc = restored(&p)) != PASS)
+		return rc;
+	second = strchr(p.hout, '\n');
+	if (strncmp(p.hout, "{\"exit_code\":-1,", 16) != 0 || second == NULL ||
+	    strncmp(second + 1, "{\"exit_code\":0,", 15) != 0 ||
+	    counter(&p, "faults") == 0)
+		return pair_fail(&p, "no live counter line before the final one");
+	return PASS;
+}
+
+static void
 truncate_snap(struct pair *p)
 {
 	if (truncate(p->snap, 4 * 1024 * 1024) < 0)
@@ -1506,6 +1532,7 @@ static const struct tcase cases[] = {
 	{ "stress_faults_removes_oracle", stress, NULL },
 	{ "fuzz_handshake_short", fuzz_short, NULL },
 	{ "sigterm_kills_vmm", sigterm, NULL },
+	{ "sigusr1_prints_counters", sigusr1_counters, NULL },
 	{ "memfile_truncated_kills_vmm", memfile_truncated, NULL },
 	{ "seccomp_confined_while_serving", seccomp_status, NULL },
 	{ "seccomp_off_with_flag", seccomp_status, "--no-seccomp" },
