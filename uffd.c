@@ -93,6 +93,10 @@ static struct {
 	int handshake_timeout;		/* seconds */
 	int seccomp;
 	int optimize;			/* runs, zero pages; off: one page a fault */
+	int populate_all;		/* --populate all */
+	const char *populate_path;	/* --populate FILE */
+	const char *record_path;	/* --record FILE */
+	int detach;			/* --detach once everything is in */
 	long uid, gid;			/* to drop to after binding; -1: keep */
 	long sock_uid, sock_gid;	/* socket owner; -1: keep */
 	long sock_mode;			/* -1: as created */
@@ -104,6 +108,7 @@ struct region {
 	uint64_t base, size, offset, page_size;
 	uint64_t *removed;		/* a bit per page the guest discarded */
 	uint64_t *zero;			/* a bit per page known all zero in the file */
+	uint64_t *recorded;		/* --record: a bit per page listed */
 };
 
 /* A queued fault: its address, and when its event was read. */
@@ -122,11 +127,12 @@ struct stream {
 #define STREAMS		8
 #define MAX_RUN_4K	512		/* 2 MiB ahead at most */
 #define MAX_RUN_2M	4
+#define POPULATE_STEP	(2ull << 20)	/* bytes installed between loop rounds */
 
 struct counters {
 	uint64_t faults, pages_copied, zero_pages, remove_events, pages_removed;
 	uint64_t deferred, bytes_copied, already_present, unregistered;
-	uint64_t zero_data_pages, prefetched, syscalls;
+	uint64_t zero_data_pages, prefetched, syscalls, populated;
 	uint64_t service_us_log2[16];	/* event read to page in, by 2^k us */
 };
 
@@ -144,6 +150,14 @@ struct session {
 	struct stream streams[STREAMS];
 	struct stream *cur;		/* the stream of the fault being served */
 	uint64_t stream_clock;
+	int populating;			/* --populate all, not finished */
+	size_t pop_region;		/* where population goes on */
+	uint64_t pop_idx, pop_start;
+	const uint64_t *pop_list;	/* --populate FILE */
+	size_t pop_n, pop_pos;
+	int record_fd;			/* --record FILE */
+	uint64_t *order;		/* file offsets in the order installed */
+	size_t norder;
 	struct counters n;
 	struct uffd_msg msgs[EVENT_BATCH];
 	char handshake[HANDSHAKE_MAX];
@@ -401,6 +415,19 @@ found:
 	return st->window < left ? st->window : left;
 }
 
+/* --record: each page installed for a fault, once, in order. */
+static void
+record_pages(struct session *s, struct region *r, uint64_t idx, uint64_t n)
+{
+	if (s->order == NULL)
+		return;
+	for (uint64_t i = idx; i < idx + n; i++)
+		if (!bit_test(r->recorded, i)) {
+			bit_set(r->recorded, i);
+			s->order[s->norder++] = r->offset + i * r->page_size;
+		}
+}
+
 /* Installs n pages of one kind at page index idx; *got counts pages done. */
 static int
 install_run(struct session *s, struct region *r, uint64_t idx, uint64_t n,
@@ -456,6 +483,7 @@ serve_window(struct session *s, struct region *r, uint64_t idx, uint64_t n)
 	}
 	s->n.prefetched += at - 1;
 	s->cur->next = r->base + (idx + at) * r->page_size;
+	record_pages(s, r, idx, at);
 	return IO_DONE;
 }
 
@@ -653,6 +681,222 @@ take_signal(int sigfd, const struct session *s)
 }
 
 /*
+ * --record FILE: the file offsets of the pages installed for faults, in the
+ * order the VM first needed them, written when the session ends, one
+ * decimal offset a line. --populate FILE installs such a list first.
+ */
+static void
+write_record(struct session *s)
+{
+	char buf[65536];
+	size_t n = 0;
+
+	for (size_t i = 0; s->record_fd >= 0 && i <= s->norder; i++) {
+		if (i == s->norder || n > sizeof(buf) - 32) {
+			if (write(s->record_fd, buf, n) != (ssize_t)n) {
+				logmsg(LOG_ERROR, "writing %s: %s", opt.record_path,
+				    strerror(errno));
+				return;
+			}
+			n = 0;
+		}
+		if (i < s->norder)
+			n += (size_t)snprintf(buf + n, sizeof(buf) - n, "%llu\n",
+			    (unsigned long long)s->order[i]);
+	}
+	if (s->record_fd >= 0)
+		logmsg(LOG_INFO, "recorded %zu pages in %s", s->norder, opt.record_path);
+}
+
+/* Reads a --populate list: page-aligned decimal file offsets, one a line. */
+static int
+load_list(const char *path, uint64_t **list, size_t *n)
+{
+	FILE *f = fopen(path, "re");
+	size_t cap = 0, line = 0;
+	char buf[64], *end;
+
+	if (f == NULL) {
+		logmsg(LOG_ERROR, "open(%s): %s", path, strerror(errno));
+		return -errno;
+	}
+	*n = 0;
+	while (fgets(buf, sizeof(buf), f) != NULL) {
+		unsigned long long v = strtoull(buf, &end, 10);
+
+		line++;
+		if (end == buf || (*end != '\n' && *end != '\0') || v % PAGE_4K) {
+			logmsg(LOG_ERROR, "%s:%zu: not a page-aligned file offset", path,
+			    line);
+			fclose(f);
+			return -EINVAL;
+		}
+		if (*n == cap) {
+			uint64_t *l = realloc(*list, (cap = cap ? 2 * cap : 4096) * 8);
+
+			if (l == NULL) {
+				fclose(f);
+				return -ENOMEM;
+			}
+			*list = l;
+		}
+		(*list)[(*n)++] = v;
+	}
+	fclose(f);
+	return 0;
+}
+
+static struct region *
+region_at_offset(struct session *s, uint64_t off)
+{
+	for (size_t i = 0; i < s->nregions; i++)
+		if (off >= s->regions[i].offset &&
+		    off - s->regions[i].offset < s->regions[i].size)
+			return &s->regions[i];
+	return NULL;
+}
+
+/* One step through the --populate list; adjacent entries make one run. */
+static int
+populate_list_step(struct session *s)
+{
+	uint64_t budget = POPULATE_STEP, got;
+	int rc;
+
+	while (budget > 0 && s->pop_pos < s->pop_n) {
+		uint64_t off = s->pop_list[s->pop_pos], idx, len = 1, npages;
+		struct region *r = region_at_offset(s, off);
+		int kind;
+
+		if (r == NULL || (off - r->offset) % r->page_size) {
+			s->pop_pos++;
+			continue;
+		}
+		idx = (off - r->offset) / r->page_size;
+		npages = r->size / r->page_size;
+		kind = page_kind(s, r, idx);
+		while (s->pop_pos + len < s->pop_n && idx + len < npages &&
+		    len * r->page_size < budget &&
+		    s->pop_list[s->pop_pos + len] == off + len * r->page_size &&
+		    page_kind(s, r, idx + len) == kind)
+			len++;
+		if (kind == KIND_REMOVED) {
+			s->pop_pos += len;
+			continue;
+		}
+		rc = install_run(s, r, idx, len, kind, &got);
+		s->n.populated += got;
+		if (rc < 0 || rc == IO_GONE || rc == IO_RETRY)
+			return rc;
+		s->pop_pos += got < len ? got + 1 : len;
+		budget = budget > len * r->page_size ? budget - len * r->page_size : 0;
+	}
+	return IO_DONE;
+}
+
+/*
+ * --populate all: every page is installed right after the handshake, in
+ * runs of up to 2 MiB between rounds of the loop, so faults always go
+ * first. Removed pages stay out: the guest gave them back.
+ */
+static int
+populate_step(struct session *s)
+{
+	uint64_t budget = POPULATE_STEP, got;
+	int rc;
+
+	while (budget > 0 && s->pop_region < s->nregions) {
+		struct region *r = &s->regions[s->pop_region];
+		uint64_t npages = r->size / r->page_size, idx = s->pop_idx, len;
+		int kind;
+
+		if (idx >= npages) {
+			s->pop_region++;
+			s->pop_idx = 0;
+			continue;
+		}
+		kind = page_kind(s, r, idx);
+		for (len = 1; idx + len < npages && len < budget / r->page_size + 1 &&
+		    page_kind(s, r, idx + len) == kind; len++)
+			;
+		if (kind == KIND_REMOVED) {
+			s->pop_idx += len;
+			continue;
+		}
+		rc = install_run(s, r, idx, len, kind, &got);
+		s->n.populated += got;
+		if (rc < 0 || rc == IO_GONE || rc == IO_RETRY)
+			return rc;
+		/* A page already present stops a run: step over it. */
+		s->pop_idx += got < len ? got + 1 : len;
+		budget = budget > len * r->page_size ? budget - len * r->page_size : 0;
+	}
+	return IO_DONE;
+}
+
+static int
+guarded_populate(struct session *s)
+{
+	int rc;
+
+	if (sigsetjmp(bus_jmp, 0)) {
+		bus_armed = 0;
+		check_memfile(s);
+		return -ENXIO;
+	}
+	bus_armed = 1;
+	rc = s->pop_list ? populate_list_step(s) : populate_step(s);
+	bus_armed = 0;
+	return rc;
+}
+
+/*
+ * --detach: with every page in, the regions are unregistered and the VM
+ * runs on without a handler. Pages it removes later read as zero, which is
+ * what the kernel gives an unregistered anonymous page. A REMOVE already
+ * queued must still be read, or its madvise caller would wait forever.
+ */
+static int
+detach(struct session *s)
+{
+	for (size_t i = 0; i < s->nregions; i++) {
+		struct uffdio_range r = { s->regions[i].base, s->regions[i].size };
+
+		s->n.syscalls++;
+		if (ioctl(s->uffd, (int)UFFDIO_UNREGISTER, &r) < 0 && errno != ENOENT) {
+			logmsg(LOG_ERROR, "UFFDIO_UNREGISTER(0x%llx, %llu): %s",
+			    (unsigned long long)r.start, (unsigned long long)r.len,
+			    strerror(errno));
+			return errno == ESRCH ? 0 : -errno;
+		}
+	}
+	while (read(s->uffd, s->msgs, sizeof(s->msgs)) > 0)
+		;
+	logmsg(LOG_INFO, "every page present: unregistered, the VM runs on "
+	    "without a handler");
+	return 0;
+}
+
+/* One population step when no fault waits; clears populating when done. */
+static int
+populate(struct session *s)
+{
+	int rc;
+
+	if (!s->populating || s->nfaults > 0)
+		return 0;
+	if ((rc = guarded_populate(s)) < 0 || rc == IO_GONE)
+		return rc;
+	if (s->pop_list ? s->pop_pos < s->pop_n : s->pop_region < s->nregions)
+		return 0;
+	s->populating = 0;
+	logmsg(LOG_INFO, "populated %llu pages in %llu ms",
+	    (unsigned long long)s->n.populated,
+	    (unsigned long long)((now_ns() - s->pop_start) / 1000000));
+	return 0;
+}
+
+/*
  * Returns 0 when the VM went away, -ECANCELED on SIGTERM/SIGINT, any other
  * negative errno on a fatal error.
  */
@@ -666,11 +910,13 @@ serve(struct session *s, int sigfd)
 	};
 	int rc;
 
+	s->populating = opt.populate_all || s->pop_list != NULL;
+	s->pop_start = now_ns();
 	for (;;) {
 		/* A deferred fault is retried soon even if no event arrives:
 		 * EAGAIN lasts until the madvise caller has resumed. */
 		s->n.syscalls++;
-		if (poll(p, 3, s->nfaults ? 1 : -1) < 0) {
+		if (poll(p, 3, s->nfaults ? 1 : s->populating ? 0 : -1) < 0) {
 			if (errno == EINTR)
 				continue;
 			logmsg(LOG_ERROR, "poll: %s", strerror(errno));
@@ -689,12 +935,15 @@ serve(struct session *s, int sigfd)
 		}
 		if ((rc = read_events(s)) < 0)
 			return rc;
-		if ((rc = serve_pending(s)) < 0)
+		if ((rc = serve_pending(s)) < 0 ||
+		    (rc != IO_GONE && (rc = populate(s)) < 0))
 			return rc;
 		if (rc == IO_GONE) {
 			logmsg(LOG_INFO, "VMM's address space is gone (ESRCH)");
 			return 0;
 		}
+		if (opt.detach && !s->populating && s->nfaults == 0)
+			return detach(s);
 	}
 }
 
@@ -873,6 +1122,7 @@ static int
 setup_regions(struct session *s, size_t n)
 {
 	int need_zeros = 0;
+	uint64_t total = 0;
 
 	s->regions = calloc(n, sizeof(*s->regions));
 	if (s->regions == NULL)
@@ -891,10 +1141,16 @@ setup_regions(struct session *s, size_t n)
 			return -ENOMEM;
 		if (opt.optimize && r->page_size == PAGE_4K)
 			mark_holes(s, r);
+		if (s->record_fd >= 0 &&
+		    (r->recorded = calloc((pages + 63) / 64, 8)) == NULL)
+			return -ENOMEM;
+		total += pages;
 		need_zeros |= r->page_size == PAGE_2M;
 		s->nregions++;
 	}
 	qsort(s->regions, n, sizeof(*s->regions), cmp_region);
+	if (s->record_fd >= 0 && (s->order = calloc(total, sizeof(*s->order))) == NULL)
+		return -ENOMEM;
 	if (need_zeros) {
 		void *z = mmap(NULL, PAGE_2M, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS,
 		    -1, 0);
@@ -1079,7 +1335,7 @@ session_new(int conn, int memfd)
 		return NULL;
 	s->conn = conn;
 	s->memfd = memfd;
-	s->uffd = s->pidfd = -1;
+	s->uffd = s->pidfd = s->record_fd = -1;
 	s->mappings = calloc(MAX_MAPPINGS, sizeof(*s->mappings));
 	s->faults = calloc(FAULT_QUEUE, sizeof(*s->faults));
 	s->faults_cap = FAULT_QUEUE;
@@ -1165,14 +1421,18 @@ session_close(struct session *s)
 	for (size_t i = 0; i < s->nregions; i++) {
 		free(s->regions[i].removed);
 		free(s->regions[i].zero);
+		free(s->regions[i].recorded);
 	}
 	free(s->regions);
 	free(s->mappings);
 	free(s->faults);
+	free(s->order);
+	closefd(&s->record_fd);
 	s->mem = s->zeros = NULL;
 	s->regions = NULL;
 	s->mappings = NULL;
 	s->faults = NULL;
+	s->order = NULL;
 	s->nregions = s->nfaults = 0;
 }
 
@@ -1188,7 +1448,7 @@ print_counters(const struct session *s, int code)
 		{ "zero_pages", c->zero_pages },
 		{ "zero_data_pages", c->zero_data_pages },
 		{ "memory_saved_bytes", c->zero_data_pages * PAGE_4K },
-		{ "prefetched", c->prefetched },
+		{ "prefetched", c->prefetched }, { "populated", c->populated },
 		{ "remove_events", c->remove_events },
 		{ "pages_removed", c->pages_removed }, { "deferred", c->deferred },
 		{ "bytes_copied", c->bytes_copied },
@@ -1361,6 +1621,14 @@ usage(FILE *f)
 "      --uid UID, --gid GID     drop to these ids once SOCKET is bound\n"
 "      --no-seccomp             do not confine the handler with seccomp\n"
 "      --no-optimize            one page per fault: no runs, no zero pages\n"
+"      --populate all           install every page after the handshake,\n"
+"                               faults first\n"
+"      --populate FILE          install the pages FILE lists first (as\n"
+"                               --record wrote it), faults first\n"
+"      --record FILE            write the pages the VM needed, in order, to\n"
+"                               FILE when it exits\n"
+"      --detach                 with --populate all: once every page is in,\n"
+"                               unregister and exit 0; the VM runs on alone\n"
 "  -h, --help                   print this help and exit\n"
 "  -V, --version                print the version and exit\n"
 "\n"
@@ -1456,7 +1724,8 @@ static int
 parse_options(int argc, char **argv)
 {
 	enum { OPT_ACCEPT = 256, OPT_HANDSHAKE, OPT_OWNER, OPT_MODE, OPT_UID,
-		OPT_GID, OPT_NO_SECCOMP, OPT_NO_OPTIMIZE };
+		OPT_GID, OPT_NO_SECCOMP, OPT_NO_OPTIMIZE, OPT_POPULATE, OPT_DETACH,
+		OPT_RECORD };
 	static const struct option longopts[] = {
 		{ "log-level", required_argument, NULL, 'l' },
 		{ "accept-timeout", required_argument, NULL, OPT_ACCEPT },
@@ -1467,6 +1736,9 @@ parse_options(int argc, char **argv)
 		{ "gid", required_argument, NULL, OPT_GID },
 		{ "no-seccomp", no_argument, NULL, OPT_NO_SECCOMP },
 		{ "no-optimize", no_argument, NULL, OPT_NO_OPTIMIZE },
+		{ "populate", required_argument, NULL, OPT_POPULATE },
+		{ "detach", no_argument, NULL, OPT_DETACH },
+		{ "record", required_argument, NULL, OPT_RECORD },
 		{ "help", no_argument, NULL, 'h' },
 		{ "version", no_argument, NULL, 'V' },
 		{ NULL, 0, NULL, 0 },
@@ -1509,6 +1781,18 @@ parse_options(int argc, char **argv)
 		case OPT_NO_OPTIMIZE:
 			opt.optimize = 0;
 			break;
+		case OPT_POPULATE:
+			if (strcmp(optarg, "all") == 0)
+				opt.populate_all = 1;
+			else
+				opt.populate_path = optarg;
+			break;
+		case OPT_RECORD:
+			opt.record_path = optarg;
+			break;
+		case OPT_DETACH:
+			opt.detach = 1;
+			break;
 		case 'h':
 			usage(stdout);
 			return 1;
@@ -1524,6 +1808,10 @@ parse_options(int argc, char **argv)
 			    argv[optind - 1]);
 			return -1;
 		}
+	}
+	if (rc == 0 && opt.detach && !opt.populate_all) {
+		fprintf(stderr, "uffd-handler: --detach needs --populate all\n");
+		rc = -1;
 	}
 	if (rc == 0 && argc - optind != 2) {
 		fprintf(stderr, "uffd-handler: expected SOCKET and MEMFILE "
@@ -1570,18 +1858,30 @@ handshake_failed(struct session *s, int rc)
 	return fail_closed(s, EXIT_HANDSHAKE);
 }
 
-/* One VMM, from its connection to the exit code; owns conn and memfd. */
+/* What main opens before any VMM connects; a session takes the fds. */
+struct inputs {
+	int memfd, record_fd;
+	uint64_t *list;			/* --populate FILE */
+	size_t nlist;
+};
+
+/* One VMM, from its connection to the exit code; owns conn and the fds. */
 static int
-run_session(int conn, int memfd, int sigfd)
+run_session(int conn, struct inputs *in, int sigfd)
 {
-	struct session *s = session_new(conn, memfd);
+	struct session *s = session_new(conn, in->memfd);
 	int rc, code;
 
+	if (s != NULL) {
+		s->record_fd = in->record_fd;
+		s->pop_list = in->list;
+		s->pop_n = in->nlist;
+	}
 	if (s == NULL || session_open(s) < 0) {
 		logmsg(LOG_ERROR, "allocating the session: %s", strerror(ENOMEM));
 		if (s == NULL) {
 			close(conn);
-			close(memfd);
+			close(in->memfd);
 			return EXIT_FATAL;
 		}
 		code = fail_closed(s, EXIT_FATAL);
@@ -1594,23 +1894,41 @@ run_session(int conn, int memfd, int sigfd)
 	} else {
 		code = EXIT_VM_GONE;
 	}
+	write_record(s);
 	print_counters(s, code);
 	session_close(s);
 	free(s);
 	return code;
 }
 
+/* The memory file, and the files --record and --populate name. */
+static int
+open_inputs(struct inputs *in)
+{
+	if ((in->memfd = open(opt.mem_path, O_RDONLY | O_CLOEXEC)) < 0) {
+		logmsg(LOG_ERROR, "open(%s): %s", opt.mem_path, strerror(errno));
+		return -errno;
+	}
+	if (opt.record_path != NULL && (in->record_fd = open(opt.record_path,
+	    O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644)) < 0) {
+		logmsg(LOG_ERROR, "open(%s): %s", opt.record_path, strerror(errno));
+		return -errno;
+	}
+	if (opt.populate_path != NULL)
+		return load_list(opt.populate_path, &in->list, &in->nlist);
+	return 0;
+}
+
 int
 main(int argc, char **argv)
 {
-	int memfd, sigfd, lfd, conn, rc, code;
+	struct inputs in = { -1, -1, NULL, 0 };
+	int sigfd, lfd, conn, rc, code;
 
 	if ((rc = parse_options(argc, argv)) != 0)
 		return rc > 0 ? 0 : EXIT_USAGE;
-	if ((memfd = open(opt.mem_path, O_RDONLY | O_CLOEXEC)) < 0) {
-		logmsg(LOG_ERROR, "open(%s): %s", opt.mem_path, strerror(errno));
+	if (open_inputs(&in) < 0)
 		return EXIT_SETUP;
-	}
 	if ((sigfd = signal_fd()) < 0) {
 		logmsg(LOG_ERROR, "signalfd: %s", strerror(errno));
 		return EXIT_SETUP;
@@ -1623,11 +1941,14 @@ main(int argc, char **argv)
 	close(lfd);
 	unlink(opt.socket_path);
 	if (conn >= 0) {
-		code = run_session(conn, memfd, sigfd);
+		code = run_session(conn, &in, sigfd);
 	} else {
 		code = conn == -ECANCELED ? EXIT_SIGNAL : EXIT_SETUP;
-		close(memfd);
+		close(in.memfd);
+		if (in.record_fd >= 0)
+			close(in.record_fd);
 	}
+	free(in.list);
 	close(sigfd);
 	return code;
 }

@@ -829,6 +829,97 @@ fault_path(const void *arg)
 	return PASS;
 }
 
+/*
+ * --populate all --detach: the handler installs every page, unregisters and
+ * exits while the VM runs on; the VMM then reads every page and balloons.
+ * A REMOVE left unanswered would hang it, and the case by its timeout.
+ */
+static int
+populate_detach(const void *arg)
+{
+	struct pair p = { .hargs = { "--populate", "all", "--detach", NULL },
+	    .vargs = { "--delay", "1500", "--threads", "2", "--balloon", "after",
+	    NULL } };
+
+	(void)arg;
+	run_pair(&p);
+	if (!exited(&p.v, 0) || !exited(&p.h, 0))
+		return pair_fail(&p, "the VM did not verify, or the handler failed");
+	if (p.h.ended > p.v.ended || !strstr(p.herr, "without a handler"))
+		return pair_fail(&p, "the handler did not detach before the VM ended");
+	if (counter(&p, "populated") != 4096 || counter(&p, "faults") != 0)
+		return pair_fail(&p, "not every page populated before any fault");
+	return PASS;
+}
+
+/*
+ * --record writes the pages a VM needed; --populate FILE installs exactly
+ * those first, so the next VM, touching the same pages, takes no fault.
+ */
+static int
+record_then_populate(const void *arg)
+{
+	char list[160], text[8192];
+	struct pair rec = { .hargs = { "--record", list, NULL },
+	    .vargs = { "--threads", "2", NULL } };
+	struct pair pop = { .hargs = { "--populate", list, NULL },
+	    .vargs = { "--threads", "2", "--delay", "500", NULL } };
+	int rc, lines = 0;
+
+	(void)arg;
+	snprintf(list, sizeof(list), "%s/working-set.txt", T.dir);
+	if ((rc = restored(&rec)) != PASS)
+		return rc;
+	read_text(list, text, sizeof(text));
+	for (char *c = text; *c; c++)
+		lines += *c == '\n';
+	if (lines == 0 || !strstr(rec.herr, "recorded 4096 pages"))
+		return pair_fail(&rec, "no working set recorded");
+	run_pair(&pop);
+	if (!exited(&pop.v, 0) || !exited(&pop.h, 0))
+		return pair_fail(&pop, "the populated restore failed");
+	if (counter(&pop, "populated") != 4096 || counter(&pop, "faults") != 0)
+		return pair_fail(&pop, "the recorded pages were not installed first");
+	return PASS;
+}
+
+static int
+populate_bad_list(const void *arg)
+{
+	char list[160], sock[160], err[2048];
+	struct proc p;
+	FILE *f;
+
+	(void)arg;
+	snprintf(list, sizeof(list), "%s/bad-list.txt", T.dir);
+	snprintf(sock, sizeof(sock), "%s/bad-list.sock", T.dir);
+	if ((f = fopen(list, "w")) == NULL)
+		return fail("fopen: %s", strerror(errno));
+	fputs("0\n4096\n4097\n", f);
+	fclose(f);
+	run_handler((const char *[]){ "--populate", list, sock, T.snap, NULL }, 5000,
+	    &p, err, sizeof(err));
+	if (!exited(&p, 3) || !strstr(err, "bad-list.txt:3: not a page-aligned"))
+		return fail("%s: %s", how(&p), err);
+	return PASS;
+}
+
+/* Population while the guest faults and balloons: faults go first. */
+static int
+populate_with_faults(const void *arg)
+{
+	struct pair p = { .snap = T.big, .hargs = { "--populate", "all", NULL },
+	    .vargs = { "--regions", "32,16,16", "--balloon", "during", NULL } };
+	int rc = restored(&p);
+
+	(void)arg;
+	if (rc != PASS)
+		return rc;
+	if (counter(&p, "populated") == 0 || counter(&p, "faults") == 0)
+		return pair_fail(&p, "population or faults did not happen");
+	return PASS;
+}
+
 static int
 balloon(const void *arg)
 {
@@ -1502,6 +1593,10 @@ static const struct tcase cases[] = {
 	{ "restore_split_message_extra_fds", restore, r_split },
 	{ "fault_path_runs_and_zero_pages", fault_path, NULL },
 	{ "fault_path_no_optimize_one_page", fault_path, "--no-optimize" },
+	{ "populate_all_detach_then_balloon", populate_detach, NULL },
+	{ "populate_all_with_faults_and_balloon", populate_with_faults, NULL },
+	{ "record_then_populate_file", record_then_populate, NULL },
+	{ "populate_file_rejects_bad_list", populate_bad_list, NULL },
 	{ "balloon_after", balloon, "after" },
 	{ "balloon_during", balloon, "during" },
 	{ "hugetlb_restore", hugetlb, NULL },
