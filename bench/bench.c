@@ -7,7 +7,9 @@
  * Backends: file (MAP_PRIVATE of the memory file, Firecracker's File
  * backend), copy (memcpy of the whole file into anonymous memory: the copy
  * limit), uffd (the handler), uffd0 (the handler with --no-optimize: one
- * page per fault). Every repetition runs every workload on every backend,
+ * page per fault); for the scattered working set also uffd_rec (the
+ * handler with --populate of a working set recorded by an earlier run) and
+ * uffd_all (--populate all). Every repetition runs every workload on every backend,
  * interleaved, so a noisy neighbour hits all alike; medians are reported.
  * Writes DIR/results.json and DIR/results.svg and prints the table.
  */
@@ -24,11 +26,13 @@
 #include <sys/wait.h>
 
 #define MAXREP	15
-#define NB	4
+#define NB	6
+#define NB_ALL	4	/* backends every workload runs; the rest only ws10 */
 #define NM	9
 
-enum { FILEB, COPY, UFFD, UFFD0 };
-static const char *const backends[NB] = { "file", "copy", "uffd", "uffd0" };
+enum { FILEB, COPY, UFFD, UFFD0, UFFD_REC, UFFD_ALL };
+static const char *const backends[NB] = { "file", "copy", "uffd", "uffd0",
+	"uffd_rec", "uffd_all" };
 
 /* Per run: the VMM's JSON fields, then the handler's. */
 enum { TOTAL, PER_PAGE, P50, P99, ANON, TOUCHED, HCPU, FAULTS, SYSCALLS };
@@ -120,11 +124,25 @@ drop_caches(void)
 	}
 }
 
-static pid_t
-start_handler(const char *snap, const char *sock, int plain)
+static const char *
+handler_option(int b, char *buf, size_t cap)
 {
-	char *argv[] = { (char *)handler, plain ? "--no-optimize" : "-linfo",
-		(char *)sock, (char *)snap, NULL };
+	if (b == UFFD0)
+		return "--no-optimize";
+	if (b == UFFD_ALL)
+		return "--populate=all";
+	if (b == UFFD_REC)
+		snprintf(buf, cap, "--populate=%s/ws10.rec", dir);
+	else
+		snprintf(buf, cap, "--log-level=info");
+	return buf;
+}
+
+static pid_t
+start_handler(const char *snap, const char *sock, const char *option)
+{
+	char *argv[] = { (char *)handler, (char *)option, (char *)sock,
+		(char *)snap, NULL };
 	char out[256], err[256], buf[4096];
 	pid_t pid;
 
@@ -154,6 +172,7 @@ static int
 run_one(struct workload *w, int b, int rep)
 {
 	char snap[256], sock[256], path[256], threads[8], line[4096], hline[4096];
+	char opt[300];
 	char *argv[] = { (char *)vmm, "bench", b >= UFFD ? sock : "-", snap,
 		"--regions", (char *)layout(w), "--backend",
 		b >= UFFD ? "uffd" : (char *)backends[b], "--workload",
@@ -169,7 +188,7 @@ run_one(struct workload *w, int b, int rep)
 	if (w->cold)
 		drop_caches();
 	if (b >= UFFD)
-		h = start_handler(snap, sock, b == UFFD0);
+		h = start_handler(snap, sock, handler_option(b, opt, sizeof(opt)));
 	snprintf(line, sizeof(line), "%s/vmm.out", dir);
 	snprintf(path, sizeof(path), "%s/vmm.err", dir);
 	v = spawn(argv, line, path);
@@ -257,7 +276,7 @@ write_json(const char *mach)
 		fprintf(f, "%s\n {\"name\":\"%s\",\"what\":\"%s\",\"median\":{",
 		    first ? "" : ",", w->name, w->what);
 		first = 0;
-		for (int b = 0; b < NB; b++) {
+		for (int b = 0; b < (strcmp(w->name, "ws10") ? NB_ALL : NB); b++) {
 			fprintf(f, "%s\"%s\":{", b ? "," : "", backends[b]);
 			for (int m = 0; m < NM; m++)
 				fprintf(f, "%s\"%s\":%.3f", m ? "," : "", metrics[m],
@@ -265,7 +284,7 @@ write_json(const char *mach)
 			fprintf(f, "}");
 		}
 		fprintf(f, "},\"runs_us_per_page\":{");
-		for (int b = 0; b < NB; b++) {
+		for (int b = 0; b < (strcmp(w->name, "ws10") ? NB_ALL : NB); b++) {
 			fprintf(f, "%s\"%s\":[", b ? "," : "", backends[b]);
 			for (int r = 0; r < reps; r++)
 				fprintf(f, "%s%.3f", r ? "," : "", w->m[b][r][PER_PAGE]);
@@ -315,7 +334,7 @@ write_svg(const char *mach)
 	for (int i = 0, g = 0; i < NW; i++) {
 		if (!work[i].selected)
 			continue;
-		for (int b = 0; b < NB; b++) {
+		for (int b = 0; b < NB_ALL; b++) {
 			double v = work[i].med[b][PER_PAGE], l = v > 0 ? log10(v) : lo;
 			double y = top + h - ((l < lo ? lo : l) - lo) / (hi - lo) * h;
 
@@ -328,7 +347,7 @@ write_svg(const char *mach)
 		    x0 + g * gw + 54, top + h + 18, work[i].name);
 		g++;
 	}
-	for (int b = 0; b < NB; b++)
+	for (int b = 0; b < NB_ALL; b++)
 		fprintf(f, "<rect x=\"%d\" y=\"410\" width=\"14\" height=\"14\" "
 		    "fill=\"%s\"/><text x=\"%d\" y=\"422\">%s</text>\n", x0 + b * 190,
 		    colour[b], x0 + b * 190 + 20, b == FILEB ? "file: kernel File backend" :
@@ -351,7 +370,7 @@ print_table(const char *mach)
 
 		if (!w->selected)
 			continue;
-		for (int b = 0; b < NB; b++) {
+		for (int b = 0; b < (strcmp(w->name, "ws10") ? NB_ALL : NB); b++) {
 			double *m = w->med[b];
 
 			printf("%-13s %-6s %9.1f %8.3f %8.2f %8.2f %9.1f %9.1f %9.1f %8.0f\n",
@@ -376,6 +395,20 @@ selected(const char *name, char **pats, int n)
 		if (fnmatch(pats[i], name, 0) == 0)
 			return 1;
 	return n == 0;
+}
+
+/* The working set uffd_rec replays: one untimed ws10 run with --record. */
+static int
+record_ws10(void)
+{
+	char cmd[1024];
+
+	snprintf(cmd, sizeof(cmd), "rm -f %s/bench.sock; %s --record %s/ws10.rec "
+	    "%s/bench.sock %s/snap.mem >/dev/null 2>%s/record.err & sleep 0.5; "
+	    "%s bench %s/bench.sock %s/snap.mem --regions 512,256,256 --workload "
+	    "ws10 --threads 2 >/dev/null && wait", dir, handler, dir, dir, dir, dir,
+	    vmm, dir, dir);
+	return system(cmd);
 }
 
 static int
@@ -412,9 +445,15 @@ main(int argc, char **argv)
 	if (make_snapshots() != 0)
 		return 1;
 	machine(mach, sizeof(mach));
+	for (int i = 0; i < NW; i++)
+		if (work[i].selected && strcmp(work[i].name, "ws10") == 0 &&
+		    record_ws10() != 0)
+			return 1;
 	for (int r = 0; r < reps; r++)
 		for (int i = 0; i < NW; i++)
 			for (int b = 0; work[i].selected && b < NB; b++) {
+				if (b >= NB_ALL && strcmp(work[i].name, "ws10") != 0)
+					continue;
 				fprintf(stderr, "\rbench: run %d/%d, %-13s %-6s", r + 1, reps,
 				    work[i].name, backends[b]);
 				if (run_one(&work[i], b, r) < 0)
