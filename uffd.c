@@ -781,11 +781,35 @@ region_at_offset(struct session *s, uint64_t off)
 	return NULL;
 }
 
+/*
+ * Installs len pages of one kind for --populate, removed pages excepted
+ * (the guest gave them back). *advance says how far to move on: a page
+ * already present stops a run, and is stepped over.
+ */
+static int
+populate_run(struct session *s, struct region *r, uint64_t idx, uint64_t len,
+    int kind, uint64_t *advance, uint64_t *budget)
+{
+	uint64_t got;
+	int rc;
+
+	*advance = len;
+	if (kind == KIND_REMOVED)
+		return IO_DONE;
+	rc = install_run(s, r, idx, len, kind, &got);
+	s->n.populated += got;
+	if (rc < 0 || rc == IO_GONE || rc == IO_RETRY)
+		return rc;
+	*advance = got < len ? got + 1 : len;
+	*budget = *budget > len * r->page_size ? *budget - len * r->page_size : 0;
+	return IO_DONE;
+}
+
 /* One step through the --populate list; adjacent entries make one run. */
 static int
 populate_list_step(struct session *s)
 {
-	uint64_t budget = POPULATE_STEP, got;
+	uint64_t budget = POPULATE_STEP;
 	int rc;
 
 	while (budget > 0 && s->pop_pos < s->pop_n) {
@@ -805,16 +829,9 @@ populate_list_step(struct session *s)
 		    s->pop_list[s->pop_pos + len] == off + len * r->page_size &&
 		    page_kind(s, r, idx + len) == kind)
 			len++;
-		if (kind == KIND_REMOVED) {
-			s->pop_pos += len;
-			continue;
-		}
-		rc = install_run(s, r, idx, len, kind, &got);
-		s->n.populated += got;
-		if (rc < 0 || rc == IO_GONE || rc == IO_RETRY)
+		if ((rc = populate_run(s, r, idx, len, kind, &len, &budget)) != IO_DONE)
 			return rc;
-		s->pop_pos += got < len ? got + 1 : len;
-		budget = budget > len * r->page_size ? budget - len * r->page_size : 0;
+		s->pop_pos += len;
 	}
 	return IO_DONE;
 }
@@ -827,7 +844,7 @@ populate_list_step(struct session *s)
 static int
 populate_step(struct session *s)
 {
-	uint64_t budget = POPULATE_STEP, got;
+	uint64_t budget = POPULATE_STEP;
 	int rc;
 
 	while (budget > 0 && s->pop_region < s->nregions) {
@@ -844,17 +861,9 @@ populate_step(struct session *s)
 		for (len = 1; idx + len < npages && len < budget / r->page_size + 1 &&
 		    page_kind(s, r, idx + len) == kind; len++)
 			;
-		if (kind == KIND_REMOVED) {
-			s->pop_idx += len;
-			continue;
-		}
-		rc = install_run(s, r, idx, len, kind, &got);
-		s->n.populated += got;
-		if (rc < 0 || rc == IO_GONE || rc == IO_RETRY)
+		if ((rc = populate_run(s, r, idx, len, kind, &len, &budget)) != IO_DONE)
 			return rc;
-		/* A page already present stops a run: step over it. */
-		s->pop_idx += got < len ? got + 1 : len;
-		budget = budget > len * r->page_size ? budget - len * r->page_size : 0;
+		s->pop_idx += len;
 	}
 	return IO_DONE;
 }
