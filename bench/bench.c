@@ -440,8 +440,17 @@ main(int argc, char **argv)
 			return 2;
 		}
 	}
-	for (int i = 0; i < NW; i++)
+	for (int i = 0; i < NW; i++) {
 		work[i].selected = selected(work[i].name, argv + optind, argc - optind);
+		if (work[i].selected && strcmp(work[i].name, "kvm") == 0 &&
+		    access("/dev/kvm", R_OK | W_OK) != 0) {
+			fprintf(stderr, "bench: skipping kvm: no usable /dev/kvm\n");
+			work[i].selected = 0;
+		}
+		if (work[i].selected && work[i].cold && geteuid() != 0)
+			fprintf(stderr, "bench: %s: not root, the page cache cannot be "
+			    "dropped; this run is warm\n", work[i].name);
+	}
 	if (make_snapshots() != 0)
 		return 1;
 	machine(mach, sizeof(mach));
