@@ -9,11 +9,11 @@
  * and sends one message: a JSON array describing the regions and, as
  * SCM_RIGHTS, the uffd. The regions' bytes lie back to back in the memory
  * file. Versions up to 1.11 then close the socket while the VM runs on, so
- * EOF says nothing; the VMM's exit is watched through a pidfd opened from the
- * socket's SO_PEERCRED.
+ * EOF says nothing; the VMM's exit is watched through a pidfd, from the
+ * socket's SO_PEERPIDFD, or opened from its SO_PEERCRED pid.
  *
  * The loop. One poll over the uffd, the VMM's pidfd and a signalfd. When the
- * uffd is readable, every queued event is read until EAGAIN: REMOVE events
+ * uffd is readable, every queued event is read until none is left: REMOVE events
  * (the balloon, or free page reporting, discarding guest pages) are applied
  * at once to a per-region bitmap, faults are queued. Only then are faults
  * served, so a fault that was queued before a REMOVE it causally followed
@@ -21,6 +21,12 @@
  * with UFFDIO_COPY from the memory file, mapped read-only. While any REMOVE
  * is unread, the kernel answers every copy with EAGAIN: the fault stays
  * queued and the uffd is read again.
+ *
+ * The fast path. Faults that follow each other through memory are served in
+ * runs that double up to 2 MiB; random faults get their page alone. Pages
+ * that are all zero in the snapshot map the shared zero page. Between
+ * rounds of the loop, --populate installs pages the VM has not asked for
+ * yet, and --detach lets the VM go once every page is in.
  *
  * Failing closed. Firecracker keeps its own copy of the uffd, so a handler
  * that stops serving freezes the guest forever, silently. Every fatal error
@@ -1755,13 +1761,84 @@ parse_level(const char *arg)
 	return -1;
 }
 
+enum { OPT_ACCEPT = 256, OPT_HANDSHAKE, OPT_OWNER, OPT_MODE, OPT_UID, OPT_GID,
+	OPT_NO_SECCOMP, OPT_NO_OPTIMIZE, OPT_POPULATE, OPT_DETACH, OPT_RECORD };
+
+static int
+set_flag(int c, char *arg)
+{
+	switch (c) {
+	case OPT_NO_SECCOMP:
+		opt.seccomp = 0;
+		return 0;
+	case OPT_NO_OPTIMIZE:
+		opt.optimize = 0;
+		return 0;
+	case OPT_POPULATE:
+		if (strcmp(arg, "all") == 0)
+			opt.populate_all = 1;
+		else
+			opt.populate_path = arg;
+		return 0;
+	case OPT_RECORD:
+		opt.record_path = arg;
+		return 0;
+	case OPT_DETACH:
+		opt.detach = 1;
+		return 0;
+	default:
+		return -1;
+	}
+}
+
+/* One option; returns 0 to go on, 1 to exit successfully, -1 on error. */
+static int
+set_option(int c, char *arg, const char *as_given)
+{
+	switch (c) {
+	case 'l':
+		return parse_level(arg);
+	case OPT_ACCEPT:
+		return parse_seconds(arg, "--accept-timeout", &opt.accept_timeout);
+	case OPT_HANDSHAKE:
+		if (parse_seconds(arg, "--handshake-timeout", &opt.handshake_timeout) < 0)
+			return -1;
+		if (opt.handshake_timeout > 0)
+			return 0;
+		fprintf(stderr, "uffd-handler: --handshake-timeout must be at least "
+		    "1 second\n");
+		return -1;
+	case OPT_OWNER:
+		return parse_owner(arg);
+	case OPT_MODE:
+		return parse_mode(arg);
+	case OPT_UID:
+		return parse_id(arg, "--uid", &opt.uid, '\0');
+	case OPT_GID:
+		return parse_id(arg, "--gid", &opt.gid, '\0');
+	case 'h':
+		usage(stdout);
+		return 1;
+	case 'V':
+		printf("uffd-handler %s\n", VERSION);
+		return 1;
+	case ':':
+		fprintf(stderr, "uffd-handler: %s needs a value (try --help)\n",
+		    as_given);
+		return -1;
+	case '?':
+		fprintf(stderr, "uffd-handler: unknown option %s (try --help)\n",
+		    as_given);
+		return -1;
+	default:
+		return set_flag(c, arg);
+	}
+}
+
 /* Returns 0 to run, 1 to exit successfully (help, version), -1 on error. */
 static int
 parse_options(int argc, char **argv)
 {
-	enum { OPT_ACCEPT = 256, OPT_HANDSHAKE, OPT_OWNER, OPT_MODE, OPT_UID,
-		OPT_GID, OPT_NO_SECCOMP, OPT_NO_OPTIMIZE, OPT_POPULATE, OPT_DETACH,
-		OPT_RECORD };
 	static const struct option longopts[] = {
 		{ "log-level", required_argument, NULL, 'l' },
 		{ "accept-timeout", required_argument, NULL, OPT_ACCEPT },
@@ -1782,83 +1859,22 @@ parse_options(int argc, char **argv)
 	int c, rc = 0;
 
 	opterr = 0;
-	while (rc == 0 && (c = getopt_long(argc, argv, ":l:hV", longopts, NULL)) != -1) {
-		switch (c) {
-		case 'l':
-			rc = parse_level(optarg);
-			break;
-		case OPT_ACCEPT:
-			rc = parse_seconds(optarg, "--accept-timeout", &opt.accept_timeout);
-			break;
-		case OPT_HANDSHAKE:
-			rc = parse_seconds(optarg, "--handshake-timeout",
-			    &opt.handshake_timeout);
-			if (rc == 0 && opt.handshake_timeout == 0) {
-				fprintf(stderr, "uffd-handler: --handshake-timeout "
-				    "must be at least 1 second\n");
-				rc = -1;
-			}
-			break;
-		case OPT_OWNER:
-			rc = parse_owner(optarg);
-			break;
-		case OPT_MODE:
-			rc = parse_mode(optarg);
-			break;
-		case OPT_UID:
-			rc = parse_id(optarg, "--uid", &opt.uid, '\0');
-			break;
-		case OPT_GID:
-			rc = parse_id(optarg, "--gid", &opt.gid, '\0');
-			break;
-		case OPT_NO_SECCOMP:
-			opt.seccomp = 0;
-			break;
-		case OPT_NO_OPTIMIZE:
-			opt.optimize = 0;
-			break;
-		case OPT_POPULATE:
-			if (strcmp(optarg, "all") == 0)
-				opt.populate_all = 1;
-			else
-				opt.populate_path = optarg;
-			break;
-		case OPT_RECORD:
-			opt.record_path = optarg;
-			break;
-		case OPT_DETACH:
-			opt.detach = 1;
-			break;
-		case 'h':
-			usage(stdout);
-			return 1;
-		case 'V':
-			printf("uffd-handler %s\n", VERSION);
-			return 1;
-		case ':':
-			fprintf(stderr, "uffd-handler: %s needs a value (try --help)\n",
-			    argv[optind - 1]);
-			return -1;
-		default:
-			fprintf(stderr, "uffd-handler: unknown option %s (try --help)\n",
-			    argv[optind - 1]);
-			return -1;
-		}
-	}
-	if (rc == 0 && opt.detach && !opt.populate_all) {
+	while (rc == 0 && (c = getopt_long(argc, argv, ":l:hV", longopts, NULL)) != -1)
+		rc = set_option(c, optarg, argv[optind - 1]);
+	if (rc != 0)
+		return rc;
+	if (opt.detach && !opt.populate_all) {
 		fprintf(stderr, "uffd-handler: --detach needs --populate all\n");
-		rc = -1;
+		return -1;
 	}
-	if (rc == 0 && argc - optind != 2) {
+	if (argc - optind != 2) {
 		fprintf(stderr, "uffd-handler: expected SOCKET and MEMFILE "
 		    "(try --help)\n");
-		rc = -1;
+		return -1;
 	}
-	if (rc == 0) {
-		opt.socket_path = argv[optind];
-		opt.mem_path = argv[optind + 1];
-	}
-	return rc;
+	opt.socket_path = argv[optind];
+	opt.mem_path = argv[optind + 1];
+	return 0;
 }
 
 /* Whether the VMM process has exited within ms (its pidfd is readable). */
