@@ -103,6 +103,7 @@ static struct {
 	int seccomp;
 	int optimize;			/* runs, zero pages; off: one page a fault */
 	int populate_all;		/* --populate all */
+	long max_vms;			/* --max-vms; 0: no limit */
 	const char *populate_path;	/* --populate FILE */
 	const char *record_path;	/* --record FILE */
 	int detach;			/* --detach once everything is in */
@@ -110,7 +111,7 @@ static struct {
 	long sock_uid, sock_gid;	/* socket owner; -1: keep */
 	long sock_mode;			/* -1: as created */
 } opt = { .log_level = LOG_INFO, .handshake_timeout = 5, .seccomp = 1,
-	.optimize = 1,
+	.optimize = 1, .max_vms = 1,
 	.uid = -1, .gid = -1, .sock_uid = -1, .sock_gid = -1, .sock_mode = -1 };
 
 struct region {
@@ -693,18 +694,18 @@ serve_pending(struct session *s)
 
 static void print_counters(const struct session *, int);
 
-/* SIGUSR1 prints the counters of s (if any) and goes on; SIGTERM and SIGINT
- * return -ECANCELED. */
+/* SIGUSR1 prints the counters of the n sessions and goes on; SIGTERM and
+ * SIGINT return -ECANCELED. */
 static int
-take_signal(int sigfd, const struct session *s)
+take_signal(int sigfd, struct session *const *v, size_t n)
 {
 	struct signalfd_siginfo si;
 
 	if (read(sigfd, &si, sizeof(si)) != (ssize_t)sizeof(si))
 		return 0;
 	if (si.ssi_signo == SIGUSR1) {
-		if (s != NULL)
-			print_counters(s, -1);
+		for (size_t i = 0; i < n; i++)
+			print_counters(v[i], -1);
 		return 0;
 	}
 	logmsg(LOG_WARN, "received %s", strsignal((int)si.ssi_signo));
@@ -937,6 +938,52 @@ populate(struct session *s)
 	return 0;
 }
 
+/* A deferred fault is retried soon even if no event arrives (EAGAIN lasts
+ * until the madvise caller has resumed); population does not wait. */
+static int
+poll_timeout(const struct session *s)
+{
+	return s->nfaults ? 1 : s->populating ? 0 : -1;
+}
+
+static void
+serve_start(struct session *s)
+{
+	s->populating = opt.populate_all || s->pop_list != NULL;
+	s->pop_start = now_ns();
+}
+
+/*
+ * One round for a session after a poll: 1 when the VM went away (or was
+ * let go with --detach), 0 to go on, a negative errno on a fatal error.
+ */
+static int
+serve_round(struct session *s, short uffd_events, short pid_events)
+{
+	int rc;
+
+	if (pid_events) {
+		logmsg(LOG_INFO, "VMM pid %d exited", (int)s->pid);
+		return 1;
+	}
+	if (uffd_events & (POLLERR | POLLNVAL)) {
+		logmsg(LOG_ERROR, "poll(uffd): error condition 0x%x", uffd_events);
+		return -EIO;
+	}
+	if ((rc = read_events(s)) < 0)
+		return rc;
+	if ((rc = serve_pending(s)) < 0 ||
+	    (rc != IO_GONE && (rc = populate(s)) < 0))
+		return rc;
+	if (rc == IO_GONE) {
+		logmsg(LOG_INFO, "VMM's address space is gone (ESRCH)");
+		return 1;
+	}
+	if (opt.detach && !s->populating && s->nfaults == 0)
+		return (rc = detach(s)) < 0 ? rc : 1;
+	return 0;
+}
+
 /*
  * Returns 0 when the VM went away, -ECANCELED on SIGTERM/SIGINT, any other
  * negative errno on a fatal error.
@@ -951,40 +998,19 @@ serve(struct session *s, int sigfd)
 	};
 	int rc;
 
-	s->populating = opt.populate_all || s->pop_list != NULL;
-	s->pop_start = now_ns();
+	serve_start(s);
 	for (;;) {
-		/* A deferred fault is retried soon even if no event arrives:
-		 * EAGAIN lasts until the madvise caller has resumed. */
 		s->n.syscalls++;
-		if (poll(p, 3, s->nfaults ? 1 : s->populating ? 0 : -1) < 0) {
+		if (poll(p, 3, poll_timeout(s)) < 0) {
 			if (errno == EINTR)
 				continue;
 			logmsg(LOG_ERROR, "poll: %s", strerror(errno));
 			return -errno;
 		}
-		if (p[1].revents) {
-			logmsg(LOG_INFO, "VMM pid %d exited", (int)s->pid);
-			return 0;
-		}
-		if (p[2].revents && (rc = take_signal(sigfd, s)) < 0)
+		if ((rc = serve_round(s, p[0].revents, p[1].revents)) != 0)
+			return rc < 0 ? rc : 0;
+		if (p[2].revents && (rc = take_signal(sigfd, &s, 1)) < 0)
 			return rc;
-		if (p[0].revents & (POLLERR | POLLNVAL)) {
-			logmsg(LOG_ERROR, "poll(uffd): error condition 0x%x",
-			    p[0].revents);
-			return -EIO;
-		}
-		if ((rc = read_events(s)) < 0)
-			return rc;
-		if ((rc = serve_pending(s)) < 0 ||
-		    (rc != IO_GONE && (rc = populate(s)) < 0))
-			return rc;
-		if (rc == IO_GONE) {
-			logmsg(LOG_INFO, "VMM's address space is gone (ESRCH)");
-			return 0;
-		}
-		if (opt.detach && !s->populating && s->nfaults == 0)
-			return detach(s);
 	}
 }
 
@@ -1037,7 +1063,7 @@ recv_chunk(struct session *s, char *buf, size_t cap, int64_t deadline, int sigfd
 			return -ETIMEDOUT;
 		if (poll(p, 2, (int)left) < 0 && errno != EINTR)
 			return -errno;
-		if (p[1].revents && take_signal(sigfd, s) < 0)
+		if (p[1].revents && take_signal(sigfd, &s, 1) < 0)
 			return -ECANCELED;
 		if (!p[0].revents)
 			continue;
@@ -1296,6 +1322,16 @@ static const long allowed_syscalls[] = {
 #endif
 };
 
+/* With --max-vms the filter goes on before the first VMM, which brings
+ * these: accepting, the handshake, the pidfd, the socket's removal. */
+static const long accepting_syscalls[] = {
+	SYS_accept4, SYS_recvmsg, SYS_getsockopt, SYS_pidfd_open, SYS_fcntl,
+	SYS_unlinkat,
+#ifdef SYS_unlink
+	SYS_unlink,
+#endif
+};
+
 static const uint32_t allowed_ioctls[] = {
 	UFFDIO_COPY, UFFDIO_ZEROPAGE, UFFDIO_WAKE, UFFDIO_UNREGISTER,
 };
@@ -1305,9 +1341,10 @@ static const uint32_t allowed_ioctls[] = {
 #define RET(k)		(struct sock_filter){ BPF_RET_K, 0, 0, (uint32_t)(k) }
 
 static int
-seccomp_confine(void)
+seccomp_confine(int accepting)
 {
 	struct sock_filter f[2 * (sizeof(allowed_syscalls) / sizeof(long) +
+	    sizeof(accepting_syscalls) / sizeof(long) +
 	    sizeof(allowed_ioctls) / sizeof(uint32_t)) + 16];
 	struct sock_fprog prog = { 0, f };
 	size_t n = 0, i;
@@ -1319,6 +1356,10 @@ seccomp_confine(void)
 	f[n++] = LOAD(offsetof(struct seccomp_data, nr));
 	for (i = 0; i < sizeof(allowed_syscalls) / sizeof(long); i++) {
 		f[n++] = IS(allowed_syscalls[i]);
+		f[n++] = RET(SECCOMP_RET_ALLOW);
+	}
+	for (i = 0; accepting && i < sizeof(accepting_syscalls) / sizeof(long); i++) {
+		f[n++] = IS(accepting_syscalls[i]);
 		f[n++] = RET(SECCOMP_RET_ALLOW);
 	}
 	f[n++] = (struct sock_filter){ BPF_JEQ_K, 1, 0, SYS_ioctl };
@@ -1611,7 +1652,7 @@ accept_vmm(int lfd, int sigfd)
 		logmsg(LOG_ERROR, "no VMM connected within %d s", opt.accept_timeout);
 		return -ETIMEDOUT;
 	}
-	if (p[1].revents && take_signal(sigfd, NULL) < 0)
+	if (p[1].revents && take_signal(sigfd, NULL, 0) < 0)
 		return -ECANCELED;
 	if ((rc = accept4(lfd, NULL, NULL, SOCK_CLOEXEC)) < 0) {
 		logmsg(LOG_ERROR, "accept(%s): %s", opt.socket_path, strerror(errno));
@@ -1669,6 +1710,9 @@ usage(FILE *f)
 "                               --record wrote it), faults first\n"
 "      --record FILE            write the pages the VM needed, in order, to\n"
 "                               FILE when it exits\n"
+"      --max-vms N              serve up to N VMMs at once from this process,\n"
+"                               then exit when all are gone (0: no limit;\n"
+"                               default 1)\n"
 "      --detach                 with --populate all: once every page is in,\n"
 "                               unregister and exit 0; the VM runs on alone\n"
 "  -h, --help                   print this help and exit\n"
@@ -1762,7 +1806,8 @@ parse_level(const char *arg)
 }
 
 enum { OPT_ACCEPT = 256, OPT_HANDSHAKE, OPT_OWNER, OPT_MODE, OPT_UID, OPT_GID,
-	OPT_NO_SECCOMP, OPT_NO_OPTIMIZE, OPT_POPULATE, OPT_DETACH, OPT_RECORD };
+	OPT_NO_SECCOMP, OPT_NO_OPTIMIZE, OPT_POPULATE, OPT_DETACH, OPT_RECORD,
+	OPT_MAX_VMS };
 
 static int
 set_flag(int c, char *arg)
@@ -1816,6 +1861,8 @@ set_option(int c, char *arg, const char *as_given)
 		return parse_id(arg, "--uid", &opt.uid, '\0');
 	case OPT_GID:
 		return parse_id(arg, "--gid", &opt.gid, '\0');
+	case OPT_MAX_VMS:
+		return parse_id(arg, "--max-vms", &opt.max_vms, '\0');
 	case 'h':
 		usage(stdout);
 		return 1;
@@ -1852,6 +1899,7 @@ parse_options(int argc, char **argv)
 		{ "populate", required_argument, NULL, OPT_POPULATE },
 		{ "detach", no_argument, NULL, OPT_DETACH },
 		{ "record", required_argument, NULL, OPT_RECORD },
+		{ "max-vms", required_argument, NULL, OPT_MAX_VMS },
 		{ "help", no_argument, NULL, 'h' },
 		{ "version", no_argument, NULL, 'V' },
 		{ NULL, 0, NULL, 0 },
@@ -1865,6 +1913,11 @@ parse_options(int argc, char **argv)
 		return rc;
 	if (opt.detach && !opt.populate_all) {
 		fprintf(stderr, "uffd-handler: --detach needs --populate all\n");
+		return -1;
+	}
+	if (opt.record_path != NULL && opt.max_vms != 1) {
+		fprintf(stderr, "uffd-handler: --record records one VM: it needs "
+		    "--max-vms 1\n");
 		return -1;
 	}
 	if (argc - optind != 2) {
@@ -1917,6 +1970,16 @@ struct inputs {
 	size_t nlist;
 };
 
+/* A session's ending: its working set if recorded, its counters line. */
+static void
+session_end(struct session *s, int code)
+{
+	write_record(s);
+	print_counters(s, code);
+	session_close(s);
+	free(s);
+}
+
 /* One VMM, from its connection to the exit code; owns conn and the fds. */
 static int
 run_session(int conn, struct inputs *in, int sigfd)
@@ -1939,17 +2002,141 @@ run_session(int conn, struct inputs *in, int sigfd)
 		code = fail_closed(s, EXIT_FATAL);
 	} else if ((rc = handshake(s, sigfd)) < 0) {
 		code = handshake_failed(s, rc);
-	} else if (opt.seccomp && seccomp_confine() < 0) {
+	} else if (opt.seccomp && seccomp_confine(0) < 0) {
 		code = fail_closed(s, EXIT_FATAL);
 	} else if ((rc = serve(s, sigfd)) < 0) {
 		code = fail_closed(s, rc == -ECANCELED ? EXIT_SIGNAL : EXIT_FATAL);
 	} else {
 		code = EXIT_VM_GONE;
 	}
-	write_record(s);
-	print_counters(s, code);
-	session_close(s);
-	free(s);
+	session_end(s, code);
+	return code;
+}
+
+/*
+ * --max-vms: one process serves every VMM that connects, each in a session
+ * of its own over the one memory file (the page cache is shared, the pages
+ * each guest gets are its own). A fatal error ends that VM's session only.
+ */
+#define MAX_VMS		256		/* served at once */
+
+/* A new VMM: its session once the handshake is in, or NULL when it was
+ * rejected (and killed) or went away; *code gets the worst ending. */
+static struct session *
+start_vm(int lfd, struct inputs *in, int sigfd, int *code)
+{
+	int conn = accept4(lfd, NULL, NULL, SOCK_CLOEXEC), memfd, rc, end;
+	struct session *s;
+
+	if (conn < 0) {
+		logmsg(LOG_ERROR, "accept(%s): %s", opt.socket_path, strerror(errno));
+		return NULL;
+	}
+	memfd = fcntl(in->memfd, F_DUPFD_CLOEXEC, 0);
+	if (memfd < 0 || (s = session_new(conn, memfd)) == NULL) {
+		logmsg(LOG_ERROR, "starting a session: %s", strerror(errno));
+		close(conn);
+		if (memfd >= 0)
+			close(memfd);
+		return NULL;
+	}
+	s->pop_list = in->list;
+	s->pop_n = in->nlist;
+	if (session_open(s) < 0)
+		end = fail_closed(s, EXIT_FATAL);
+	else if ((rc = handshake(s, sigfd)) < 0)
+		end = handshake_failed(s, rc);
+	else {
+		serve_start(s);
+		return s;
+	}
+	*code = end > *code ? end : *code;
+	session_end(s, end);
+	return NULL;
+}
+
+/* A round for every session; ended ones leave. Returns how many remain. */
+static size_t
+serve_all(struct session **vm, size_t n, const struct pollfd *p, int *code)
+{
+	size_t kept = 0;
+
+	for (size_t i = 0; i < n; i++) {
+		int rc = serve_round(vm[i], p[2 * i].revents, p[2 * i + 1].revents);
+
+		if (rc == 0) {
+			vm[kept++] = vm[i];
+			continue;
+		}
+		if (rc < 0)
+			*code = fail_closed(vm[i], EXIT_FATAL);
+		session_end(vm[i], rc < 0 ? EXIT_FATAL : EXIT_VM_GONE);
+	}
+	return kept;
+}
+
+/* The poll set: the listener, the signalfd, then each session's uffd and
+ * pidfd; returns the timeout the sessions allow. */
+static int
+poll_set(struct pollfd *p, int lfd, int sigfd, struct session **vm, size_t n)
+{
+	int timeout = -1;
+
+	p[0] = (struct pollfd){ n < MAX_VMS ? lfd : -1, POLLIN, 0 };
+	p[1] = (struct pollfd){ sigfd, POLLIN, 0 };
+	for (size_t i = 0; i < n; i++) {
+		int t = poll_timeout(vm[i]);
+
+		p[2 + 2 * i] = (struct pollfd){ vm[i]->uffd, POLLIN, 0 };
+		p[3 + 2 * i] = (struct pollfd){ vm[i]->pidfd, POLLIN, 0 };
+		if (t >= 0 && (timeout < 0 || t < timeout))
+			timeout = t;
+	}
+	return timeout;
+}
+
+static void
+stop_all(struct session **vm, size_t n, int code)
+{
+	for (size_t i = 0; i < n; i++)
+		session_end(vm[i], fail_closed(vm[i], code));
+}
+
+/* Exit 0 once the limit was reached and every VM went away; the worst
+ * ending otherwise. */
+static int
+serve_many(int lfd, struct inputs *in, int sigfd)
+{
+	static struct session *vm[MAX_VMS];
+	static struct pollfd p[2 + 2 * MAX_VMS];
+	size_t n = 0;
+	long accepted = 0;
+	int code = EXIT_VM_GONE, timeout;
+
+	while (lfd >= 0 || n > 0) {
+		timeout = poll_set(p, lfd, sigfd, vm, n);
+		if (poll(p, (nfds_t)(2 + 2 * n), timeout) < 0 && errno != EINTR) {
+			logmsg(LOG_ERROR, "poll: %s", strerror(errno));
+			stop_all(vm, n, EXIT_FATAL);
+			return EXIT_FATAL;
+		}
+		if (p[1].revents && take_signal(sigfd, vm, n) < 0) {
+			stop_all(vm, n, EXIT_SIGNAL);
+			return EXIT_SIGNAL;
+		}
+		n = serve_all(vm, n, p + 2, &code);
+		if (p[0].revents & POLLIN) {
+			struct session *s = start_vm(lfd, in, sigfd, &code);
+
+			if (s != NULL)
+				vm[n++] = s;
+			if (opt.max_vms > 0 && ++accepted == opt.max_vms) {
+				close(lfd);
+				unlink(opt.socket_path);
+				lfd = -1;
+			}
+		}
+	}
 	return code;
 }
 
@@ -1994,6 +2181,13 @@ main(int argc, char **argv)
 		return EXIT_SETUP;
 	}
 	logmsg(LOG_INFO, "listening on %s for a VMM", opt.socket_path);
+	if (opt.max_vms != 1) {
+		code = opt.seccomp && seccomp_confine(1) < 0 ? EXIT_SETUP :
+		    serve_many(lfd, &in, sigfd);
+		close_inputs(&in);
+		close(sigfd);
+		return code;
+	}
 	conn = accept_vmm(lfd, sigfd);
 	/* One VMM per process: a second one would wait in the backlog forever. */
 	close(lfd);

@@ -203,7 +203,7 @@ struct pair {
 	int during_ms;			/* then call during() */
 	void (*during)(struct pair *);
 	struct proc h, v;
-	char hout[4096], herr[8192], vout[4096], verr[4096];
+	char hout[16384], herr[16384], vout[4096], verr[4096];
 	char sock[160];
 	struct stat sock_st;		/* the socket once the handler listens */
 	char status[4096];		/* /proc/PID/status, if read_status ran */
@@ -1166,6 +1166,99 @@ padded_64_regions(const void *arg)
 }
 
 /*
+ * Many VMs, one handler.
+ */
+
+static int
+count_fds(pid_t pid)
+{
+	char cmd[96], out[32] = "";
+	FILE *f;
+
+	snprintf(cmd, sizeof(cmd), "ls /proc/%d/fd | wc -l", (int)pid);
+	if ((f = popen(cmd, "r")) == NULL || fgets(out, sizeof(out), f) == NULL)
+		out[0] = '\0';
+	if (f != NULL)
+		pclose(f);
+	return out[0] ? atoi(out) : -1;
+}
+
+/* Starts n VMMs at once against one handler; odd is the one given extra. */
+static void
+start_vmms(struct proc *v, int n, const char *sock, const char *extra)
+{
+	for (int i = 0; i < n; i++) {
+		char *argv[] = { (char *)T.vmm, "run", (char *)sock, T.snap,
+			"--threads", "1", i == n / 2 ? (char *)extra : NULL, NULL };
+
+		spawn(&v[i], argv, NULL);
+	}
+}
+
+/*
+ * 16 VMMs at once from one template, one crashing midway: the other 15
+ * verify every byte, the handler then exits 0 and prints 16 counter lines.
+ */
+static int
+many_vms(const void *arg)
+{
+	struct pair p = { .hargs = { "--max-vms", "16", NULL } };
+	const char *extra = arg ? arg : "--crash";
+	struct proc v[16];
+	char *line;
+	int lines = 0;
+
+	start_pair(&p);
+	if (wait_listening(&p.h) < 0)
+		return fail("the handler did not start");
+	start_vmms(v, 16, p.sock, extra);
+	for (int i = 0; i < 16; i++) {
+		reap(&v[i], 60000);
+		if (i == 8 ? !killed(&v[i]) : !exited(&v[i], 0)) {
+			reap(&p.h, 10000);
+			read_text(p.h.err, p.herr, sizeof(p.herr));
+			return fail("VMM %d: %s\n%s", i, how(&v[i]), p.herr);
+		}
+	}
+	reap(&p.h, 10000);
+	read_text(p.h.out, p.hout, sizeof(p.hout));
+	read_text(p.h.err, p.herr, sizeof(p.herr));
+	for (line = p.hout; (line = strchr(line, '\n')) != NULL; line++)
+		lines++;
+	if (!exited(&p.h, arg ? 1 : 0) || lines != 16)
+		return fail("handler %s, %d counter lines:\n%s", how(&p.h), lines,
+		    p.herr);
+	return PASS;
+}
+
+/* No limit: after 16 VMs came and went the handler holds the fds it held
+ * before the first; SIGTERM then ends it with no VM to kill. */
+static int
+many_vms_no_fd_left(const void *arg)
+{
+	struct pair p = { .hargs = { "--max-vms", "0", NULL } };
+	struct proc v[16];
+	int before, after;
+
+	(void)arg;
+	start_pair(&p);
+	if (wait_listening(&p.h) < 0)
+		return fail("the handler did not start");
+	before = count_fds(p.h.pid);
+	start_vmms(v, 16, p.sock, NULL);
+	for (int i = 0; i < 16; i++)
+		if (reap(&v[i], 60000) < 0 || !exited(&v[i], 0))
+			return fail("VMM %d: %s", i, how(&v[i]));
+	usleep(200000);
+	after = count_fds(p.h.pid);
+	kill(p.h.pid, SIGTERM);
+	reap(&p.h, 5000);
+	if (before < 0 || after != before)
+		return fail("fds before the first VM: %d, after 16: %d", before, after);
+	return exited(&p.h, 5) ? PASS : fail("SIGTERM: handler %s", how(&p.h));
+}
+
+/*
  * Faults in the world.
  */
 
@@ -1622,6 +1715,9 @@ static const struct tcase cases[] = {
 	{ "handshake_two_fds_served", restore, r_two_fds },
 	{ "handshake_64_regions_padded_served", padded_64_regions, NULL },
 	{ "vmm_killed_50_times", vmm_killed_50_times, NULL },
+	{ "many_vms_16_one_crashes", many_vms, NULL },
+	{ "many_vms_fatal_error_kills_only_that_vm", many_vms, "--stray-fault" },
+	{ "many_vms_no_fd_left_after_16", many_vms_no_fd_left, NULL },
 	{ "no_fds_left_at_exit", no_fds_left, NULL },
 	{ "hugetlb_pool_exhausted_kills_vmm", hugetlb_pool_exhausted, NULL },
 	{ "stress_faults_removes_oracle", stress, NULL },
