@@ -2,7 +2,7 @@
  * bench - uffd-handler against the kernel's File backend and the copy
  * limit, side by side in one run (./build.sh bench).
  *
- *   bench [-r REPS] [-o DIR] [WORKLOAD...]
+ *   bench [-r REPS] [-o DIR] [WORKLOAD...]    (WORKLOAD "many": --max-vms)
  *
  * Backends: file (MAP_PRIVATE of the memory file, Firecracker's File
  * backend), copy (memcpy of the whole file into anonymous memory: the copy
@@ -68,6 +68,9 @@ static struct workload work[] = {
 #define NW (int)(sizeof(work) / sizeof(work[0]))
 
 static const char *dir = "build/bench";
+static int many;			/* the --max-vms experiment selected */
+static const int many_counts[] = { 1, 4, 16 };
+static double many_mibs[3][MAXREP], many_med[3];
 static const char *vmm = "build/test/vmm", *handler = "build/uffd-handler";
 static int reps = 3;
 
@@ -297,7 +300,8 @@ write_json(const char *mach)
 		    ratio(w->med[UFFD][PER_PAGE], w->med[UFFD0][PER_PAGE]),
 		    ratio(w->med[UFFD0][TOTAL], w->med[COPY][TOTAL]));
 	}
-	fprintf(f, "\n]}\n");
+	fprintf(f, "\n],\"many_vms_mib_per_s\":{\"1\":%.0f,\"4\":%.0f,"
+	    "\"16\":%.0f}}\n", many_med[0], many_med[1], many_med[2]);
 	fclose(f);
 }
 
@@ -355,6 +359,65 @@ write_svg(const char *mach)
 		    "uffd0: --no-optimize");
 	fprintf(f, "</svg>\n");
 	fclose(f);
+}
+
+/*
+ * Many VMs from one handler (--max-vms N): N VMMs restore the 256 MiB
+ * snapshot at once, each reading it sequentially; aggregate MiB/s.
+ */
+
+static double
+run_many(int n)
+{
+	char snap[256], sock[256], limit[16], out[256], err[256];
+	char *argv[] = { (char *)vmm, "bench", sock, snap, "--regions", "128,64,64",
+		"--workload", "seqread", "--threads", "1", NULL };
+	char *hargv[] = { (char *)handler, "--max-vms", limit, sock, snap, NULL };
+	pid_t h, v[16];
+	struct timespec t0, t1;
+	int ok = 1, st;
+
+	snprintf(snap, sizeof(snap), "%s/half.mem", dir);
+	snprintf(sock, sizeof(sock), "%s/many.sock", dir);
+	snprintf(limit, sizeof(limit), "%d", n);
+	snprintf(out, sizeof(out), "%s/handler.out", dir);
+	snprintf(err, sizeof(err), "%s/handler.err", dir);
+	unlink(sock);
+	unlink(err);
+	h = spawn(hargv, out, err);
+	for (int i = 0; i < 5000; i++) {
+		char buf[4096];
+
+		slurp(err, buf, sizeof(buf));
+		if (strstr(buf, "listening on"))
+			break;
+		usleep(1000);
+	}
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	for (int i = 0; i < n; i++)
+		v[i] = spawn(argv, "/dev/null", "/dev/null");
+	for (int i = 0; i < n; i++) {
+		waitpid(v[i], &st, 0);
+		ok &= WIFEXITED(st) && WEXITSTATUS(st) == 0;
+	}
+	clock_gettime(CLOCK_MONOTONIC, &t1);
+	waitpid(h, &st, 0);
+	if (!ok || !WIFEXITED(st) || WEXITSTATUS(st) != 0) {
+		fprintf(stderr, "bench: %d VMs at once failed\n", n);
+		return -1;
+	}
+	return n * 256.0 / ((double)(t1.tv_sec - t0.tv_sec) +
+	    (double)(t1.tv_nsec - t0.tv_nsec) / 1e9);
+}
+
+static void
+print_many(void)
+{
+	printf("\nmany VMs, one handler (--max-vms N), each reading the 256 MiB "
+	    "snapshot at once:\n");
+	for (int k = 0; k < 3; k++)
+		printf("  %2d VMs: %8.0f MiB/s aggregate\n", many_counts[k],
+		    many_med[k]);
 }
 
 /* The table the README carries: medians, and the ratios the targets use. */
@@ -440,6 +503,7 @@ main(int argc, char **argv)
 			return 2;
 		}
 	}
+	many = selected("many", argv + optind, argc - optind);
 	for (int i = 0; i < NW; i++) {
 		work[i].selected = selected(work[i].name, argv + optind, argc - optind);
 		if (work[i].selected && strcmp(work[i].name, "kvm") == 0 &&
@@ -468,13 +532,26 @@ main(int argc, char **argv)
 				if (run_one(&work[i], b, r) < 0)
 					return 1;
 			}
+	for (int r = 0; many && r < reps; r++)
+		for (int k = 0; k < 3; k++) {
+			fprintf(stderr, "\rbench: run %d/%d, %2d VMs at once       ",
+			    r + 1, reps, many_counts[k]);
+			if ((many_mibs[k][r] = run_many(many_counts[k])) < 0)
+				return 1;
+		}
 	fprintf(stderr, "\n");
+	for (int k = 0; many && k < 3; k++) {
+		qsort(many_mibs[k], (size_t)reps, sizeof(double), cmp_double);
+		many_med[k] = many_mibs[k][reps / 2];
+	}
 	for (int i = 0; i < NW; i++)
 		if (work[i].selected)
 			medians(&work[i]);
 	write_json(mach);
 	write_svg(mach);
 	print_table(mach);
+	if (many)
+		print_many();
 	printf("\nwrote %s/results.json and %s/results.svg\n", dir, dir);
 	return 0;
 }
