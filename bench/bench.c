@@ -9,7 +9,9 @@
  * limit), uffd (the handler), uffd0 (the handler with --no-optimize: one
  * page per fault); for the scattered working set also uffd_rec (the
  * handler with --populate of a working set recorded by an earlier run) and
- * uffd_all (--populate all). Every repetition runs every workload on every backend,
+ * uffd_all (--populate all) and uffd_detach (--populate all --detach: the
+ * handler leaves once every page is in). Every repetition runs every
+ * workload on every backend,
  * interleaved, so a noisy neighbour hits all alike; medians are reported.
  * Writes DIR/results.json and DIR/results.svg and prints the table.
  */
@@ -26,13 +28,13 @@
 #include <sys/wait.h>
 
 #define MAXREP	15
-#define NB	6
+#define NB	7
 #define NB_ALL	4	/* backends every workload runs; the rest only ws10 */
 #define NM	9
 
-enum { FILEB, COPY, UFFD, UFFD0, UFFD_REC, UFFD_ALL };
+enum { FILEB, COPY, UFFD, UFFD0, UFFD_REC, UFFD_ALL, UFFD_DETACH };
 static const char *const backends[NB] = { "file", "copy", "uffd", "uffd0",
-	"uffd_rec", "uffd_all" };
+	"uffd_rec", "uffd_all", "uffd_detach" };
 
 /* Per run: the VMM's JSON fields, then the handler's. */
 enum { TOTAL, PER_PAGE, P50, P99, ANON, TOUCHED, HCPU, FAULTS, SYSCALLS };
@@ -134,6 +136,8 @@ handler_option(int b, char *buf, size_t cap)
 		return "--no-optimize";
 	if (b == UFFD_ALL)
 		return "--populate=all";
+	if (b == UFFD_DETACH)
+		return "--detach";
 	if (b == UFFD_REC)
 		snprintf(buf, cap, "--populate=%s/ws10.rec", dir);
 	else
@@ -144,8 +148,10 @@ handler_option(int b, char *buf, size_t cap)
 static pid_t
 start_handler(const char *snap, const char *sock, const char *option)
 {
-	char *argv[] = { (char *)handler, (char *)option, (char *)sock,
-		(char *)snap, NULL };
+	int detach = strcmp(option, "--detach") == 0;
+	char *argv[] = { (char *)handler, detach ? "--populate=all" : (char *)option,
+		detach ? "--detach" : (char *)sock, detach ? (char *)sock : (char *)snap,
+		detach ? (char *)snap : NULL, NULL };
 	char out[256], err[256], buf[4096];
 	pid_t pid;
 
