@@ -160,6 +160,7 @@ struct session {
 	size_t nfaults, faults_cap;
 	struct stream streams[STREAMS];
 	struct stream *cur;		/* the stream of the fault being served */
+	uint64_t reading;		/* file offset last read in user space */
 	int writing;			/* and whether it is a write */
 	uint64_t stream_clock;
 	int populating;			/* --populate all, not finished */
@@ -389,7 +390,8 @@ page_kind(struct session *s, struct region *r, uint64_t idx)
 		return KIND_DATA;
 	if (bit_test(r->zero, idx))
 		return KIND_ZERO;
-	if (!is_zero(s->mem + r->offset + idx * PAGE_4K, PAGE_4K))
+	s->reading = r->offset + idx * PAGE_4K;
+	if (!is_zero(s->mem + s->reading, PAGE_4K))
 		return KIND_DATA;
 	bit_set(r->zero, idx);
 	return KIND_ZERO;
@@ -516,28 +518,11 @@ serve_window(struct session *s, struct region *r, uint64_t idx, uint64_t n)
 	return IO_DONE;
 }
 
-/* serve_window under the SIGBUS guard; -ENXIO if the file read faulted. */
-static int __attribute__((noinline))
-guarded_window(struct session *s, struct region *r, uint64_t idx, uint64_t n)
-{
-	int rc;
-
-	if (sigsetjmp(bus_jmp, 0)) {
-		bus_armed = 0;
-		return -ENXIO;
-	}
-	bus_armed = 1;
-	rc = serve_window(s, r, idx, n);
-	bus_armed = 0;
-	return rc;
-}
-
 static int
 serve_fault(struct session *s, uint64_t addr, uint64_t flags)
 {
 	struct region *r = find_region(s, addr);
 	uint64_t page, n;
-	int rc;
 
 	if (r == NULL) {
 		logmsg(LOG_ERROR, "fault at 0x%llx lies outside every mapping "
@@ -547,13 +532,7 @@ serve_fault(struct session *s, uint64_t addr, uint64_t flags)
 	page = addr & ~(r->page_size - 1);
 	n = window_for(s, r, page);
 	s->writing = (flags & UFFD_PAGEFAULT_FLAG_WRITE) != 0;
-	rc = guarded_window(s, r, (page - r->base) / r->page_size, n);
-	if (rc == -ENXIO) {
-		check_memfile(s);
-		logmsg(LOG_ERROR, "reading %s near offset %llu: SIGBUS", opt.mem_path,
-		    (unsigned long long)(r->offset + (page - r->base)));
-	}
-	return rc;
+	return serve_window(s, r, (page - r->base) / r->page_size, n);
 }
 
 /* Marks the pages wholly inside [start, end) removed in every region. */
@@ -875,22 +854,6 @@ populate_step(struct session *s)
 	return IO_DONE;
 }
 
-static int
-guarded_populate(struct session *s)
-{
-	int rc;
-
-	if (sigsetjmp(bus_jmp, 0)) {
-		bus_armed = 0;
-		check_memfile(s);
-		return -ENXIO;
-	}
-	bus_armed = 1;
-	rc = s->pop_list ? populate_list_step(s) : populate_step(s);
-	bus_armed = 0;
-	return rc;
-}
-
 /*
  * --detach: with every page in, the regions are unregistered and the VM
  * runs on without a handler. Pages it removes later read as zero, which is
@@ -927,7 +890,8 @@ populate(struct session *s)
 	if (!s->populating || s->nfaults > 0)
 		return 0;
 	s->writing = 0;
-	if ((rc = guarded_populate(s)) < 0 || rc == IO_GONE)
+	rc = s->pop_list ? populate_list_step(s) : populate_step(s);
+	if (rc < 0 || rc == IO_GONE)
 		return rc;
 	if (s->pop_list ? s->pop_pos < s->pop_n : s->pop_region < s->nregions)
 		return 0;
@@ -936,6 +900,30 @@ populate(struct session *s)
 	    (unsigned long long)s->n.populated,
 	    (unsigned long long)((now_ns() - s->pop_start) / 1000000));
 	return 0;
+}
+
+/*
+ * Queued faults, then a population step: the only work that reads the
+ * mapped file in user space, so one SIGBUS guard covers it. Returns
+ * IO_GONE, a negative errno, or 0.
+ */
+static int __attribute__((noinline))
+guarded_install(struct session *s)
+{
+	int rc;
+
+	if (sigsetjmp(bus_jmp, 0)) {
+		bus_armed = 0;
+		check_memfile(s);
+		logmsg(LOG_ERROR, "reading %s at offset %llu: SIGBUS", opt.mem_path,
+		    (unsigned long long)s->reading);
+		return -ENXIO;
+	}
+	bus_armed = 1;
+	if ((rc = serve_pending(s)) >= 0 && rc != IO_GONE)
+		rc = populate(s);
+	bus_armed = 0;
+	return rc;
 }
 
 /* A deferred fault is retried soon even if no event arrives (EAGAIN lasts
@@ -970,10 +958,7 @@ serve_round(struct session *s, short uffd_events, short pid_events)
 		logmsg(LOG_ERROR, "poll(uffd): error condition 0x%x", uffd_events);
 		return -EIO;
 	}
-	if ((rc = read_events(s)) < 0)
-		return rc;
-	if ((rc = serve_pending(s)) < 0 ||
-	    (rc != IO_GONE && (rc = populate(s)) < 0))
+	if ((rc = read_events(s)) < 0 || (rc = guarded_install(s)) < 0)
 		return rc;
 	if (rc == IO_GONE) {
 		logmsg(LOG_INFO, "VMM's address space is gone (ESRCH)");
