@@ -416,18 +416,32 @@ struct worker {
 	uint64_t limit;			/* pages to touch before a crash */
 };
 
-/* Chunk c of the whole memory, in a permuted order per thread. */
+static uint64_t
+now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000 + (uint64_t)ts.tv_nsec;
+}
+
+/* The region holding file offset off: regions lie back to back. */
+static int
+region_of(uint64_t off)
+{
+	int r = 0;
+
+	while (off >= o.l.off[r] + o.l.size[r])
+		r++;
+	return r;
+}
+
+/* Chunk c of the whole memory: its region and offset in it. */
 static void
 chunk_at(uint64_t c, int *r, uint64_t *off)
 {
-	*off = 0;
-	for (*r = 0; *r < o.l.n; (*r)++) {
-		if (c < o.l.size[*r] / CHUNK) {
-			*off = c * CHUNK;
-			return;
-		}
-		c -= o.l.size[*r] / CHUNK;
-	}
+	*r = region_of(c * CHUNK);
+	*off = c * CHUNK - o.l.off[*r];
 }
 
 static void
@@ -697,17 +711,8 @@ struct page_oracle {
 
 static struct page_oracle *oracle;
 static pthread_mutex_t *chunk_lock;
-static int64_t stress_end;
+static uint64_t stress_end;		/* now_ns() when it stops */
 static atomic_uint_fast64_t removes, writes;
-
-static int64_t
-mono_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 static uint64_t
 next_rand(uint64_t *s)
@@ -722,13 +727,8 @@ next_rand(uint64_t *s)
 static char *
 page_addr(uint64_t p, int *region)
 {
-	uint64_t off = p * PAGE;
-	int r = 0;
-
-	while (off >= o.l.off[r] + o.l.size[r])
-		r++;
-	*region = r;
-	return host[r] + (off - o.l.off[r]);
+	*region = region_of(p * PAGE);
+	return host[*region] + (p * PAGE - o.l.off[*region]);
 }
 
 static void
@@ -759,7 +759,7 @@ stress_vcpu(void *arg)
 	uint64_t seed = 0x9e3779b97f4a7c15ull * ((uintptr_t)arg + 1);
 	uint64_t npages = o.l.total / PAGE;
 
-	while (mono_ms() < stress_end) {
+	while (now_ns() < stress_end) {
 		uint64_t p = next_rand(&seed) % npages;
 		pthread_mutex_t *lock = &chunk_lock[p * PAGE / STRESS_CHUNK];
 		int r;
@@ -787,7 +787,7 @@ stress_balloon(void *arg)
 	(void)arg;
 	/* A third of the chunks, so the end state mixes snapshot pages,
 	 * removed ones and writes to both. */
-	while (mono_ms() < stress_end) {
+	while (now_ns() < stress_end) {
 		uint64_t c = next_rand(&seed) % nchunks / 3 * 3;
 		uint64_t p0 = c * STRESS_CHUNK / PAGE;
 		int r;
@@ -819,7 +819,7 @@ run_stress(void)
 		pthread_mutex_init(&chunk_lock[c], NULL);
 	/* A handler that strands a fault must fail the test, not hang it. */
 	alarm((unsigned)o.stress + 30);
-	stress_end = mono_ms() + (int64_t)o.stress * 1000;
+	stress_end = now_ns() + (uint64_t)o.stress * 1000000000;
 	for (int i = 0; i < o.threads; i++)
 		pthread_create(&t[i], NULL, stress_vcpu, (void *)(uintptr_t)i);
 	pthread_create(&t[o.threads], NULL, stress_balloon, NULL);
@@ -843,15 +843,6 @@ run_stress(void)
  * uffd restores through the handler. No oracle here: the tests check the
  * bytes, the benchmark the time and the memory.
  */
-
-static uint64_t
-now_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000 + (uint64_t)ts.tv_nsec;
-}
 
 static void
 map_file_private(int fd)
