@@ -129,29 +129,33 @@ drop_caches(void)
 	}
 }
 
-static const char *
-handler_option(int b, char *buf, size_t cap)
+/* The handler's command line for backend b; buf holds a --populate list. */
+static void
+handler_argv(int b, char **argv, const char *sock, const char *snap, char *buf,
+    size_t cap)
 {
+	int n = 0;
+
+	argv[n++] = (char *)handler;
 	if (b == UFFD0)
-		return "--no-optimize";
-	if (b == UFFD_ALL)
-		return "--populate=all";
+		argv[n++] = "--no-optimize";
+	if (b == UFFD_ALL || b == UFFD_DETACH)
+		argv[n++] = "--populate=all";
 	if (b == UFFD_DETACH)
-		return "--detach";
-	if (b == UFFD_REC)
+		argv[n++] = "--detach";
+	if (b == UFFD_REC) {
 		snprintf(buf, cap, "--populate=%s/ws10.rec", dir);
-	else
-		snprintf(buf, cap, "--log-level=info");
-	return buf;
+		argv[n++] = buf;
+	}
+	argv[n++] = (char *)sock;
+	argv[n++] = (char *)snap;
+	argv[n] = NULL;
 }
 
+/* Starts the handler and waits until it listens. */
 static pid_t
-start_handler(const char *snap, const char *sock, const char *option)
+start_handler(char *const argv[], const char *sock)
 {
-	int detach = strcmp(option, "--detach") == 0;
-	char *argv[] = { (char *)handler, detach ? "--populate=all" : (char *)option,
-		detach ? "--detach" : (char *)sock, detach ? (char *)sock : (char *)snap,
-		detach ? (char *)snap : NULL, NULL };
 	char out[256], err[256], buf[4096];
 	pid_t pid;
 
@@ -181,7 +185,7 @@ static int
 run_one(struct workload *w, int b, int rep)
 {
 	char snap[256], sock[256], path[256], threads[8], line[4096], hline[4096];
-	char opt[300];
+	char opt[300], *hargv[8];
 	char *argv[] = { (char *)vmm, "bench", b >= UFFD ? sock : "-", snap,
 		"--regions", (char *)layout(w), "--backend",
 		b >= UFFD ? "uffd" : (char *)backends[b], "--workload",
@@ -196,8 +200,10 @@ run_one(struct workload *w, int b, int rep)
 	snprintf(threads, sizeof(threads), "%d", w->threads);
 	if (w->cold)
 		drop_caches();
-	if (b >= UFFD)
-		h = start_handler(snap, sock, handler_option(b, opt, sizeof(opt)));
+	if (b >= UFFD) {
+		handler_argv(b, hargv, sock, snap, opt, sizeof(opt));
+		h = start_handler(hargv, sock);
+	}
 	snprintf(line, sizeof(line), "%s/vmm.out", dir);
 	snprintf(path, sizeof(path), "%s/vmm.err", dir);
 	v = spawn(argv, line, path);
@@ -375,7 +381,7 @@ write_svg(const char *mach)
 static double
 run_many(int n)
 {
-	char snap[256], sock[256], limit[16], out[256], err[256];
+	char snap[256], sock[256], limit[16];
 	char *argv[] = { (char *)vmm, "bench", sock, snap, "--regions", "128,64,64",
 		"--workload", "seqread", "--threads", "1", NULL };
 	char *hargv[] = { (char *)handler, "--max-vms", limit, sock, snap, NULL };
@@ -386,19 +392,7 @@ run_many(int n)
 	snprintf(snap, sizeof(snap), "%s/half.mem", dir);
 	snprintf(sock, sizeof(sock), "%s/many.sock", dir);
 	snprintf(limit, sizeof(limit), "%d", n);
-	snprintf(out, sizeof(out), "%s/handler.out", dir);
-	snprintf(err, sizeof(err), "%s/handler.err", dir);
-	unlink(sock);
-	unlink(err);
-	h = spawn(hargv, out, err);
-	for (int i = 0; i < 5000; i++) {
-		char buf[4096];
-
-		slurp(err, buf, sizeof(buf));
-		if (strstr(buf, "listening on"))
-			break;
-		usleep(1000);
-	}
+	h = start_handler(hargv, sock);
 	clock_gettime(CLOCK_MONOTONIC, &t0);
 	for (int i = 0; i < n; i++)
 		v[i] = spawn(argv, "/dev/null", "/dev/null");
