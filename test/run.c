@@ -38,7 +38,7 @@ static struct {
 	char big[128];			/* 32,16,16 MiB */
 	char r64[128];			/* 64 regions of 1 MiB */
 	const char *fuzz;
-	char why[2048];
+	char why[8192];
 	long huge_old;			/* nr_hugepages to restore, or -1 */
 	int seq;
 } T = { .huge_old = -1 };
@@ -1323,22 +1323,34 @@ vmm_killed_50_times(const void *arg)
 	return PASS;
 }
 
+/* pair_fail, with what valgrind wrote to its log. */
+static int
+valgrind_fail(const struct pair *p, const char *what, const char *log)
+{
+	size_t n;
+
+	pair_fail(p, what);
+	n = strlen(T.why);
+	snprintf(T.why + n, sizeof(T.why) - n, "--- valgrind log:\n%s", log);
+	return FAIL;
+}
+
 /* Every fd valgrind saw open at exit came from the parent: the line after
  * each "Open file descriptor N:" says "<inherited from parent>". */
 static int
-fds_closed(const struct pair *p)
+fds_closed(const struct pair *p, const char *log)
 {
-	const char *at = p->herr;
+	const char *at = log;
 
-	if (strstr(p->herr, "FILE DESCRIPTORS:") == NULL)
-		return pair_fail(p, "valgrind printed no fd report");
+	if (strstr(log, "FILE DESCRIPTORS:") == NULL)
+		return valgrind_fail(p, "valgrind printed no fd report", log);
 	while ((at = strstr(at, "Open file descriptor")) != NULL) {
 		const char *line = strchr(at, '\n');
 		const char *end = line ? strchr(line + 1, '\n') : NULL;
 		const char *inherited = line ? strstr(line, "<inherited from parent>") : NULL;
 
 		if (inherited == NULL || (end != NULL && inherited > end))
-			return pair_fail(p, "an fd of the handler's own was open at exit");
+			return valgrind_fail(p, "an fd of the handler's own was open at exit", log);
 		at = line;
 	}
 	return PASS;
@@ -1347,7 +1359,9 @@ fds_closed(const struct pair *p)
 /*
  * The release binary under valgrind --track-fds: whatever ends the session
  * (the VM exits, is killed mid-serve, sends garbage, faults astray), the
- * handler's teardown closes every fd it opened.
+ * handler's teardown closes every fd it opened. Valgrind writes to a log
+ * file of its own, named on the command line so that neither VALGRIND_OPTS
+ * nor a .valgrindrc can send the report elsewhere.
  */
 static int
 no_fds_left(const void *arg)
@@ -1356,21 +1370,25 @@ no_fds_left(const void *arg)
 		{ "--threads", "2", NULL }, { "--crash", NULL },
 		{ "--raw", "garbage", NULL }, { "--stray-fault", NULL },
 	};
+	static char log[16384];
+	char logopt[200];
 	int rc = PASS;
 
 	(void)arg;
 	if (access("/usr/bin/valgrind", X_OK) != 0)
 		return skip("valgrind is not installed");
 	for (size_t i = 0; i < 4 && rc == PASS; i++) {
-		struct pair p = { .handler = "/usr/bin/valgrind", .hargs = { "-q",
-		    "--vgdb=no", "--track-fds=yes", T.release, NULL } };
+		struct pair p = { .handler = "/usr/bin/valgrind", .hargs = {
+		    "--vgdb=no", "--track-fds=yes", logopt, T.release, NULL } };
 
+		snprintf(logopt, sizeof(logopt), "--log-file=%s/valgrind.%zu", T.dir, i);
 		for (int j = 0; ends[i][j]; j++)
 			p.vargs[j] = ends[i][j];
 		run_pair(&p);
 		if (p.h.status < 0 || !WIFEXITED(p.h.status))
 			return pair_fail(&p, "the handler did not exit");
-		rc = fds_closed(&p);
+		read_text(logopt + strlen("--log-file="), log, sizeof(log));
+		rc = fds_closed(&p, log);
 	}
 	return rc;
 }
