@@ -1371,7 +1371,7 @@ no_fds_left(const void *arg)
 		{ "--raw", "garbage", NULL }, { "--stray-fault", NULL },
 	};
 	static char log[16384];
-	char logopt[200];
+	char path[160], logopt[200];
 	int rc = PASS;
 
 	(void)arg;
@@ -1381,13 +1381,14 @@ no_fds_left(const void *arg)
 		struct pair p = { .handler = "/usr/bin/valgrind", .hargs = {
 		    "--vgdb=no", "--track-fds=yes", logopt, T.release, NULL } };
 
-		snprintf(logopt, sizeof(logopt), "--log-file=%s/valgrind.%zu", T.dir, i);
+		snprintf(path, sizeof(path), "%s/valgrind.%zu", T.dir, i);
+		snprintf(logopt, sizeof(logopt), "--log-file=%s", path);
 		for (int j = 0; ends[i][j]; j++)
 			p.vargs[j] = ends[i][j];
 		run_pair(&p);
 		if (p.h.status < 0 || !WIFEXITED(p.h.status))
 			return pair_fail(&p, "the handler did not exit");
-		read_text(logopt + strlen("--log-file="), log, sizeof(log));
+		read_text(path, log, sizeof(log));
 		rc = fds_closed(&p, log);
 	}
 	return rc;
