@@ -83,6 +83,8 @@ test_programs() {
 		-o build/test/vmm test/vmm.c test/guest.S
 	cc $WARN -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all \
 		-o build/test/run test/run.c test/abi_ours.c test/abi_kernel.c json_min.c
+	cc $WARN -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all \
+		-pthread -o build/test/unit test/unit.c json_min.c
 }
 
 # libFuzzer over the parser and the region checks.

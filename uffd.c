@@ -85,8 +85,11 @@ enum exit_code {
 
 enum { LOG_ERROR, LOG_WARN, LOG_INFO, LOG_DEBUG };
 
-/* Results of the UFFDIO helpers; errors are negative errnos. */
-enum { IO_DONE, IO_RETRY, IO_GONE };
+/*
+ * Results of the UFFDIO helpers; errors are negative errnos. IO_DONE also
+ * when the kernel stopped at a page already present (fewer bytes done).
+ */
+enum { IO_DONE, IO_RETRY, IO_GONE, IO_ABSENT };
 
 #define MAX_MAPPINGS	1024
 #define HANDSHAKE_MAX	(256 * 1024)
@@ -118,14 +121,8 @@ struct region {
 	uint64_t base, size, offset, page_size;
 	uint64_t *removed;		/* a bit per page the guest discarded */
 	uint64_t *zero;			/* a bit per page known all zero in the file */
+	uint64_t *hole;			/* a bit per page wholly in a sparse hole */
 	uint64_t *recorded;		/* --record: a bit per page listed */
-};
-
-/* A queued fault: its address and flags, and when its event was read. */
-struct fault {
-	uint64_t addr;
-	uint64_t flags;
-	uint64_t read_ns;
 };
 
 /* A sequential fault stream: the page it should fault next, its window. */
@@ -135,15 +132,31 @@ struct stream {
 	uint64_t used;
 };
 
+/*
+ * A queued fault: its address and flags, when its event was read, and its
+ * stream and window once chosen. A fault deferred by EAGAIN keeps them, so
+ * its retries neither grow a window nor take over another stream.
+ */
+struct fault {
+	uint64_t addr;
+	uint64_t flags;
+	uint64_t read_ns;
+	struct stream *stream;
+	uint64_t window;
+};
+
 #define STREAMS		8
 #define MAX_RUN_4K	512		/* 2 MiB ahead at most */
 #define MAX_RUN_2M	4
+#define ZERO_SRC	(MAX_RUN_2M * PAGE_2M)	/* covers the longest run */
 #define POPULATE_STEP	(2ull << 20)	/* bytes installed between loop rounds */
 
 struct counters {
 	uint64_t faults, pages_copied, zero_pages, remove_events, pages_removed;
 	uint64_t deferred, bytes_copied, already_present, unregistered;
 	uint64_t zero_data_pages, prefetched, syscalls, populated, zero_mapped;
+	uint64_t populate_skipped;	/* removed or holes: read zero anyway */
+	uint64_t populate_absent;	/* ENOENT on the page alone */
 	uint64_t service_us_log2[16];	/* event read to page in, by 2^k us */
 };
 
@@ -152,18 +165,18 @@ struct session {
 	pid_t pid;
 	const char *mem;		/* the memory file, mapped read-only */
 	uint64_t mem_size;
-	const char *zeros;		/* PAGE_2M of zeros, for hugetlb pages */
+	const char *zeros;		/* ZERO_SRC bytes of zeros to copy from */
 	struct uffd_mapping *mappings;
 	struct region *regions;
 	size_t nregions;
 	struct fault *faults;		/* queued faults */
 	size_t nfaults, faults_cap;
 	struct stream streams[STREAMS];
-	struct stream *cur;		/* the stream of the fault being served */
 	uint64_t reading;		/* file offset last read in user space */
 	int writing;			/* and whether it is a write */
 	uint64_t stream_clock;
 	int populating;			/* --populate all, not finished */
+	int pop_failed;			/* population stopped on an error */
 	size_t pop_region;		/* where population goes on */
 	uint64_t pop_idx, pop_start;
 	const uint64_t *pop_list;	/* --populate FILE */
@@ -172,6 +185,10 @@ struct session {
 	uint64_t *order;		/* file offsets in the order installed */
 	size_t norder;
 	struct counters n;
+	struct {			/* the last UFFDIO call that failed */
+		const char *op;
+		uint64_t dst, len;
+	} failed;
 	struct uffd_msg msgs[EVENT_BATCH];
 	char handshake[HANDSHAKE_MAX];
 };
@@ -212,9 +229,30 @@ now_ms(void)
 
 /*
  * The UFFDIO helpers. Each reads the kernel's result field, advances over
- * partial progress, and maps the errno to done / retry / gone; anything else
- * is returned as a negative errno for the caller to treat as fatal.
+ * partial progress, and maps the errno to done / retry / gone / absent;
+ * anything else is returned as a negative errno. They log nothing: whether
+ * a failure is fatal depends on whose page it was (see serve_fault), and
+ * the failed call is kept in s->failed for that one place to report.
  */
+
+static int
+uffdio_failed(struct session *s, const char *op, uint64_t dst, uint64_t len,
+    int err)
+{
+	s->failed.op = op;
+	s->failed.dst = dst;
+	s->failed.len = len;
+	return -err;
+}
+
+static void
+log_failure(struct session *s, int level, int rc)
+{
+	logmsg(level, "%s(dst=0x%llx, len=%llu): %s%s", s->failed.op,
+	    (unsigned long long)s->failed.dst, (unsigned long long)s->failed.len,
+	    strerror(-rc), rc == -ENOMEM && s->failed.len >= PAGE_2M ?
+	    " (hugetlb pool exhausted? see /proc/sys/vm/nr_hugepages)" : "");
+}
 
 static int
 uffdio_wake(struct session *s, uint64_t start, uint64_t len)
@@ -228,11 +266,15 @@ uffdio_wake(struct session *s, uint64_t start, uint64_t len)
 		return IO_GONE;
 	if (errno == ENOENT)
 		return IO_DONE;
-	logmsg(LOG_ERROR, "UFFDIO_WAKE(0x%llx, %llu): %s",
-	    (unsigned long long)start, (unsigned long long)len, strerror(errno));
-	return -errno;
+	return uffdio_failed(s, "UFFDIO_WAKE", start, len, errno);
 }
 
+/*
+ * ENOENT: the range is not inside one registered VMA. It copies nothing,
+ * also when the range merely crosses from one VMA into the next (a region
+ * cut by mprotect or madvise, as memory hotplug does), so the caller
+ * decides what it means (see install_split).
+ */
 static int
 uffdio_result(struct session *s, int err, uint64_t dst, uint64_t len,
     const char *what)
@@ -245,16 +287,11 @@ uffdio_result(struct session *s, int err, uint64_t dst, uint64_t len,
 	case EAGAIN:
 		return IO_RETRY;
 	case ENOENT:
-		s->n.unregistered++;
-		return IO_DONE;
+		return IO_ABSENT;
 	case ESRCH:
 		return IO_GONE;
 	default:
-		logmsg(LOG_ERROR, "%s(dst=0x%llx, len=%llu): %s%s", what,
-		    (unsigned long long)dst, (unsigned long long)len, strerror(err),
-		    err == ENOMEM && len >= PAGE_2M ? " (hugetlb pool exhausted? "
-		    "see /proc/sys/vm/nr_hugepages)" : "");
-		return -err;
+		return uffdio_failed(s, what, dst, len, err);
 	}
 }
 
@@ -374,12 +411,13 @@ is_zero(const char *p, size_t len)
 	return 1;
 }
 
-enum { KIND_DATA, KIND_ZERO, KIND_REMOVED };
+enum { KIND_DATA, KIND_ZERO, KIND_REMOVED, KIND_SKIP };
 
 /*
  * What page idx must hold: zeros because the guest removed it, zeros
  * because the snapshot page is all zero (a hole, or zero bytes), or data.
- * Hugetlb has no zero page, so 2 MiB snapshot pages are always copied.
+ * Hugetlb has no zero page: a 2 MiB page is zero only when it lies wholly
+ * in a hole, and is never scanned.
  * A write fault gets a copy whatever the page holds, so its window is not
  * scanned: a zero page copied from the file costs what one copied from
  * zeros does, and scanning would cut the window into short runs (on the
@@ -390,11 +428,11 @@ page_kind(struct session *s, struct region *r, uint64_t idx)
 {
 	if (bit_test(r->removed, idx))
 		return KIND_REMOVED;
-	if (!opt.optimize || r->page_size != PAGE_4K)
+	if (!opt.optimize)
 		return KIND_DATA;
-	if (bit_test(r->zero, idx))
+	if (bit_test(r->hole, idx) || bit_test(r->zero, idx))
 		return KIND_ZERO;
-	if (s->writing)
+	if (r->page_size != PAGE_4K || s->writing)
 		return KIND_DATA;
 	s->reading = r->offset + idx * PAGE_4K;
 	if (!is_zero(s->mem + s->reading, PAGE_4K))
@@ -404,20 +442,38 @@ page_kind(struct session *s, struct region *r, uint64_t idx)
 }
 
 /*
- * Sequential detection. A fault at the page a stream expects next doubles
- * that stream's window; any other fault starts a stream of one page, so
- * random access never installs pages the guest did not ask for.
+ * Whether a page of this kind may be installed before the guest asks for
+ * it. Not a removed page: the guest gave it back, and a copy would take
+ * memory (and, behind an unplugged hotplug slot's PROT_NONE, show later).
+ * Not zeros that would be copied rather than mapped (hugetlb, or a write
+ * window): memory spent on pages that read as zero anyway, and unplugged
+ * hotplug slots are holes. The faulting page itself is always installed.
  */
-static uint64_t
-window_for(struct session *s, struct region *r, uint64_t page)
+static int
+may_prefetch(const struct session *s, const struct region *r, int kind)
+{
+	return kind == KIND_DATA ||
+	    (kind == KIND_ZERO && r->page_size == PAGE_4K && !s->writing);
+}
+
+/*
+ * Sequential detection. A fault at the page a stream expects next doubles
+ * that stream's window; any other fault starts a clean stream of one page
+ * in place of the least recently used, so random access never installs
+ * pages the guest did not ask for. Chosen once per fault.
+ */
+static void
+choose_window(struct session *s, struct region *r, uint64_t page,
+    struct fault *f)
 {
 	uint64_t max = (r->page_size == PAGE_4K ? MAX_RUN_4K : MAX_RUN_2M);
 	uint64_t left = (r->base + r->size - page) / r->page_size;
 	struct stream *st = &s->streams[0];
 
 	if (!opt.optimize) {
-		s->cur = st;
-		return 1;
+		f->stream = st;
+		f->window = 1;
+		return;
 	}
 	for (size_t i = 0; i < STREAMS; i++)
 		if (s->streams[i].next == page) {
@@ -428,11 +484,11 @@ window_for(struct session *s, struct region *r, uint64_t page)
 	for (size_t i = 1; i < STREAMS; i++)
 		if (s->streams[i].used < st->used)
 			st = &s->streams[i];
-	st->window = 1;
+	*st = (struct stream){ .next = UINT64_MAX, .window = 1 };
 found:
 	st->used = ++s->stream_clock;
-	s->cur = st;
-	return st->window < left ? st->window : left;
+	f->stream = st;
+	f->window = st->window < left ? st->window : left;
 }
 
 /* --record: each page installed for a fault, once, in order. */
@@ -467,7 +523,8 @@ install_run(struct session *s, struct region *r, uint64_t idx, uint64_t n,
 	else if (mapped)
 		rc = uffdio_zeropage(s, dst, len, &done);
 	else
-		rc = uffdio_copy(s, dst, s->zeros, len, &done);
+		rc = uffdio_copy(s, dst, s->zeros, len < ZERO_SRC ? len : ZERO_SRC,
+		    &done);
 	*got = done / r->page_size;
 	if (kind == KIND_DATA) {
 		s->n.pages_copied += *got;
@@ -482,15 +539,45 @@ install_run(struct session *s, struct region *r, uint64_t idx, uint64_t n,
 }
 
 /*
- * The faulting page first, then the rest of the window as runs of one kind,
- * one ioctl each. The fault is served once its page is in; the pages ahead
- * are a bet that stops at the first page already present or refused.
+ * install_run, halving the run on ENOENT: a run that crosses a VMA
+ * boundary fails whole with ENOENT and copies nothing, so halving finds
+ * the part that fits and the rest goes on from there. Only ENOENT on a
+ * single page says that page is not registered (IO_ABSENT). *got < n
+ * otherwise means a page already present, or an error, stopped the run.
  */
 static int
-serve_window(struct session *s, struct region *r, uint64_t idx, uint64_t n)
+install_split(struct session *s, struct region *r, uint64_t idx, uint64_t n,
+    int kind, uint64_t *got)
+{
+	uint64_t part = n, g;
+	int rc;
+
+	*got = 0;
+	for (;;) {
+		rc = install_run(s, r, idx + *got, part, kind, &g);
+		*got += g;
+		if (rc == IO_ABSENT && part > 1) {
+			part /= 2;
+			continue;
+		}
+		if (rc != IO_DONE || g < part || *got == n)
+			return rc;
+		part = n - *got;
+	}
+}
+
+/*
+ * The faulting page first, then the rest of the window as runs of one
+ * kind, one ioctl each, as far as may_prefetch allows. The fault is served
+ * once its page is in; the pages ahead are a bet, and anything that stops
+ * one (a page already present or refused, an error) ends the window only.
+ */
+static int
+serve_window(struct session *s, struct region *r, uint64_t idx, uint64_t n,
+    struct stream *st)
 {
 	uint64_t at = 0, len, got;
-	int kind, next, rc;
+	int kind, next = KIND_DATA, rc;
 
 	/* UFFDIO_COPY from a source page not yet mapped in this process falls
 	 * back to faulting it in page by page: 9 us per page against 1.1 us
@@ -503,43 +590,64 @@ serve_window(struct session *s, struct region *r, uint64_t idx, uint64_t n)
 		    n * r->page_size, MADV_POPULATE_READ);
 	}
 	kind = page_kind(s, r, idx);
-	next = kind;
-
-	while (at < n) {
-		for (len = 1; at + len < n; len++)
+	for (;;) {
+		for (len = 1; at + len < n && may_prefetch(s, r, kind); len++)
 			if ((next = page_kind(s, r, idx + at + len)) != kind)
 				break;
-		rc = install_run(s, r, idx + at, len, kind, &got);
+		rc = install_split(s, r, idx + at, len, kind, &got);
 		if (at == 0 && got == 0)
 			return rc;
-		if (rc < 0)
-			return rc;
 		at += got;
-		if (got < len || rc != IO_DONE)
+		if (rc != IO_DONE || got < len) {
+			if (rc < 0)
+				log_failure(s, LOG_DEBUG, rc);
 			break;
-		kind = next;
+		}
+		if (at == n)
+			break;
+		/* The run ended at a change of kind, or after the faulting
+		 * page when its own kind may not go ahead. */
+		kind = may_prefetch(s, r, kind) ? next : page_kind(s, r, idx + at);
+		if (!may_prefetch(s, r, kind))
+			break;
 	}
 	s->n.prefetched += at - 1;
-	s->cur->next = r->base + (idx + at) * r->page_size;
+	st->next = r->base + (idx + at) * r->page_size;
 	record_pages(s, r, idx, at);
 	return IO_DONE;
 }
 
+/*
+ * One fault. Whatever fails on the faulting page itself is the caller's
+ * to treat as fatal, except ENOENT on the page alone: its range is no
+ * longer registered (the VMM unregistered or unmapped it), so nobody waits
+ * for it here and the fault is dropped.
+ */
 static int
-serve_fault(struct session *s, uint64_t addr, uint64_t flags)
+serve_fault(struct session *s, struct fault *f)
 {
-	struct region *r = find_region(s, addr);
-	uint64_t page, n;
+	struct region *r = find_region(s, f->addr);
+	uint64_t page;
+	int rc;
 
 	if (r == NULL) {
 		logmsg(LOG_ERROR, "fault at 0x%llx lies outside every mapping "
-		    "of the handshake", (unsigned long long)addr);
+		    "of the handshake", (unsigned long long)f->addr);
 		return -EFAULT;
 	}
-	page = addr & ~(r->page_size - 1);
-	n = window_for(s, r, page);
-	s->writing = (flags & UFFD_PAGEFAULT_FLAG_WRITE) != 0;
-	return serve_window(s, r, (page - r->base) / r->page_size, n);
+	page = f->addr & ~(r->page_size - 1);
+	if (f->stream == NULL)
+		choose_window(s, r, page, f);
+	s->writing = (f->flags & UFFD_PAGEFAULT_FLAG_WRITE) != 0;
+	rc = serve_window(s, r, (page - r->base) / r->page_size, f->window,
+	    f->stream);
+	if (rc == IO_ABSENT) {
+		s->n.unregistered++;
+		return IO_DONE;
+	}
+	if (rc < 0)
+		log_failure(s, LOG_ERROR, rc);
+	return rc;
 }
 
 /* Marks the pages wholly inside [start, end) removed in every region. */
@@ -583,8 +691,8 @@ queue_fault(struct session *s, const struct uffd_msg *m, uint64_t now)
 		s->faults = f;
 		s->faults_cap *= 2;
 	}
-	s->faults[s->nfaults++] = (struct fault){ m->arg.pagefault.address,
-	    m->arg.pagefault.flags, now };
+	s->faults[s->nfaults++] = (struct fault){ .addr = m->arg.pagefault.address,
+	    .flags = m->arg.pagefault.flags, .read_ns = now };
 	return 0;
 }
 
@@ -663,8 +771,7 @@ serve_pending(struct session *s)
 	int rc = IO_DONE;
 
 	for (i = 0; i < s->nfaults; i++) {
-		if ((rc = serve_fault(s, s->faults[i].addr, s->faults[i].flags)) !=
-		    IO_DONE)
+		if ((rc = serve_fault(s, &s->faults[i])) != IO_DONE)
 			break;
 		record_service(s, s->faults[i].read_ns);
 	}
@@ -775,9 +882,29 @@ region_at_offset(struct session *s, uint64_t off)
 }
 
 /*
- * Installs len pages of one kind for --populate, removed pages excepted
- * (the guest gave them back). *advance says how far to move on: a page
- * already present stops a run, and is stepped over.
+ * What population does with page idx. A page the guest removed is left
+ * out: it gave it back. So, with --populate all, is a page wholly in a
+ * hole of MEMFILE: it reads as zero without being installed (also after
+ * --detach: the kernel fills an unregistered anonymous page with zeros),
+ * and an unplugged hotplug slot is such a hole, which population would
+ * otherwise fill with page tables or 2 MiB pages the guest may never plug.
+ * A --populate list names pages the guest did touch: holes there are
+ * installed as zeros.
+ */
+static int
+populate_kind(struct session *s, struct region *r, uint64_t idx)
+{
+	if (bit_test(r->removed, idx))
+		return KIND_SKIP;
+	if (s->pop_list == NULL && bit_test(r->hole, idx))
+		return KIND_SKIP;
+	return page_kind(s, r, idx);
+}
+
+/*
+ * Installs len pages of one kind for --populate. *advance says how far to
+ * move on: a page already present stops a run and is stepped over, and so
+ * is a page that is not registered (ENOENT on the page alone).
  */
 static int
 populate_run(struct session *s, struct region *r, uint64_t idx, uint64_t len,
@@ -787,15 +914,25 @@ populate_run(struct session *s, struct region *r, uint64_t idx, uint64_t len,
 	int rc;
 
 	*advance = len;
-	if (kind == KIND_REMOVED)
+	if (kind == KIND_SKIP) {
+		s->n.populate_skipped += len;
 		return IO_DONE;
-	rc = install_run(s, r, idx, len, kind, &got);
+	}
+	rc = install_split(s, r, idx, len, kind, &got);
 	s->n.populated += got;
-	if (rc < 0 || rc == IO_GONE || rc == IO_RETRY)
-		return rc;
-	*advance = got < len ? got + 1 : len;
 	*budget = *budget > len * r->page_size ? *budget - len * r->page_size : 0;
-	return IO_DONE;
+	switch (rc) {
+	case IO_DONE:
+		*advance = got < len ? got + 1 : len;
+		return IO_DONE;
+	case IO_ABSENT:
+		s->n.populate_absent++;
+		*advance = got + 1;
+		return IO_DONE;
+	default:
+		*advance = got;
+		return rc;
+	}
 }
 
 /* One step through the --populate list; adjacent entries make one run. */
@@ -803,9 +940,9 @@ static int
 populate_list_step(struct session *s)
 {
 	uint64_t budget = POPULATE_STEP;
-	int rc;
+	int rc = IO_DONE;
 
-	while (budget > 0 && s->pop_pos < s->pop_n) {
+	while (rc == IO_DONE && budget > 0 && s->pop_pos < s->pop_n) {
 		uint64_t off = s->pop_list[s->pop_pos], idx, len = 1, npages;
 		struct region *r = region_at_offset(s, off);
 		int kind;
@@ -816,31 +953,30 @@ populate_list_step(struct session *s)
 		}
 		idx = (off - r->offset) / r->page_size;
 		npages = r->size / r->page_size;
-		kind = page_kind(s, r, idx);
+		kind = populate_kind(s, r, idx);
 		while (s->pop_pos + len < s->pop_n && idx + len < npages &&
 		    len * r->page_size < budget &&
 		    s->pop_list[s->pop_pos + len] == off + len * r->page_size &&
-		    page_kind(s, r, idx + len) == kind)
+		    populate_kind(s, r, idx + len) == kind)
 			len++;
-		if ((rc = populate_run(s, r, idx, len, kind, &len, &budget)) != IO_DONE)
-			return rc;
+		rc = populate_run(s, r, idx, len, kind, &len, &budget);
 		s->pop_pos += len;
 	}
-	return IO_DONE;
+	return rc;
 }
 
 /*
  * --populate all: every page is installed right after the handshake, in
  * runs of up to 2 MiB between rounds of the loop, so faults always go
- * first. Removed pages stay out: the guest gave them back.
+ * first.
  */
 static int
 populate_step(struct session *s)
 {
 	uint64_t budget = POPULATE_STEP;
-	int rc;
+	int rc = IO_DONE;
 
-	while (budget > 0 && s->pop_region < s->nregions) {
+	while (rc == IO_DONE && budget > 0 && s->pop_region < s->nregions) {
 		struct region *r = &s->regions[s->pop_region];
 		uint64_t npages = r->size / r->page_size, idx = s->pop_idx, len;
 		int kind;
@@ -850,22 +986,22 @@ populate_step(struct session *s)
 			s->pop_idx = 0;
 			continue;
 		}
-		kind = page_kind(s, r, idx);
+		kind = populate_kind(s, r, idx);
 		for (len = 1; idx + len < npages && len < budget / r->page_size + 1 &&
-		    page_kind(s, r, idx + len) == kind; len++)
+		    populate_kind(s, r, idx + len) == kind; len++)
 			;
-		if ((rc = populate_run(s, r, idx, len, kind, &len, &budget)) != IO_DONE)
-			return rc;
+		rc = populate_run(s, r, idx, len, kind, &len, &budget);
 		s->pop_idx += len;
 	}
-	return IO_DONE;
+	return rc;
 }
 
 /*
- * --detach: with every page in, the regions are unregistered and the VM
- * runs on without a handler. Pages it removes later read as zero, which is
- * what the kernel gives an unregistered anonymous page. A REMOVE already
- * queued must still be read, or its madvise caller would wait forever.
+ * --detach: with every page in that population does not leave out, the
+ * regions are unregistered and the VM runs on without a handler. The pages
+ * left out, and any it removes later, read as zero, which is what the
+ * kernel gives an unregistered anonymous page. A REMOVE already queued
+ * must still be read, or its madvise caller would wait forever.
  */
 static int
 detach(struct session *s)
@@ -883,12 +1019,19 @@ detach(struct session *s)
 	}
 	while (read(s->uffd, s->msgs, sizeof(s->msgs)) > 0)
 		;
-	logmsg(LOG_INFO, "every page present: unregistered, the VM runs on "
-	    "without a handler");
+	logmsg(LOG_INFO, "every page with data is present (%llu removed or "
+	    "in holes read as zero, %llu not registered): unregistered, the "
+	    "VM runs on without a handler",
+	    (unsigned long long)s->n.populate_skipped,
+	    (unsigned long long)s->n.populate_absent);
 	return 0;
 }
 
-/* One population step when no fault waits; clears populating when done. */
+/*
+ * One population step when no fault waits; clears populating when done.
+ * A failure there is a page nobody asked for yet: population stops, the
+ * VM is served on demand, and --detach no longer lets it go.
+ */
 static int
 populate(struct session *s)
 {
@@ -898,7 +1041,16 @@ populate(struct session *s)
 		return 0;
 	s->writing = 0;
 	rc = s->pop_list ? populate_list_step(s) : populate_step(s);
-	if (rc < 0 || rc == IO_GONE)
+	if (rc < 0) {
+		log_failure(s, LOG_WARN, rc);
+		logmsg(LOG_WARN, "population stopped after %llu pages; faults are "
+		    "still served%s", (unsigned long long)s->n.populated,
+		    opt.detach ? ", and the handler stays (--detach)" : "");
+		s->populating = 0;
+		s->pop_failed = 1;
+		return 0;
+	}
+	if (rc == IO_GONE)
 		return rc;
 	if (s->pop_list ? s->pop_pos < s->pop_n : s->pop_region < s->nregions)
 		return 0;
@@ -971,7 +1123,7 @@ serve_round(struct session *s, short uffd_events, short pid_events)
 		logmsg(LOG_INFO, "VMM's address space is gone (ESRCH)");
 		return 1;
 	}
-	if (opt.detach && !s->populating && s->nfaults == 0)
+	if (opt.detach && !s->populating && !s->pop_failed && s->nfaults == 0)
 		return (rc = detach(s)) < 0 ? rc : 1;
 	return 0;
 }
@@ -1148,11 +1300,13 @@ check_uffd(struct session *s)
 }
 
 /* Sparse holes (unplugged memory, diff snapshots) read as zero: found with
- * SEEK_HOLE, they are served as zero pages without reading the file. */
+ * SEEK_HOLE, the pages wholly inside one are served as zeros without
+ * reading the file, and population leaves them out. */
 static void
 mark_holes(struct session *s, struct region *r)
 {
 	off_t pos = (off_t)r->offset, end = (off_t)(r->offset + r->size);
+	uint64_t ps = r->page_size;
 
 	while (pos < end) {
 		off_t hole = lseek(s->memfd, pos, SEEK_HOLE), data;
@@ -1162,9 +1316,9 @@ mark_holes(struct session *s, struct region *r)
 		data = lseek(s->memfd, hole, SEEK_DATA);
 		if (data < 0 || data > end)
 			data = end;
-		for (uint64_t p = ((uint64_t)hole - r->offset + PAGE_4K - 1) / PAGE_4K;
-		    p < ((uint64_t)data - r->offset) / PAGE_4K; p++)
-			bit_set(r->zero, p);
+		for (uint64_t p = ((uint64_t)hole - r->offset + ps - 1) / ps;
+		    p < ((uint64_t)data - r->offset) / ps; p++)
+			bit_set(r->hole, p);
 		pos = data;
 	}
 }
@@ -1196,10 +1350,10 @@ setup_regions(struct session *s, size_t n)
 		r->page_size = s->mappings[i].page_size;
 		pages = r->size / r->page_size;
 		if ((r->removed = calloc((pages + 63) / 64, 8)) == NULL ||
-		    (r->zero = calloc((pages + 63) / 64, 8)) == NULL)
+		    (r->zero = calloc((pages + 63) / 64, 8)) == NULL ||
+		    (r->hole = calloc((pages + 63) / 64, 8)) == NULL)
 			return -ENOMEM;
-		if (opt.optimize && r->page_size == PAGE_4K)
-			mark_holes(s, r);
+		mark_holes(s, r);
 		if (s->record_fd >= 0 &&
 		    (r->recorded = calloc((pages + 63) / 64, 8)) == NULL)
 			return -ENOMEM;
@@ -1210,7 +1364,7 @@ setup_regions(struct session *s, size_t n)
 	if (s->record_fd >= 0 && (s->order = calloc(total, sizeof(*s->order))) == NULL)
 		return -ENOMEM;
 	/* Zeros to copy from: never written, so it costs no memory. */
-	z = mmap(NULL, PAGE_2M, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	z = mmap(NULL, ZERO_SRC, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	if (z == MAP_FAILED)
 		return -errno;
 	s->zeros = z;
@@ -1488,10 +1642,11 @@ session_close(struct session *s)
 	if (s->mem != NULL)
 		munmap((void *)s->mem, s->mem_size);
 	if (s->zeros != NULL)
-		munmap((void *)s->zeros, PAGE_2M);
+		munmap((void *)s->zeros, ZERO_SRC);
 	for (size_t i = 0; i < s->nregions; i++) {
 		free(s->regions[i].removed);
 		free(s->regions[i].zero);
+		free(s->regions[i].hole);
 		free(s->regions[i].recorded);
 	}
 	free(s->regions);
@@ -1520,6 +1675,8 @@ print_counters(const struct session *s, int code)
 		{ "zero_data_pages", c->zero_data_pages },
 		{ "memory_saved_bytes", c->zero_mapped * PAGE_4K },
 		{ "prefetched", c->prefetched }, { "populated", c->populated },
+		{ "populate_skipped", c->populate_skipped },
+		{ "populate_absent", c->populate_absent },
 		{ "remove_events", c->remove_events },
 		{ "pages_removed", c->pages_removed }, { "deferred", c->deferred },
 		{ "bytes_copied", c->bytes_copied },

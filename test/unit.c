@@ -1,0 +1,317 @@
+/*
+ * unit - the handler's fault path, called directly against a real
+ * userfaultfd that this process creates and registers itself. For what an
+ * integration test cannot set up on demand: a REMOVE held pending while a
+ * fault is retried, a source that fails part way through a window.
+ *
+ *   unit NAME     runs one case: exit 0 pass, 1 fail (the reason on stderr)
+ *   unit -l       lists the cases
+ *
+ * uffd.c is compiled in whole, its main renamed, so every static function
+ * is reachable. Pages are only ever inspected with mincore() or after they
+ * are known present: reading a missing registered page would wait for a
+ * handler, which is this process.
+ */
+#define main handler_main
+#include "../uffd.c"
+#undef main
+
+#include <pthread.h>
+
+/* What a VMM needs beyond uffd.h, which has what a handler needs. */
+struct uffdio_api {
+	uint64_t api, features, ioctls;
+};
+
+struct uffdio_register {
+	struct uffdio_range range;
+	uint64_t mode, ioctls;
+};
+
+#define UFFDIO_API			_IOWR(0xAA, 0x3F, struct uffdio_api)
+#define UFFDIO_REGISTER			_IOWR(0xAA, 0x00, struct uffdio_register)
+#define UFFDIO_REGISTER_MODE_MISSING	((uint64_t)1)
+
+#define NPAGES		64
+
+static struct {
+	int uffd;
+	char *mem;			/* NPAGES registered anonymous pages */
+	char *src;			/* the "memory file": NPAGES of 0xab */
+	struct region r;
+	struct session s;
+} U;
+
+static int __attribute__((format(printf, 1, 2)))
+fail(const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fputc('\n', stderr);
+	return 1;
+}
+
+/* A uffd as Firecracker makes it, one region registered, one session. */
+static int
+setup(void)
+{
+	struct uffdio_api api = { .api = UFFD_API,
+	    .features = UFFD_FEATURE_EVENT_REMOVE };
+	struct uffdio_register reg = { .mode = UFFDIO_REGISTER_MODE_MISSING };
+	uint64_t words = (NPAGES + 63) / 64;
+
+	U.uffd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+	if (U.uffd < 0 || ioctl(U.uffd, UFFDIO_API, &api) < 0)
+		return fail("userfaultfd: %s", strerror(errno));
+	U.mem = mmap(NULL, NPAGES * PAGE_4K, PROT_READ | PROT_WRITE,
+	    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	U.src = mmap(NULL, NPAGES * PAGE_4K, PROT_READ | PROT_WRITE,
+	    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (U.mem == MAP_FAILED || U.src == MAP_FAILED)
+		return fail("mmap: %s", strerror(errno));
+	memset(U.src, 0xab, NPAGES * PAGE_4K);
+	reg.range = (struct uffdio_range){ (uintptr_t)U.mem, NPAGES * PAGE_4K };
+	if (ioctl(U.uffd, UFFDIO_REGISTER, &reg) < 0)
+		return fail("UFFDIO_REGISTER: %s", strerror(errno));
+	U.r = (struct region){ .base = (uintptr_t)U.mem, .size = NPAGES * PAGE_4K,
+	    .page_size = PAGE_4K, .removed = calloc(words, 8),
+	    .zero = calloc(words, 8), .hole = calloc(words, 8) };
+	U.s = (struct session){ .conn = -1, .uffd = U.uffd, .pidfd = -1,
+	    .memfd = -1, .record_fd = -1, .mem = U.src, .regions = &U.r,
+	    .nregions = 1 };
+	U.s.zeros = mmap(NULL, ZERO_SRC, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS,
+	    -1, 0);
+	return U.s.zeros == MAP_FAILED ? fail("mmap(zeros)") : 0;
+}
+
+static int
+present(uint64_t page)
+{
+	unsigned char v = 0;
+
+	mincore(U.mem + page * PAGE_4K, PAGE_4K, &v);
+	return v & 1;
+}
+
+static int
+fault_at(uint64_t page, uint64_t flags, struct fault *f)
+{
+	*f = (struct fault){ .addr = (uintptr_t)U.mem + page * PAGE_4K,
+	    .flags = flags };
+	return serve_fault(&U.s, f);
+}
+
+/* A thread whose madvise stays blocked until the handler reads its REMOVE. */
+static void *
+remove_page(void *arg)
+{
+	madvise(arg, PAGE_4K, MADV_DONTNEED);
+	return NULL;
+}
+
+/* Holds a REMOVE of the last page pending; every copy then gets EAGAIN. */
+static int
+hold_remove(pthread_t *t)
+{
+	struct pollfd p = { U.uffd, POLLIN, 0 };
+
+	pthread_create(t, NULL, remove_page, U.mem + (NPAGES - 1) * PAGE_4K);
+	return poll(&p, 1, 5000) == 1 ? 0 : fail("the REMOVE never arrived");
+}
+
+/* Reads the pending REMOVE, so the madvise caller resumes. */
+static int
+release_remove(pthread_t t)
+{
+	int rc = read_events(&U.s);
+
+	pthread_join(t, NULL);
+	return rc < 0 ? fail("read_events: %d", rc) : 0;
+}
+
+/*
+ * A fault that continues a stream, deferred by EAGAIN five times, is then
+ * served with the window it was given at first (2 pages), not one grown by
+ * each retry.
+ */
+static int
+retried_fault_keeps_window(void)
+{
+	struct fault f0, f1;
+	pthread_t t;
+	int rc;
+
+	if (fault_at(0, 0, &f0) != IO_DONE || f0.window != 1)
+		return fail("first fault: window %llu", (unsigned long long)f0.window);
+	if (hold_remove(&t))
+		return 1;
+	f1 = (struct fault){ .addr = (uintptr_t)U.mem + PAGE_4K };
+	for (int i = 0; i < 5; i++)
+		if ((rc = serve_fault(&U.s, &f1)) != IO_RETRY)
+			return fail("retry %d: %d, expected IO_RETRY", i, rc);
+	if (f1.window != 2 || f1.stream->window != 2)
+		return fail("after 5 retries the window is %llu (stream %llu), "
+		    "expected 2", (unsigned long long)f1.window,
+		    (unsigned long long)f1.stream->window);
+	if (release_remove(t))
+		return 1;
+	while ((rc = serve_fault(&U.s, &f1)) == IO_RETRY)
+		usleep(100);
+	if (rc != IO_DONE || U.s.n.prefetched != 1 || present(3))
+		return fail("served %d with %llu prefetched, page 3 %s", rc,
+		    (unsigned long long)U.s.n.prefetched,
+		    present(3) ? "present" : "absent");
+	return 0;
+}
+
+/*
+ * A fault that starts a stream takes the place of the least recently used
+ * one, and starts clean: deferred, it does not lend the evicted stream's
+ * next page to another fault.
+ */
+static int
+new_stream_starts_clean(void)
+{
+	struct fault f[STREAMS], stray, heir;
+	pthread_t t;
+
+	for (uint64_t i = 0; i < STREAMS; i++)
+		if (fault_at(4 * i, 0, &f[i]) != IO_DONE)
+			return fail("fault %llu not served", (unsigned long long)i);
+	/* Stream 0 (page 0, next 1) is the least recently used. */
+	if (hold_remove(&t))
+		return 1;
+	if (fault_at(50, 0, &stray) != IO_RETRY)
+		return fail("the stray fault was not deferred");
+	if (fault_at(1, 0, &heir) != IO_RETRY || heir.window != 1)
+		return fail("a fault at the evicted stream's next page got window "
+		    "%llu, expected 1", (unsigned long long)heir.window);
+	return release_remove(t);
+}
+
+/*
+ * A window that crosses a VMA boundary (the region cut in two by
+ * MADV_NOHUGEPAGE, as memory hotplug's mprotect cuts it) is installed on
+ * both sides; the faulting page is never dropped as unregistered.
+ */
+static int
+enoent_window_split(void)
+{
+	struct fault f;
+
+	if (madvise(U.mem + 4 * PAGE_4K, 60 * PAGE_4K, MADV_NOHUGEPAGE) < 0)
+		return fail("madvise(NOHUGEPAGE): %s", strerror(errno));
+	if (fault_at(0, 0, &f) != IO_DONE || fault_at(1, 0, &f) != IO_DONE ||
+	    fault_at(3, 0, &f) != IO_DONE || f.window != 4)
+		return fail("setting up a window of 4 at page 3 (got %llu)",
+		    (unsigned long long)f.window);
+	for (uint64_t p = 0; p < 7; p++)
+		if (!present(p))
+			return fail("page %llu not installed", (unsigned long long)p);
+	if (U.s.n.unregistered != 0)
+		return fail("%llu faults dropped as unregistered",
+		    (unsigned long long)U.s.n.unregistered);
+	return 0;
+}
+
+/* Only ENOENT on the faulting page alone drops the fault. */
+static int
+enoent_page_dropped(void)
+{
+	struct uffdio_range r = { (uintptr_t)U.mem + 8 * PAGE_4K, PAGE_4K };
+	struct fault f;
+
+	if (ioctl(U.uffd, UFFDIO_UNREGISTER, &r) < 0)
+		return fail("UFFDIO_UNREGISTER: %s", strerror(errno));
+	if (fault_at(8, 0, &f) != IO_DONE || U.s.n.unregistered != 1)
+		return fail("the fault on an unregistered page was not dropped");
+	return 0;
+}
+
+/*
+ * The faulting page is in; a page ahead fails (its source is unreadable:
+ * EFAULT, as ENOMEM from an exhausted hugetlb pool would): the window
+ * ends there, the fault is served, nothing is fatal.
+ */
+static int
+error_ahead_ends_window(void)
+{
+	struct fault f;
+	int rc;
+
+	if (mprotect(U.src + 6 * PAGE_4K, PAGE_4K, PROT_NONE) < 0)
+		return fail("mprotect: %s", strerror(errno));
+	if (fault_at(0, UFFD_PAGEFAULT_FLAG_WRITE, &f) != IO_DONE ||
+	    fault_at(1, UFFD_PAGEFAULT_FLAG_WRITE, &f) != IO_DONE ||
+	    fault_at(3, UFFD_PAGEFAULT_FLAG_WRITE, &f) != IO_DONE)
+		return fail("setting up a window of 4 at page 3");
+	if ((rc = fault_at(3, UFFD_PAGEFAULT_FLAG_WRITE, &f)) != IO_DONE)
+		return fail("a present page: %d", rc);
+	if (!present(3) || !present(5) || present(6))
+		return fail("pages 3..6: %d %d %d %d", present(3), present(4),
+		    present(5), present(6));
+	rc = fault_at(6, UFFD_PAGEFAULT_FLAG_WRITE, &f);
+	return rc == -EFAULT ? 0 : fail("the faulting page's own failure: %d, "
+	    "expected -EFAULT", rc);
+}
+
+/* Zeros copied for a run longer than the zero source are zeros, every byte:
+ * the run is cut to the source, never copied from past its end. */
+static int
+zero_source_covers_run(void)
+{
+	const uint64_t len = ZERO_SRC + PAGE_2M, n = len / PAGE_4K;
+	char *big = mmap(NULL, len, PROT_READ | PROT_WRITE,
+	    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	struct uffdio_register reg = { { (uintptr_t)big, len },
+	    UFFDIO_REGISTER_MODE_MISSING, 0 };
+	struct region r = { .base = (uintptr_t)big, .size = len,
+	    .page_size = PAGE_4K };
+	uint64_t got;
+	int rc;
+
+	if (big == MAP_FAILED || ioctl(U.uffd, UFFDIO_REGISTER, &reg) < 0)
+		return fail("UFFDIO_REGISTER: %s", strerror(errno));
+	U.s.writing = 1;
+	rc = install_run(&U.s, &r, 0, n, KIND_REMOVED, &got);
+	if (rc != IO_DONE || got == 0)
+		return fail("install_run: %d, %llu pages", rc, (unsigned long long)got);
+	for (uint64_t i = 0; i < got * PAGE_4K; i++)
+		if (big[i] != 0)
+			return fail("byte %llu of the run is 0x%02x",
+			    (unsigned long long)i, (unsigned char)big[i]);
+	return 0;
+}
+
+static const struct {
+	const char *name;
+	int (*fn)(void);
+} cases[] = {
+	{ "retried_fault_keeps_window", retried_fault_keeps_window },
+	{ "new_stream_starts_clean", new_stream_starts_clean },
+	{ "enoent_window_split", enoent_window_split },
+	{ "enoent_page_dropped", enoent_page_dropped },
+	{ "error_ahead_ends_window", error_ahead_ends_window },
+	{ "zero_source_covers_run", zero_source_covers_run },
+};
+
+int
+main(int argc, char **argv)
+{
+	opt.log_level = LOG_WARN;
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		if (argc == 2 && strcmp(argv[1], "-l") == 0)
+			printf("%s\n", cases[i].name);
+		else if (argc == 2 && strcmp(argv[1], cases[i].name) == 0)
+			/* No exit-time leak check: it would stop every thread,
+			 * and one may be waiting in madvise for its REMOVE. */
+			_exit(setup() || cases[i].fn());
+	}
+	if (argc == 2 && strcmp(argv[1], "-l") == 0)
+		return 0;
+	fprintf(stderr, "usage: unit -l | unit NAME\n");
+	return 2;
+}
