@@ -1969,6 +1969,11 @@ set_flag(int c, char *arg)
 		opt.optimize = 0;
 		return 0;
 	case OPT_POPULATE:
+		if (opt.populate_all || opt.populate_path != NULL) {
+			fprintf(stderr, "uffd-handler: --populate given twice: it "
+			    "takes either all or one FILE\n");
+			return -1;
+		}
 		if (strcmp(arg, "all") == 0)
 			opt.populate_all = 1;
 		else
@@ -2062,6 +2067,13 @@ parse_options(int argc, char **argv)
 		return rc;
 	if (opt.detach && !opt.populate_all) {
 		fprintf(stderr, "uffd-handler: --detach needs --populate all\n");
+		return -1;
+	}
+	/* A populated restore faults only what population has not reached:
+	 * recording it would write a list that lacks the working set. */
+	if (opt.record_path != NULL && (opt.populate_all || opt.populate_path)) {
+		fprintf(stderr, "uffd-handler: --record needs a restore without "
+		    "--populate: with it only the faults would be recorded\n");
 		return -1;
 	}
 	if (opt.record_path != NULL && opt.max_vms != 1) {
@@ -2298,7 +2310,7 @@ close_inputs(struct inputs *in)
 	in->list = NULL;
 }
 
-/* The memory file, and the files --record and --populate name. */
+/* The memory file and the list --populate names. */
 static int
 open_inputs(struct inputs *in)
 {
@@ -2306,13 +2318,37 @@ open_inputs(struct inputs *in)
 		logmsg(LOG_ERROR, "open(%s): %s", opt.mem_path, strerror(errno));
 		return -errno;
 	}
-	if (opt.record_path != NULL && (in->record_fd = open(opt.record_path,
-	    O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644)) < 0) {
-		logmsg(LOG_ERROR, "open(%s): %s", opt.record_path, strerror(errno));
-		return -errno;
-	}
 	if (opt.populate_path != NULL)
 		return load_list(opt.populate_path, &in->list, &in->nlist);
+	return 0;
+}
+
+/*
+ * The --record file, emptied only once everything else is set up, and
+ * never when it is the memory file itself: a slip of the command line
+ * must not destroy the snapshot. -EINVAL for that, a usage error.
+ */
+static int
+open_record(struct inputs *in)
+{
+	struct stat a, b;
+
+	if (opt.record_path == NULL)
+		return 0;
+	if ((in->record_fd = open(opt.record_path, O_WRONLY | O_CREAT | O_CLOEXEC,
+	    0644)) < 0 || fstat(in->record_fd, &a) < 0 || fstat(in->memfd, &b) < 0) {
+		logmsg(LOG_ERROR, "open(%s): %s", opt.record_path, strerror(errno));
+		return -EIO;
+	}
+	if (a.st_dev == b.st_dev && a.st_ino == b.st_ino) {
+		logmsg(LOG_ERROR, "--record %s is the memory file; not overwriting "
+		    "it", opt.record_path);
+		return -EINVAL;
+	}
+	if (ftruncate(in->record_fd, 0) < 0) {
+		logmsg(LOG_ERROR, "ftruncate(%s): %s", opt.record_path, strerror(errno));
+		return -EIO;
+	}
 	return 0;
 }
 
@@ -2325,9 +2361,15 @@ main(int argc, char **argv)
 	if ((rc = parse_options(argc, argv)) != 0)
 		return rc > 0 ? 0 : EXIT_USAGE;
 	if (open_inputs(&in) < 0 || (sigfd = signal_fd()) < 0 ||
-	    (lfd = listen_socket(opt.socket_path)) < 0 || drop_privileges() < 0) {
+	    (lfd = listen_socket(opt.socket_path)) < 0) {
 		close_inputs(&in);
 		return EXIT_SETUP;
+	}
+	if ((rc = open_record(&in)) < 0 || drop_privileges() < 0) {
+		close(lfd);
+		unlink(opt.socket_path);
+		close_inputs(&in);
+		return rc == -EINVAL ? EXIT_USAGE : EXIT_SETUP;
 	}
 	logmsg(LOG_INFO, "listening on %s for a VMM", opt.socket_path);
 	if (opt.max_vms != 1) {

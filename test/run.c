@@ -725,6 +725,58 @@ cli_usage_errors(const void *arg)
 	return PASS;
 }
 
+/*
+ * Options that contradict each other: exit 2 with one line saying why,
+ * before anything is opened for writing. The --record file named (also
+ * as the --populate list, or the memory file) keeps its bytes.
+ */
+static int
+cli_option_conflicts(const void *arg)
+{
+	char keep[160], mem[160], sock[160], err[2048], buf[16];
+	const char *const cases[][8] = {
+		{ "--populate", "all", "--populate", keep, sock, T.snap, NULL },
+		{ "--populate", keep, "--populate", "all", sock, T.snap, NULL },
+		{ "--populate", "all", "--detach", "--populate", keep, sock, T.snap },
+		{ "--record", keep, "--populate", keep, sock, T.snap, NULL },
+		{ "--record", keep, "--populate", "all", sock, T.snap, NULL },
+		{ "--record", mem, sock, mem, NULL },
+	};
+	static const char *const why[] = { "--populate given twice",
+		"--populate given twice", "--populate given twice",
+		"--record needs a restore without --populate",
+		"--record needs a restore without --populate",
+		"is the memory file; not overwriting it" };
+	struct proc p;
+	FILE *f;
+
+	(void)arg;
+	snprintf(keep, sizeof(keep), "%s/keep.txt", T.dir);
+	snprintf(mem, sizeof(mem), "%s/keep.mem", T.dir);
+	snprintf(sock, sizeof(sock), "%s/conflict.sock", T.dir);
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		const char *args[10] = { NULL };
+
+		for (int j = 0; j < 8 && cases[i][j]; j++)
+			args[j] = cases[i][j];
+		for (int j = 0; j < 2; j++) {
+			if ((f = fopen(j ? mem : keep, "w")) == NULL)
+				return fail("fopen: %s", strerror(errno));
+			fputs(j ? "4096" : "0\n", f);
+			fclose(f);
+		}
+		run_handler(args, 5000, &p, err, sizeof(err));
+		if (!exited(&p, 2) || strchr(err, '\n') != strrchr(err, '\n') ||
+		    !strstr(err, why[i]))
+			return fail("case %zu: %s, expected exit 2 and one line "
+			    "saying \"%s\": %s", i, how(&p), why[i], err);
+		read_text(i == 5 ? mem : keep, buf, sizeof(buf));
+		if (strcmp(buf, i == 5 ? "4096" : "0\n") != 0)
+			return fail("case %zu: the file named was emptied", i);
+	}
+	return PASS;
+}
+
 static int
 cli_missing_memfile(const void *arg)
 {
@@ -1719,6 +1771,7 @@ static const struct tcase cases[] = {
 	{ "unit_zero_source_covers_run", unit, "zero_source_covers_run" },
 	{ "cli_help_version", cli_help_version, NULL },
 	{ "cli_usage_errors", cli_usage_errors, NULL },
+	{ "cli_option_conflicts", cli_option_conflicts, NULL },
 	{ "cli_missing_memfile", cli_missing_memfile, NULL },
 	{ "socket_not_a_socket", socket_not_a_socket, NULL },
 	{ "socket_stale_replaced", socket_stale_replaced, NULL },
