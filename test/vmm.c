@@ -1,12 +1,13 @@
 /*
  * vmm - plays Firecracker's side of a Uffd snapshot restore, for tests.
  *
- *   vmm mksnap FILE [--regions MIB,MIB,...]
+ *   vmm mksnap FILE [--regions MIB,MIB,...] [--hotplug [--slot KIB]]
  *   vmm run SOCKET FILE [options]
  *
  * mksnap writes a memory file: pseudo-random pages, every fifth page all
  * zero, the last quarter of the last region a sparse hole, and in region 0
- * the page tables and code of a tiny long-mode guest.
+ * the page tables and code of a tiny long-mode guest. With --hotplug the
+ * last region's never-plugged slots (see the oracle mode) are holes too.
  *
  * run restores it the way Firecracker does (persist.rs,
  * guest_memory_from_uffd): each region its own MAP_PRIVATE|MAP_ANONYMOUS|
@@ -15,7 +16,11 @@
  * registered for missing faults, then one connect and one sendmsg of the JSON
  * mappings with the uffd as SCM_RIGHTS. It then faults the memory in from
  * threads or from KVM vCPUs and checks every byte against the file.
- * Exit: 0 verified, 1 a byte was wrong, 2 usage or setup error.
+ * The oracle mode (--access, --write, --balloon none, --layout, --slot)
+ * keeps every page's exact expected content while threads touch it, a
+ * balloon removes ranges and slots of a hotplug region come and go.
+ * Exit: 0 verified, 1 a byte was wrong (or a fault was never served),
+ * 2 usage or setup error.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -80,8 +85,14 @@ static struct {
 	int zero_every;			/* mksnap: every Nth page all zero */
 	int delay;			/* ms between handshake and first touch */
 	long uid;			/* run as this uid once the uffd exists */
+	int oracle;			/* an oracle-mode option was given */
+	const char *access;		/* oracle mode: seq, rand, ws10 */
+	int write;			/* oracle mode: touches write */
+	const char *layout;		/* one, split, hotplug (NULL: one) */
+	uint64_t slot;			/* bytes: split pieces, hotplug slots */
+	int hotplug;			/* mksnap: never-plugged slots are holes */
 } o = { .gen = 3, .keep_open = -1, .threads = 4, .uid = -1, .backend = "uffd",
-	.workload = "seqread", .zero_every = 5 };
+	.workload = "seqread", .zero_every = 5, .slot = 2048 * 1024 };
 
 static const char *snap;		/* the memory file, mapped */
 static char *host[MAX_REGIONS];		/* guest memory in this process */
@@ -138,6 +149,38 @@ mix(uint64_t x)
 	return x ^ (x >> 31);
 }
 
+static int
+layout_is(const char *name)
+{
+	return strcmp(o.layout ? o.layout : "one", name) == 0;
+}
+
+/*
+ * The hotplug region is the last one, cut into slots of --slot bytes, as
+ * Firecracker adds a virtio-mem region after DRAM. Slots whose index % 3
+ * == 1 were never plugged: PROT_NONE from the start, holes in the file.
+ */
+static int
+slot_born_unplugged(uint64_t s)
+{
+	return s % 3 == 1;
+}
+
+static uint64_t
+slot_count(void)
+{
+	return (o.l.size[o.l.n - 1] + o.slot - 1) / o.slot;
+}
+
+/* The slot holding page p of the hotplug region, or -1 outside it. */
+static int64_t
+slot_of_page(uint64_t p)
+{
+	uint64_t base = o.l.off[o.l.n - 1];
+
+	return p * PAGE < base ? -1 : (int64_t)((p * PAGE - base) / o.slot);
+}
+
 /* Page p of the file: a hole, all zero, or data. */
 static int
 page_kind(uint64_t p)
@@ -147,6 +190,9 @@ page_kind(uint64_t p)
 	uint64_t hole = l->off[last] + l->size[last] - l->size[last] / 4;
 
 	if (p * PAGE >= hole)
+		return 'h';
+	if (o.hotplug && slot_of_page(p) >= 0 &&
+	    slot_born_unplugged((uint64_t)slot_of_page(p)))
 		return 'h';
 	if (p % (uint64_t)o.zero_every == 3 % (uint64_t)o.zero_every &&
 	    p * PAGE >= DATA_GPA)
@@ -198,8 +244,12 @@ mksnap(const char *path)
 	if (ftruncate(fd, (off_t)o.l.total) < 0 || close(fd) < 0)
 		die("ftruncate(%s): %s", path, strerror(errno));
 	printf("snapshot %s: %d regions, %" PRIu64 " MiB: %" PRIu64 " data pages, "
-	    "%" PRIu64 " zero pages, %" PRIu64 " pages of sparse hole\n", path,
+	    "%" PRIu64 " zero pages, %" PRIu64 " pages of sparse hole", path,
 	    o.l.n, o.l.total / MIB, counts[0], counts[1], counts[2]);
+	if (o.hotplug)
+		printf(" (with the never-plugged %" PRIu64 " KiB slots of the last "
+		    "region)", o.slot / 1024);
+	printf("\n");
 	return 0;
 }
 
@@ -261,6 +311,153 @@ create_uffd(void)
 	for (int i = 0; i < o.l.n; i++)
 		uffd_register(uffd, host[i], o.l.size[i]);
 	return uffd;
+}
+
+/*
+ * Layouts. A region Firecracker maps as one VMA need not stay one: any
+ * madvise or mprotect on part of it splits it, and the handler must still
+ * serve every piece. --layout split cuts every region into --slot pieces
+ * that differ only by MADV_NOHUGEPAGE on every other one (meaningless to
+ * hugetlb, yet it splits hugetlb VMAs too); --layout hotplug protects the
+ * hotplug region's never-plugged slots PROT_NONE, as Firecracker does.
+ * Both after UFFDIO_REGISTER, as Firecracker registers at restore and
+ * (un)plugs later; the registration stays on every piece.
+ */
+
+static uint64_t
+piece_count(int r)
+{
+	return (o.l.size[r] + o.slot - 1) / o.slot;
+}
+
+/* Whether piece i of region r differs from the mapping as created. */
+static int
+piece_changed(int r, uint64_t i)
+{
+	if (layout_is("split"))
+		return i % 2 == 1;
+	if (layout_is("hotplug"))
+		return r == o.l.n - 1 && slot_born_unplugged(i);
+	return 0;
+}
+
+/* The VMAs region r must now be: one per run of alike pieces. */
+static uint64_t
+expected_vmas(int r)
+{
+	uint64_t runs = 1;
+
+	for (uint64_t i = 1; i < piece_count(r); i++)
+		runs += piece_changed(r, i) != piece_changed(r, i - 1);
+	return runs;
+}
+
+/* Bytes in piece i of region r: the last one may be short. */
+static uint64_t
+piece_len(int r, uint64_t i)
+{
+	uint64_t left = o.l.size[r] - i * o.slot;
+
+	return left < o.slot ? left : o.slot;
+}
+
+static void
+shape_region(int r)
+{
+	for (uint64_t i = 0; i < piece_count(r); i++) {
+		char *at = host[r] + i * o.slot;
+		size_t len = (size_t)piece_len(r, i);
+
+		if (!piece_changed(r, i))
+			continue;
+		if (layout_is("split") && madvise(at, len, MADV_NOHUGEPAGE) < 0)
+			die("madvise(region %d piece %" PRIu64 ", NOHUGEPAGE): %s", r,
+			    i, strerror(errno));
+		if (layout_is("hotplug") && mprotect(at, len, PROT_NONE) < 0)
+			die("mprotect(region %d slot %" PRIu64 ", NONE): %s", r, i,
+			    strerror(errno));
+	}
+}
+
+/* Counts region r's VMAs in smaps, and those whose VmFlags lack "um"
+ * (registered for missing faults). */
+static uint64_t
+count_vmas(int r, uint64_t *unregistered)
+{
+	uintptr_t lo = (uintptr_t)host[r], hi = lo + o.l.size[r];
+	FILE *f = fopen("/proc/self/smaps", "re");
+	char line[512];
+	int inside = 0;
+	uint64_t n = 0;
+
+	if (f == NULL)
+		die("/proc/self/smaps: %s", strerror(errno));
+	*unregistered = 0;
+	while (fgets(line, sizeof(line), f)) {
+		unsigned long start, end;
+
+		if (sscanf(line, "%lx-%lx ", &start, &end) == 2) {
+			inside = start < hi && end > lo;
+			n += (uint64_t)inside;
+		} else if (inside && strncmp(line, "VmFlags:", 8) == 0 &&
+		    strstr(line, " um") == NULL) {
+			(*unregistered)++;
+		}
+	}
+	fclose(f);
+	return n;
+}
+
+/* The test is only worth its name if the kernel really split the VMAs. */
+static void
+verify_layout(void)
+{
+	for (int r = 0; r < o.l.n; r++) {
+		uint64_t unregistered, n = count_vmas(r, &unregistered);
+
+		if (layout_is("split") && expected_vmas(r) < 2)
+			die("--layout split: region %d (%" PRIu64 " KiB) is not larger "
+			    "than a slot (%" PRIu64 " KiB): nothing to split", r,
+			    o.l.size[r] / 1024, o.slot / 1024);
+		if (n != expected_vmas(r))
+			die("--layout %s: region %d is %" PRIu64 " VMAs in /proc/self/smaps, "
+			    "expected %" PRIu64 ": the kernel did not split it as asked",
+			    o.layout, r, n, expected_vmas(r));
+		if (unregistered)
+			die("--layout %s: %" PRIu64 " of region %d's VMAs lost their uffd "
+			    "registration", o.layout, unregistered, r);
+	}
+}
+
+/* Never-plugged slots must be holes, or the test would expect data where
+ * the guest can only see zeros. */
+static void
+check_hotplug_snapshot(void)
+{
+	int r = o.l.n - 1;
+
+	if (slot_count() < 2)
+		die("--layout hotplug: the last region (%" PRIu64 " KiB) needs at least "
+		    "two slots of %" PRIu64 " KiB", o.l.size[r] / 1024, o.slot / 1024);
+	for (uint64_t s = 1; s < slot_count(); s++) {
+		const char *at = snap + o.l.off[r] + s * o.slot;
+
+		for (uint64_t b = 0; slot_born_unplugged(s) && b < piece_len(r, s); b++)
+			if (at[b] != 0)
+				die("%s: never-plugged slot %" PRIu64 " of the hotplug region "
+				    "holds data: make it with mksnap --hotplug --slot %" PRIu64,
+				    o.file, s, o.slot / 1024);
+	}
+}
+
+static void
+shape_layout(void)
+{
+	if (layout_is("hotplug"))
+		check_hotplug_snapshot();
+	for (int r = 0; r < o.l.n; r++)
+		shape_region(r);
+	verify_layout();
 }
 
 /* Unknown fields of every JSON type and blanks, as a future VMM may send. */
@@ -696,21 +893,21 @@ run_kvm(void)
 }
 
 /*
- * Stress: vCPU threads fault, read and write random pages while a balloon
- * thread keeps removing random ranges, touched or not. Each 64 KiB chunk
- * has a lock, so every page has one exact expected content: the snapshot or
- * zeros (once removed), plus the last word a thread wrote into it.
+ * The exact oracle, shared by --stress and the oracle mode: every 4 KiB
+ * page has one expected content, the snapshot or zeros (once removed),
+ * plus the last word a thread wrote into it. Locks striped over guest
+ * memory keep it exact: whoever changes or checks a page holds its
+ * stripe's lock, and a range takes its stripes in ascending order.
  */
-
-#define STRESS_CHUNK	(16 * PAGE)
 
 struct page_oracle {
 	uint8_t removed, written;
-	uint64_t value;			/* at word page % 509 */
+	uint64_t value;			/* at written_word() */
 };
 
 static struct page_oracle *oracle;
-static pthread_mutex_t *chunk_lock;
+static pthread_mutex_t *stripe_lock;
+static uint64_t stripe_pages;		/* pages per lock */
 static uint64_t stress_end;		/* now_ns() when it stops */
 static atomic_uint_fast64_t removes, writes;
 
@@ -731,26 +928,121 @@ page_addr(uint64_t p, int *region)
 	return host[*region] + (p * PAGE - o.l.off[*region]);
 }
 
+/* A prime, so the written word wanders across the page. */
+static size_t
+written_word(uint64_t p)
+{
+	return (size_t)(p % 509);
+}
+
 static void
-check_oracle(uint64_t p)
+init_oracle(uint64_t stripe_bytes)
+{
+	uint64_t npages = o.l.total / PAGE;
+	uint64_t nstripes = (o.l.total + stripe_bytes - 1) / stripe_bytes;
+
+	oracle = calloc(npages, sizeof(*oracle));
+	stripe_lock = calloc(nstripes, sizeof(*stripe_lock));
+	if (oracle == NULL || stripe_lock == NULL)
+		die("calloc: %s", strerror(ENOMEM));
+	stripe_pages = stripe_bytes / PAGE;
+	for (uint64_t i = 0; i < nstripes; i++)
+		pthread_mutex_init(&stripe_lock[i], NULL);
+}
+
+static void
+lock_pages(uint64_t p, uint64_t n)
+{
+	for (uint64_t i = p / stripe_pages; i <= (p + n - 1) / stripe_pages; i++)
+		pthread_mutex_lock(&stripe_lock[i]);
+}
+
+static void
+unlock_pages(uint64_t p, uint64_t n)
+{
+	for (uint64_t i = p / stripe_pages; i <= (p + n - 1) / stripe_pages; i++)
+		pthread_mutex_unlock(&stripe_lock[i]);
+}
+
+/* Pages [p, p + n) were given back: they read zero from now on. */
+static void
+oracle_removed(uint64_t p, uint64_t n)
+{
+	for (uint64_t i = p; i < p + n; i++)
+		oracle[i] = (struct page_oracle){ .removed = 1 };
+}
+
+/* What word w of page p must hold, and why. */
+static const char *
+expected_word(uint64_t p, size_t w, uint64_t *want)
 {
 	const struct page_oracle *po = &oracle[p];
-	const uint64_t *got, *snapw = (const uint64_t *)(snap + p * PAGE);
-	int r;
+
+	if (po->written && w == written_word(p)) {
+		*want = po->value;
+		return "written";
+	}
+	*want = po->removed ? 0 : ((const uint64_t *)(snap + p * PAGE))[w];
+	return po->removed ? "removed" : "snapshot";
+}
+
+/* Compares page p with the oracle; the caller holds its stripe. */
+static void
+check_oracle(uint64_t p, const char *when)
+{
+	const uint64_t *got;
+	int r, zero = 1;
 
 	got = (const uint64_t *)page_addr(p, &r);
 	for (size_t w = 0; w < PAGE / 8; w++) {
-		uint64_t want = po->removed ? 0 : snapw[w];
+		uint64_t want;
+		const char *why = expected_word(p, w, &want);
 
-		if (po->written && w == p % 509)
-			want = po->value;
 		if (got[w] != want && atomic_fetch_add(&bad, 1) < 5)
-			fprintf(stderr, "vmm: page %" PRIu64 " word %zu: 0x%016" PRIx64
-			    ", expected 0x%016" PRIx64 " (%s%s)\n", p, w, got[w], want,
-			    po->removed ? "removed" : "snapshot",
-			    po->written ? ", written" : "");
+			fprintf(stderr, "vmm: region %d offset 0x%" PRIx64 " word %zu: "
+			    "0x%016" PRIx64 ", expected 0x%016" PRIx64 " (%s; checked %s)\n",
+			    r, p * PAGE - o.l.off[r], w, got[w], want, why, when);
+		zero &= got[w] == 0;
 	}
 	atomic_fetch_add(&checked, 1);
+	if (zero)
+		atomic_fetch_add(&zeros_seen, 1);
+}
+
+/*
+ * A handler that strands a fault must fail the test, not hang it. The
+ * oracle mode's runs take well under a second; 30 s also stays under
+ * test/run's default VMM limit (60 s), so this message is what is seen.
+ */
+#define WATCHDOG_SECS	30
+
+static void
+on_alarm(int sig)
+{
+	static const char msg[] = "vmm: timed out: a fault was never served\n";
+
+	(void)sig;
+	(void)!write(STDERR_FILENO, msg, sizeof(msg) - 1);
+	_exit(1);
+}
+
+static void
+arm_watchdog(unsigned secs)
+{
+	signal(SIGALRM, on_alarm);
+	alarm(secs);
+}
+
+/*
+ * Stress: vCPU threads fault, read and write random pages while a balloon
+ * thread keeps removing random chunks, touched or not: 64 KiB, or whole
+ * 2 MiB pages on --huge. A stripe is one chunk.
+ */
+
+static uint64_t
+stress_chunk(void)
+{
+	return o.huge ? HUGE : 16 * PAGE;
 }
 
 static void *
@@ -761,20 +1053,19 @@ stress_vcpu(void *arg)
 
 	while (now_ns() < stress_end) {
 		uint64_t p = next_rand(&seed) % npages;
-		pthread_mutex_t *lock = &chunk_lock[p * PAGE / STRESS_CHUNK];
 		int r;
 
-		pthread_mutex_lock(lock);
+		lock_pages(p, 1);
 		if (next_rand(&seed) % 4 == 0) {
 			uint64_t v = next_rand(&seed);
 
-			((volatile uint64_t *)page_addr(p, &r))[p % 509] = v;
+			((volatile uint64_t *)page_addr(p, &r))[written_word(p)] = v;
 			oracle[p].written = 1;
 			oracle[p].value = v;
 			atomic_fetch_add(&writes, 1);
 		}
-		check_oracle(p);
-		pthread_mutex_unlock(lock);
+		check_oracle(p, "on touch");
+		unlock_pages(p, 1);
 	}
 	return NULL;
 }
@@ -782,22 +1073,21 @@ stress_vcpu(void *arg)
 static void *
 stress_balloon(void *arg)
 {
-	uint64_t seed = 0x2545f4914f6cdd1dull, nchunks = o.l.total / STRESS_CHUNK;
+	uint64_t seed = 0x2545f4914f6cdd1dull, nchunks = o.l.total / stress_chunk();
+	uint64_t n = stress_chunk() / PAGE;
 
 	(void)arg;
 	/* A third of the chunks, so the end state mixes snapshot pages,
 	 * removed ones and writes to both. */
 	while (now_ns() < stress_end) {
-		uint64_t c = next_rand(&seed) % nchunks / 3 * 3;
-		uint64_t p0 = c * STRESS_CHUNK / PAGE;
+		uint64_t p0 = next_rand(&seed) % nchunks / 3 * 3 * n;
 		int r;
 
-		pthread_mutex_lock(&chunk_lock[c]);
-		if (madvise(page_addr(p0, &r), STRESS_CHUNK, MADV_DONTNEED) < 0)
+		lock_pages(p0, n);
+		if (madvise(page_addr(p0, &r), n * PAGE, MADV_DONTNEED) < 0)
 			die("madvise(DONTNEED): %s", strerror(errno));
-		for (uint64_t p = p0; p < p0 + STRESS_CHUNK / PAGE; p++)
-			oracle[p] = (struct page_oracle){ .removed = 1 };
-		pthread_mutex_unlock(&chunk_lock[c]);
+		oracle_removed(p0, n);
+		unlock_pages(p0, n);
 		atomic_fetch_add(&removes, 1);
 		usleep(200);
 	}
@@ -807,18 +1097,11 @@ stress_balloon(void *arg)
 static void
 run_stress(void)
 {
-	uint64_t npages = o.l.total / PAGE, nchunks = o.l.total / STRESS_CHUNK;
-	uint64_t removed = 0, written = 0;
+	uint64_t npages = o.l.total / PAGE, removed = 0, written = 0;
 	pthread_t t[17];
 
-	oracle = calloc(npages, sizeof(*oracle));
-	chunk_lock = calloc(nchunks, sizeof(*chunk_lock));
-	if (oracle == NULL || chunk_lock == NULL)
-		die("calloc: %s", strerror(ENOMEM));
-	for (uint64_t c = 0; c < nchunks; c++)
-		pthread_mutex_init(&chunk_lock[c], NULL);
-	/* A handler that strands a fault must fail the test, not hang it. */
-	alarm((unsigned)o.stress + 30);
+	init_oracle(stress_chunk());
+	arm_watchdog((unsigned)o.stress + 30);
 	stress_end = now_ns() + (uint64_t)o.stress * 1000000000;
 	for (int i = 0; i < o.threads; i++)
 		pthread_create(&t[i], NULL, stress_vcpu, (void *)(uintptr_t)i);
@@ -827,13 +1110,404 @@ run_stress(void)
 		pthread_join(t[i], NULL);
 
 	for (uint64_t p = 0; p < npages; p++) {
-		check_oracle(p);
+		check_oracle(p, "at the end");
 		removed += oracle[p].removed;
 		written += oracle[p].written;
 	}
-	printf("stress: %d s, %" PRIu64 " removes of 64 KiB, %" PRIu64 " writes; "
-	    "at the end %" PRIu64 " pages removed, %" PRIu64 " written\n", o.stress,
-	    (uint64_t)removes, (uint64_t)writes, removed, written);
+	printf("stress: %d s, %" PRIu64 " removes of %" PRIu64 " KiB, %" PRIu64
+	    " writes; at the end %" PRIu64 " pages removed, %" PRIu64 " written\n",
+	    o.stress, (uint64_t)removes, stress_chunk() / 1024, (uint64_t)writes,
+	    removed, written);
+}
+
+/*
+ * Oracle mode: threads touch pages in a chosen order (reading, or writing
+ * a word as the first access), a balloon removes fixed ranges, hotplug
+ * slots are unplugged and plugged again, and every touch and, at the end,
+ * every page is compared with the oracle. The touch unit is 4 KiB, also on
+ * hugetlb.
+ */
+
+/* The pages in touch order: all in address order, all shuffled, or a
+ * scattered tenth, shuffled. bench's workloads use the same orders. */
+static uint64_t *
+touch_order(const char *access, uint64_t *n)
+{
+	uint64_t total = o.l.total / PAGE, seed = 88172645463325252ull, k = 0;
+	uint64_t *p = malloc(total * sizeof(*p));
+
+	if (p == NULL)
+		die("malloc: %s", strerror(ENOMEM));
+	for (uint64_t i = 0; i < total; i++)
+		if (strcmp(access, "ws10") != 0 || next_rand(&seed) % 10 == 0)
+			p[k++] = i;
+	if (strcmp(access, "seq") != 0)
+		for (uint64_t i = k; i > 1; i--) {
+			uint64_t j = next_rand(&seed) % i, t = p[i - 1];
+
+			p[i - 1] = p[j];
+			p[j] = t;
+		}
+	*n = k;
+	return p;
+}
+
+static uint8_t *slot_plugged;		/* per hotplug slot; under its stripes */
+static atomic_uint_fast64_t touches, skipped, plugs, unplugs;
+
+/* Only a plugged page may be touched: PROT_NONE is SIGSEGV, not a fault. */
+static int
+page_plugged(uint64_t p)
+{
+	return !layout_is("hotplug") || slot_of_page(p) < 0 ||
+	    slot_plugged[slot_of_page(p)];
+}
+
+static uint64_t
+written_value(uint64_t p, uint64_t seed)
+{
+	return mix(p ^ seed);
+}
+
+/*
+ * After the balloon took its ranges back ("after"), the second pass checks
+ * that no removed page came back before the guest touched it: a handler
+ * that installs removed pages ahead of a fault hands the guest memory it
+ * gave back. Per page-size unit, at its first touch; not in a hotplug
+ * region, whose plugging thread touches pages too.
+ */
+static atomic_uchar *unit_touched;	/* per 4 KiB or 2 MiB page, pass two */
+static atomic_uint_fast64_t resident_removed;
+
+static void
+check_not_resident(uint64_t p)
+{
+	uint64_t unit = o.huge ? HUGE / PAGE : 1, u = p / unit;
+	unsigned char v[HUGE / PAGE] = { 0 };
+	int r;
+
+	if (unit_touched == NULL || !oracle[p].removed ||
+	    (layout_is("hotplug") && slot_of_page(p) >= 0) ||
+	    atomic_exchange(&unit_touched[u], 1))
+		return;
+	if (mincore(page_addr(u * unit, &r), unit * PAGE, v) < 0)
+		die("mincore: %s", strerror(errno));
+	if ((v[0] & 1) && atomic_fetch_add(&resident_removed, 1) < 5)
+		fprintf(stderr, "vmm: region %d offset 0x%" PRIx64 ": removed by the "
+		    "balloon, yet present before the guest touched it again\n", r,
+		    u * unit * PAGE - o.l.off[r]);
+}
+
+static void
+touch_page(uint64_t p, uint64_t seed)
+{
+	int r;
+	volatile uint64_t *page = (volatile uint64_t *)page_addr(p, &r);
+
+	lock_pages(p, 1);
+	check_not_resident(p);
+	if (!page_plugged(p)) {
+		atomic_fetch_add(&skipped, 1);
+	} else {
+		if (o.write) {
+			page[written_word(p)] = written_value(p, seed);
+			oracle[p].written = 1;
+			oracle[p].value = written_value(p, seed);
+		} else {
+			(void)page[written_word(p)];
+		}
+		atomic_fetch_add(&touches, 1);
+		check_oracle(p, "on touch");
+	}
+	unlock_pages(p, 1);
+}
+
+struct guest_thread {
+	pthread_t t;
+	const uint64_t *pages;
+	uint64_t n, seed;
+};
+
+static void *
+guest_thread_main(void *arg)
+{
+	struct guest_thread *g = arg;
+
+	for (uint64_t i = 0; i < g->n; i++)
+		touch_page(g->pages[i], g->seed);
+	return NULL;
+}
+
+/* Thread i touches slice i of the order: with seq, one sequential stream. */
+static void
+touch_pass(const uint64_t *order, uint64_t n, uint64_t seed)
+{
+	struct guest_thread g[16];
+
+	for (int i = 0; i < o.threads; i++) {
+		uint64_t a = n * (uint64_t)i / (uint64_t)o.threads;
+		uint64_t b = n * (uint64_t)(i + 1) / (uint64_t)o.threads;
+
+		g[i] = (struct guest_thread){ .pages = order + a, .n = b - a,
+		    .seed = seed };
+		pthread_create(&g[i].t, NULL, guest_thread_main, &g[i]);
+	}
+	for (int i = 0; i < o.threads; i++)
+		pthread_join(g[i].t, NULL);
+}
+
+/*
+ * The balloon: fixed ranges of consecutive pages, lengths in turn, each
+ * followed by a gap three times its length, a length that no longer fits
+ * in the region passed over. That is about a quarter of large regions;
+ * small ones give more (600 pages alone are 29% of 8 MiB), as the long
+ * ranges, past 2 MiB, are the point. On 4 KiB pages the ranges start off
+ * 2 MiB alignment, so they cross 2 MiB boundaries.
+ */
+
+struct range {
+	uint64_t first, n;		/* pages of the whole layout */
+};
+
+static const uint64_t small_lengths[] = { 1, 3, 16, 200, 600 };
+static const uint64_t huge_lengths[] = { 1, 2, 3, 5 };	/* 2 MiB pages */
+static struct range *balloon;
+static size_t nballoon;
+
+static void
+plan_balloon(void)
+{
+	const uint64_t *len = o.huge ? huge_lengths : small_lengths;
+	size_t nlen = o.huge ? 4 : 5, k = 0;
+	uint64_t unit = o.huge ? HUGE / PAGE : 1;
+
+	/* Every range and its gap take at least 4 pages. */
+	balloon = malloc((o.l.total / PAGE / 4 + (uint64_t)o.l.n) * sizeof(*balloon));
+	if (balloon == NULL)
+		die("malloc: %s", strerror(ENOMEM));
+	for (int r = 0; r < o.l.n; r++) {
+		uint64_t pages = o.l.size[r] / PAGE, at = o.huge ? 0 : 1 + (uint64_t)r % 5;
+
+		for (;;) {
+			size_t t = 0;
+
+			while (t < nlen && at + len[(k + t) % nlen] * unit > pages)
+				t++;
+			if (t == nlen)
+				break;
+			k = (k + t) % nlen;
+			balloon[nballoon++] = (struct range){ o.l.off[r] / PAGE + at,
+			    len[k] * unit };
+			at += 4 * len[k] * unit;
+			k = (k + 1) % nlen;
+		}
+	}
+}
+
+static void
+remove_range(const struct range *g)
+{
+	int r;
+
+	lock_pages(g->first, g->n);
+	if (madvise(page_addr(g->first, &r), g->n * PAGE, MADV_DONTNEED) < 0)
+		die("madvise(DONTNEED): %s", strerror(errno));
+	oracle_removed(g->first, g->n);
+	unlock_pages(g->first, g->n);
+	atomic_fetch_add(&removes, 1);
+}
+
+#define BALLOON_ROUNDS	3
+#define HOTPLUG_ROUNDS	4
+
+static void *
+balloon_thread(void *arg)
+{
+	(void)arg;
+	for (int round = 0; round < BALLOON_ROUNDS; round++)
+		for (size_t i = 0; i < nballoon; i++) {
+			remove_range(&balloon[i]);
+			usleep(200);
+		}
+	return NULL;
+}
+
+/*
+ * Hotplug, as Firecracker's virtio-mem: unplug is MADV_DONTNEED (a REMOVE)
+ * then PROT_NONE, plug is PROT_READ|PROT_WRITE. A slot is only ever
+ * changed with all its stripes held, so a toucher holding one sees it
+ * stable.
+ */
+
+static void
+slot_pages(uint64_t s, uint64_t *first, uint64_t *n)
+{
+	uint64_t size = o.l.size[o.l.n - 1], end = (s + 1) * o.slot;
+
+	*first = (o.l.off[o.l.n - 1] + s * o.slot) / PAGE;
+	*n = ((end < size ? end : size) - s * o.slot) / PAGE;
+}
+
+static void
+unplug_slot(uint64_t s)
+{
+	uint64_t first, n;
+	int r;
+
+	slot_pages(s, &first, &n);
+	lock_pages(first, n);
+	if (madvise(page_addr(first, &r), n * PAGE, MADV_DONTNEED) < 0 ||
+	    mprotect(page_addr(first, &r), n * PAGE, PROT_NONE) < 0)
+		die("unplugging slot %" PRIu64 ": %s", s, strerror(errno));
+	oracle_removed(first, n);
+	slot_plugged[s] = 0;
+	unlock_pages(first, n);
+	atomic_fetch_add(&unplugs, 1);
+}
+
+/* Plugs slot s and touches all of it. Nothing writes an unplugged slot,
+ * so the oracle expects zeros: removed, or a hole in the file. */
+static void
+plug_slot(uint64_t s, const char *when)
+{
+	uint64_t first, n;
+	int r;
+
+	slot_pages(s, &first, &n);
+	lock_pages(first, n);
+	if (mprotect(page_addr(first, &r), n * PAGE, PROT_READ | PROT_WRITE) < 0)
+		die("plugging slot %" PRIu64 ": %s", s, strerror(errno));
+	slot_plugged[s] = 1;
+	for (uint64_t p = first; p < first + n; p++)
+		check_oracle(p, when);
+	unlock_pages(first, n);
+	atomic_fetch_add(&plugs, 1);
+}
+
+/*
+ * Whether slot s is plugged after hotplug round k (0..3). By slot % 3:
+ * 0 is unplugged in round 1 and plugged again in round 3; 1 (never
+ * plugged) is plugged in round 0, and every other one of those unplugged
+ * again in round 2, to be plugged at the end; 2 stays plugged, so some of
+ * the region keeps its snapshot data between slots that come and go.
+ */
+static int
+slot_plugged_after(uint64_t s, int k)
+{
+	switch (s % 3) {
+	case 0:
+		return k != 1 && k != 2;
+	case 1:
+		return s / 3 % 2 == 0 || k < 2;
+	default:
+		return 1;
+	}
+}
+
+static void *
+hotplug_thread(void *arg)
+{
+	(void)arg;
+	for (int round = 0; round < HOTPLUG_ROUNDS; round++)
+		for (uint64_t s = 0; s < slot_count(); s++) {
+			if (slot_plugged_after(s, round) == slot_plugged[s])
+				continue;
+			if (slot_plugged[s])
+				unplug_slot(s);
+			else
+				plug_slot(s, "on replug");
+			usleep(200);
+		}
+	return NULL;
+}
+
+/* As shape_layout left them. */
+static void
+init_slots(void)
+{
+	slot_plugged = calloc(slot_count(), 1);
+	if (slot_plugged == NULL)
+		die("calloc: %s", strerror(ENOMEM));
+	for (uint64_t s = 0; s < slot_count(); s++)
+		slot_plugged[s] = !slot_born_unplugged(s);
+}
+
+static int
+balloon_is(const char *mode)
+{
+	return strcmp(o.balloon ? o.balloon : "none", mode) == 0;
+}
+
+static uint64_t
+balloon_pages(void)
+{
+	uint64_t n = 0;
+
+	for (size_t i = 0; i < nballoon; i++)
+		n += balloon[i].n;
+	return n;
+}
+
+static void
+report_oracle(void)
+{
+	printf("oracle: access %s, %s, %" PRIu64 " touches (%" PRIu64 " skipped on "
+	    "unplugged slots)", o.access, o.write ? "writes" : "reads",
+	    (uint64_t)touches, (uint64_t)skipped);
+	if (!balloon_is("none"))
+		printf("; balloon %s: %zu ranges, %" PRIu64 " pages (%" PRIu64 "%%), "
+		    "%" PRIu64 " removes", o.balloon, nballoon, balloon_pages(),
+		    balloon_pages() * PAGE * 100 / o.l.total, (uint64_t)removes);
+	printf("; layout %s", o.layout ? o.layout : "one");
+	if (!layout_is("one"))
+		printf(", %" PRIu64 " KiB slots", o.slot / 1024);
+	if (layout_is("hotplug"))
+		printf(", %" PRIu64 " unplugs, %" PRIu64 " plugs", (uint64_t)unplugs,
+		    (uint64_t)plugs);
+	printf("\n");
+}
+
+/* Touches (and removes and hotplugs) concurrently, then, all plugged,
+ * checks every page of every region. */
+static void
+run_oracle(void)
+{
+	uint64_t n, *order = touch_order(o.access, &n);
+	pthread_t balloon_t, hotplug_t;
+
+	init_oracle(HUGE);
+	if (layout_is("hotplug"))
+		init_slots();
+	if (!balloon_is("none"))
+		plan_balloon();
+	if (layout_is("hotplug"))
+		pthread_create(&hotplug_t, NULL, hotplug_thread, NULL);
+	if (balloon_is("during"))
+		pthread_create(&balloon_t, NULL, balloon_thread, NULL);
+	touch_pass(order, n, mix(1));
+	if (balloon_is("after")) {
+		for (size_t i = 0; i < nballoon; i++)
+			remove_range(&balloon[i]);
+		unit_touched = calloc(o.l.total / PAGE, 1);
+		if (unit_touched == NULL)
+			die("calloc: %s", strerror(ENOMEM));
+		touch_pass(order, n, mix(2));
+		bad += resident_removed;
+	}
+	if (balloon_is("during"))
+		pthread_join(balloon_t, NULL);
+	if (layout_is("hotplug")) {
+		pthread_join(hotplug_t, NULL);
+		for (uint64_t s = 0; s < slot_count(); s++)
+			if (!slot_plugged[s])
+				plug_slot(s, "when plugged at the end");
+	}
+	report_oracle();
+	atomic_store(&checked, 0);
+	atomic_store(&zeros_seen, 0);
+	for (uint64_t p = 0; p < o.l.total / PAGE; p++)
+		check_oracle(p, "at the end");
+	free(order);
 }
 
 /*
@@ -908,29 +1582,22 @@ touch_timed(void *arg)
 	return NULL;
 }
 
-/* The pages a workload touches, in its order: all in order, all shuffled,
- * or a scattered tenth, shuffled. */
+/* The pages a workload touches, in its order: all in order, all shuffled
+ * (rand2), or a scattered tenth, shuffled (ws10). */
 static char **
 page_list(const char *w, uint64_t *n)
 {
-	uint64_t total = o.l.total / PAGE, seed = 88172645463325252ull, k = 0;
-	char **p = malloc(total * sizeof(*p));
+	const char *access = strcmp(w, "rand2") == 0 ? "rand" :
+	    strcmp(w, "ws10") == 0 ? "ws10" : "seq";
+	uint64_t *order = touch_order(access, n);
+	char **p = malloc(*n * sizeof(*p));
 	int r;
 
 	if (p == NULL)
 		die("malloc: %s", strerror(ENOMEM));
-	for (uint64_t i = 0; i < total; i++)
-		if (strcmp(w, "ws10") != 0 || next_rand(&seed) % 10 == 0)
-			p[k++] = page_addr(i, &r);
-	if (strcmp(w, "rand2") == 0 || strcmp(w, "ws10") == 0)
-		for (uint64_t i = k - 1; i > 0; i--) {
-			uint64_t j = next_rand(&seed) % (i + 1);
-			char *t = p[i];
-
-			p[i] = p[j];
-			p[j] = t;
-		}
-	*n = k;
+	for (uint64_t i = 0; i < *n; i++)
+		p[i] = page_addr(order[i], &r);
+	free(order);
 	return p;
 }
 
@@ -1086,6 +1753,10 @@ run(void)
 	snap = read_oracle(fd);
 	map_regions();
 	uffd = create_uffd();
+	if (o.layout)
+		shape_layout();
+	if (o.oracle)
+		arm_watchdog(WATCHDOG_SECS + (unsigned)o.delay / 1000);
 	/* Creating a uffd that sees kernel faults takes privilege; a jailed
 	 * VMM then runs as the jail's ids, which the handler must match. */
 	if (o.uid >= 0 && (setgroups(0, NULL) < 0 ||
@@ -1106,13 +1777,19 @@ run(void)
 		run_kvm();
 	else if (o.stress)
 		run_stress();
+	else if (o.oracle)
+		run_oracle();
 	else
 		run_threads();
 	printf("verified %" PRIu64 " pages (%" PRIu64 " of them zero) across %d "
-	    "regions with %d %s%s%s%s: %" PRIu64 " wrong\n", (uint64_t)checked,
-	    (uint64_t)zeros_seen, o.l.n, o.threads, o.kvm ? "vCPUs" : "threads",
+	    "regions with %d %s%s%s%s", (uint64_t)checked, (uint64_t)zeros_seen,
+	    o.l.n, o.threads, o.kvm ? "vCPUs" : "threads",
 	    o.huge ? ", 2 MiB pages" : "", o.balloon ? ", balloon " : "",
-	    o.balloon ? o.balloon : "", (uint64_t)bad);
+	    o.balloon ? o.balloon : "");
+	if (o.oracle && !o.stress)
+		printf(", access %s, %s, layout %s", o.access, o.write ? "writes" :
+		    "reads", o.layout ? o.layout : "one");
+	printf(": %" PRIu64 " wrong\n", (uint64_t)bad);
 	if (o.linger)
 		sleep((unsigned)o.linger);
 	if (sock >= 0)
@@ -1124,15 +1801,51 @@ static void
 usage(void)
 {
 	fprintf(stderr,
-"usage: vmm mksnap FILE [--regions MIB,...]\n"
+"usage: vmm mksnap FILE [--regions MIB,...] [--hotplug [--slot KIB]]\n"
 "       vmm run SOCKET FILE [--regions MIB,...] [--gen 1|2|3] [--keep-open|--close]\n"
-"           [--threads N] [--huge] [--kvm] [--balloon after|during] [--crash]\n"
+"           [--threads N] [--huge] [--kvm] [--balloon none|after|during] [--crash]\n"
 "           [--stray-fault] [--raw JSON] [--no-fd] [--extra-fds N] [--split N]\n"
 "           [--linger SEC] [--delay MS] [--uid UID] [--pad] [--stress SEC]\n"
+"           [--access seq|rand|ws10] [--write] [--layout one|split|hotplug]\n"
+"           [--slot KIB]\n"
 "       vmm bench SOCKET FILE [--regions MIB,...] [--backend file|copy|uffd]\n"
 "           [--workload seqread|seqwrite|rand2|ws10|balloon|kvm] [--threads N]\n"
 "       (mksnap also takes --zero-every N)\n");
 	exit(2);
+}
+
+static int
+one_of(const char *v, const char *a, const char *b, const char *c)
+{
+	return v == NULL || strcmp(v, a) == 0 || strcmp(v, b) == 0 ||
+	    strcmp(v, c) == 0;
+}
+
+/* --balloon after|during alone keep their old meaning; any new option
+ * (--balloon none among them) selects the oracle mode. --stress has its
+ * own oracle and takes only the layouts that need no coordination. */
+static void
+check_options(void)
+{
+	if (o.balloon && strcmp(o.balloon, "none") == 0)
+		o.oracle = 1;
+	if (o.gen < 1 || o.gen > 3 || o.threads < 1 || o.threads > 16 ||
+	    o.extra_fds < 0 || o.extra_fds > 3 || (o.huge && o.gen == 1) ||
+	    (o.kvm && o.l.n > KVM_REGIONS) || (o.stress && o.kvm) ||
+	    !one_of(o.balloon, "none", "after", "during") ||
+	    !one_of(o.access, "seq", "rand", "ws10") ||
+	    !one_of(o.layout, "one", "split", "hotplug") ||
+	    (o.oracle && (o.kvm || o.crash)) || (o.stress && (o.access ||
+	    o.write || o.balloon || layout_is("hotplug"))))
+		usage();
+	for (int i = 0; o.huge && i < o.l.n; i++)
+		if (o.l.size[i] % HUGE)
+			die("--huge: region sizes must be multiples of 2 MiB");
+	if (o.slot == 0 || o.slot % (o.huge ? HUGE : PAGE))
+		die("--slot: a multiple of the page size (%" PRIu64 " KiB)",
+		    (o.huge ? HUGE : PAGE) / 1024);
+	if (o.oracle && o.access == NULL)
+		o.access = "seq";
 }
 
 int
@@ -1148,7 +1861,10 @@ main(int argc, char **argv)
 		{ "split", 1, 0, 'P' }, { "linger", 1, 0, 'L' },
 		{ "delay", 1, 0, 'D' }, { "uid", 1, 0, 'U' }, { "pad", 0, 0, 'p' },
 		{ "stress", 1, 0, 's' }, { "backend", 1, 0, 'B' },
-		{ "workload", 1, 0, 'W' }, { "zero-every", 1, 0, 'Z' }, { 0, 0, 0, 0 },
+		{ "workload", 1, 0, 'W' }, { "zero-every", 1, 0, 'Z' },
+		{ "access", 1, 0, 'a' }, { "write", 0, 0, 'w' },
+		{ "layout", 1, 0, 'Y' }, { "slot", 1, 0, 'O' },
+		{ "hotplug", 0, 0, 'h' }, { 0, 0, 0, 0 },
 	};
 	const char *cmd = argc > 1 ? argv[1] : "";
 	int c;
@@ -1179,17 +1895,15 @@ main(int argc, char **argv)
 		case 'B': o.backend = optarg; break;
 		case 'W': o.workload = optarg; break;
 		case 'Z': o.zero_every = atoi(optarg); break;
+		case 'a': o.access = optarg; o.oracle = 1; break;
+		case 'w': o.write = 1; o.oracle = 1; break;
+		case 'Y': o.layout = optarg; o.oracle = 1; break;
+		case 'O': o.slot = strtoull(optarg, NULL, 10) * 1024; o.oracle = 1; break;
+		case 'h': o.hotplug = 1; break;
 		default: usage();
 		}
 	}
-	if (o.gen < 1 || o.gen > 3 || o.threads < 1 || o.threads > 16 ||
-	    o.extra_fds < 0 || o.extra_fds > 3 || (o.huge && o.gen == 1) ||
-	    (o.kvm && o.l.n > KVM_REGIONS) || (o.stress && (o.huge || o.kvm)) ||
-	    (o.balloon && strcmp(o.balloon, "after") && strcmp(o.balloon, "during")))
-		usage();
-	for (int i = 0; o.huge && i < o.l.n; i++)
-		if (o.l.size[i] % HUGE)
-			die("--huge: region sizes must be multiples of 2 MiB");
+	check_options();
 	if (strcmp(cmd, "mksnap") == 0 && argc - optind == 1)
 		return mksnap(argv[optind]);
 	if (strcmp(cmd, "bench") == 0 && argc - optind == 2) {
