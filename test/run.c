@@ -924,6 +924,80 @@ populate_detach(const void *arg)
 	return PASS;
 }
 
+/* Pages of ps bytes wholly inside holes of the file at path. */
+static uint64_t
+hole_pages(const char *path, uint64_t ps)
+{
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	off_t end = fd < 0 ? 0 : lseek(fd, 0, SEEK_END), pos = 0;
+	uint64_t n = 0;
+
+	while (fd >= 0 && pos < end) {
+		off_t hole = lseek(fd, pos, SEEK_HOLE), data;
+
+		if (hole < 0 || hole >= end)
+			break;
+		data = lseek(fd, hole, SEEK_DATA);
+		data = data < 0 ? end : data;
+		if ((uint64_t)data / ps > ((uint64_t)hole + ps - 1) / ps)
+			n += (uint64_t)data / ps - ((uint64_t)hole + ps - 1) / ps;
+		pos = data;
+	}
+	if (fd >= 0)
+		close(fd);
+	return n;
+}
+
+/*
+ * --populate all --detach on a region cut into several VMAs (split), or a
+ * hotplug region with unplugged PROT_NONE slots: every data page must be
+ * in before the handler lets go, since afterwards a missing page reads as
+ * zero; the holes (never-plugged slots among them) are left out, costing
+ * nothing. The VM then reads, writes, balloons and plugs slots alone.
+ */
+static int
+populate_detach_layout(const void *arg)
+{
+	const char *const *v = arg;
+	char snap[160], cmd[512];
+	struct pair p = { .snap = snap, .hargs = { "--populate", "all",
+	    "--detach", NULL }, .vargs = { "--regions", "4,4,8", "--delay", "1500",
+	    "--threads", "2", "--access", "seq", "--write", "--balloon", "during",
+	    "--layout", v[0], NULL } };
+	int huge = strcmp(v[1], "--huge") == 0, n = 13;
+	uint64_t ps = huge ? PAGE_2M : 4096, holes;
+
+	for (int i = 1; v[i]; i++)
+		p.vargs[n++] = v[i];
+	if (huge && huge_reserve(8) < 0)
+		return skip("cannot reserve 8 hugetlb pages of 2 MiB");
+	snprintf(snap, sizeof(snap), "%s/detach-%s%s.mem", T.dir, v[0],
+	    huge ? "-2m" : "");
+	snprintf(cmd, sizeof(cmd), "%s mksnap %s --regions 4,4,8 --slot %s%s "
+	    ">/dev/null", T.vmm, snap, huge ? "2048" : "1024",
+	    strcmp(v[0], "hotplug") == 0 ? " --hotplug" : "");
+	if (system(cmd) != 0)
+		return fail("%s failed", cmd);
+	holes = hole_pages(snap, ps);
+	run_pair(&p);
+	if (!exited(&p.v, 0) || !exited(&p.h, 0))
+		return pair_fail(&p, "the VM did not verify, or the handler failed");
+	if (p.h.ended > p.v.ended || !strstr(p.herr, "without a handler"))
+		return pair_fail(&p, "the handler did not detach before the VM ended");
+	if (counter(&p, "populate_skipped") != holes ||
+	    counter(&p, "populated") + holes != 16 * 1048576 / ps)
+		return pair_fail(&p, "population did not install exactly the pages "
+		    "outside holes");
+	return PASS;
+}
+
+static const char *const pd_split[] = { "split", "--slot", "1024", NULL };
+static const char *const pd_hotplug[] = { "hotplug", "--slot", "1024", NULL };
+static const char *const pd_split_2m[] = { "split", "--huge", "--slot", "2048",
+	NULL };
+static const char *const pd_hotplug_2m[] = { "hotplug", "--huge", "--slot",
+	"2048", NULL };
+
 /*
  * --record writes the pages a VM needed; --populate FILE installs exactly
  * those first, so the next VM, touching the same pages, takes no fault.
@@ -1493,17 +1567,47 @@ stress(const void *arg)
 	const char *env = getenv("UFFD_STRESS_SECONDS");
 	char secs[16];
 	struct pair p = { .snap = T.big, .vargs = { "--regions", "32,16,16",
-	    "--stress", secs, NULL } };
-	int s = env ? atoi(env) : 30, rc;
+	    "--stress", secs, arg, NULL } };
+	int s = env ? atoi(env) : arg ? 10 : 30, rc;
 
-	(void)arg;
 	snprintf(secs, sizeof(secs), "%d", s > 0 ? s : 30);
+	if (arg && huge_reserve(36) < 0)
+		return skip("cannot reserve 36 hugetlb pages of 2 MiB");
 	p.vmm_ms = (atoi(secs) + 60) * 1000;
 	if ((rc = restored(&p)) != PASS)
 		return rc;
-	if (counter(&p, "deferred") < 1000)
-		return pair_fail(&p, "fewer than 1000 deferrals: EAGAIN barely ran");
+	/* A 2 MiB copy takes long enough that a REMOVE rarely catches one. */
+	if (counter(&p, "deferred") < (arg ? 10 : 1000))
+		return pair_fail(&p, "too few deferrals: EAGAIN barely ran");
 	return PASS;
+}
+
+static int cell_two_vms(struct pair *);
+
+/* The same oracle in two VMs served by one handler at once. */
+static int
+stress_two_vms(const void *arg)
+{
+	const char *env = getenv("UFFD_STRESS_SECONDS");
+	char secs[16];
+	struct pair p = { .snap = T.big, .hargs = { "--max-vms", "2", NULL },
+	    .vargs = { "--regions", "32,16,16", "--stress", secs, "--threads",
+	    "2", NULL } };
+	uint64_t deferred = 0;
+	const char *at;
+	int rc;
+
+	(void)arg;
+	snprintf(secs, sizeof(secs), "%d", env && atoi(env) > 0 ? atoi(env) : 10);
+	p.vmm_ms = (atoi(secs) + 60) * 1000;
+	if ((rc = cell_two_vms(&p)) != PASS)
+		return rc;
+	if (!exited(&p.v, 0) || !exited(&p.h, 0))
+		return pair_fail(&p, "a VM saw a wrong page, or the handler failed");
+	for (at = p.hout; (at = strstr(at, "\"deferred\":")) != NULL; at++)
+		deferred += strtoull(at + 11, NULL, 10);
+	return deferred >= 1000 ? PASS :
+	    pair_fail(&p, "fewer than 1000 deferrals in both VMs together");
 }
 
 /* A bounded libFuzzer run over the parser and the region checks. */
@@ -1717,6 +1821,306 @@ release_restore(const void *arg)
 	return restored(&p);
 }
 
+/*
+ * The configuration matrix: every combination of page size, access order,
+ * reads or writes, balloon timing, handler mode, region count and VMA
+ * layout is a case of its own, named after its cell, the VMM checking
+ * every page against its exact oracle (removed pages zero, writes kept,
+ * the rest the snapshot). Cells run MATRIX_JOBS at a time, each in a child
+ * of the runner; the hugetlb pages they need are reserved once for all.
+ */
+
+static int selected(const char *, char **, int);
+
+static const char *const m_page[] = { "4k", "2m" };
+static const char *const m_access[] = { "seq", "rand", "ws10" };
+static const char *const m_op[] = { "read", "write" };
+static const char *const m_balloon[] = { "none", "after", "during" };
+static const char *const m_mode[] = { "default", "no_optimize",
+	"populate_all", "populate_file", "max_vms_2" };
+static const char *const m_regions[] = { "r1", "r3" };
+static const char *const m_layout[] = { "one", "split", "hotplug" };
+
+#define DIM(a)		(sizeof(a) / sizeof((a)[0]))
+#define MATRIX_CELLS	(DIM(m_page) * DIM(m_access) * DIM(m_op) * \
+	DIM(m_balloon) * DIM(m_mode) * DIM(m_regions) * DIM(m_layout))
+#define MATRIX_JOBS	4
+#define MATRIX_HUGE	(MATRIX_JOBS * 2 * 8)	/* jobs x VMs x 16 MiB */
+
+enum { M_POPULATE_ALL = 2, M_POPULATE_FILE, M_MAX_VMS_2 };
+
+struct cell {
+	size_t page, access, op, balloon, mode, regions, layout;
+};
+
+static struct {
+	char snap[2][2][2][160];	/* [page][regions][hotplug] */
+	char list[2][160];		/* --populate FILE, per page size */
+	int huge_ok;
+} M;
+
+/* Cell i, in the order the dimensions are listed (layout varies fastest). */
+static void
+cell_of(size_t i, struct cell *c)
+{
+	c->layout = i % DIM(m_layout), i /= DIM(m_layout);
+	c->regions = i % DIM(m_regions), i /= DIM(m_regions);
+	c->mode = i % DIM(m_mode), i /= DIM(m_mode);
+	c->balloon = i % DIM(m_balloon), i /= DIM(m_balloon);
+	c->op = i % DIM(m_op), i /= DIM(m_op);
+	c->access = i % DIM(m_access), i /= DIM(m_access);
+	c->page = i;
+}
+
+static void
+cell_name(size_t i, char *buf, size_t cap)
+{
+	struct cell c;
+
+	cell_of(i, &c);
+	snprintf(buf, cap, "matrix_%s_%s_%s_balloon_%s_%s_%s_%s", m_page[c.page],
+	    m_access[c.access], m_op[c.op], m_balloon[c.balloon], m_mode[c.mode],
+	    m_regions[c.regions], m_layout[c.layout]);
+}
+
+static const char *
+cell_regions(const struct cell *c)
+{
+	static const char *const r[2][2] = { { "8", "2,2,4" }, { "16", "4,4,8" } };
+
+	return r[c->page][c->regions];
+}
+
+/* The VMM's options for a cell. */
+static void
+cell_vargs(const struct cell *c, const char **v)
+{
+	int n = 0;
+
+	v[n++] = "--regions";
+	v[n++] = cell_regions(c);
+	if (c->page)
+		v[n++] = "--huge";
+	v[n++] = "--access";
+	v[n++] = m_access[c->access];
+	if (c->op)
+		v[n++] = "--write";
+	v[n++] = "--balloon";
+	v[n++] = m_balloon[c->balloon];
+	v[n++] = "--layout";
+	v[n++] = m_layout[c->layout];
+	v[n++] = "--slot";
+	v[n++] = c->page ? "2048" : "1024";
+	v[n++] = "--threads";
+	v[n++] = "2";
+	v[n] = NULL;
+}
+
+static void
+cell_hargs(const struct cell *c, const char **h)
+{
+	int n = 0;
+
+	if (c->mode == 1)
+		h[n++] = "--no-optimize";
+	if (c->mode == M_POPULATE_ALL || c->mode == M_POPULATE_FILE) {
+		h[n++] = "--populate";
+		h[n++] = c->mode == M_POPULATE_ALL ? "all" : M.list[c->page];
+	}
+	if (c->mode == M_MAX_VMS_2) {
+		h[n++] = "--max-vms";
+		h[n++] = "2";
+	}
+	h[n] = NULL;
+}
+
+/* Both VMMs of a --max-vms 2 cell against one handler. */
+static int
+cell_two_vms(struct pair *p)
+{
+	char *argv[MAXARG * 2];
+	struct proc v2;
+	int n = 0;
+
+	if (start_both(p) < 0) {
+		finish_pair(p);
+		return pair_fail(p, "the handler did not start");
+	}
+	argv[n++] = (char *)T.vmm;
+	argv[n++] = "run";
+	argv[n++] = p->sock;
+	argv[n++] = (char *)p->snap;
+	for (int i = 0; p->vargs[i]; i++)
+		argv[n++] = (char *)p->vargs[i];
+	argv[n] = NULL;
+	spawn(&v2, argv, NULL);
+	reap(&v2, p->vmm_ms ? p->vmm_ms : 60000);
+	finish_pair(p);
+	if (!exited(&v2, 0)) {
+		char verr[4096];
+
+		read_text(v2.err, verr, sizeof(verr));
+		return pair_fail(p, verr[0] ? verr : "the second VMM failed");
+	}
+	return PASS;
+}
+
+static int
+matrix_cell(size_t i)
+{
+	struct cell c;
+	struct pair p = { 0 };
+	int rc = PASS;
+
+	cell_of(i, &c);
+	if (c.page && !M.huge_ok)
+		return skip("cannot reserve %d hugetlb pages of 2 MiB", MATRIX_HUGE);
+	p.snap = M.snap[c.page][c.regions][c.layout == 2];
+	p.vmm_ms = 20000;	/* each cell takes well under a second */
+	cell_vargs(&c, p.vargs);
+	cell_hargs(&c, p.hargs);
+	if (c.mode == M_MAX_VMS_2)
+		rc = cell_two_vms(&p);
+	else
+		run_pair(&p);
+	if (rc != PASS)
+		return rc;
+	if (!exited(&p.v, 0))
+		return pair_fail(&p, "the VMM did not verify every page");
+	if (!exited(&p.h, 0))
+		return pair_fail(&p, "the handler did not exit 0 after the VM");
+	return PASS;
+}
+
+/* The snapshots (per page size, region count, hotplug holes or not) and a
+ * --populate list per page size: scattered runs, in scattered order. */
+static int
+matrix_setup(void)
+{
+	char cmd[1024];
+	FILE *f;
+
+	for (int pg = 0; pg < 2; pg++) {
+		uint64_t ps = pg ? PAGE_2M : 4096, n = (pg ? 16 : 8) * 1048576 / ps;
+
+		for (int r = 0; r < 2; r++)
+			for (int hp = 0; hp < 2; hp++) {
+				struct cell c = { .page = (size_t)pg, .regions = (size_t)r };
+
+				snprintf(M.snap[pg][r][hp], sizeof(M.snap[pg][r][hp]),
+				    "%s/m%d%d%d.mem", T.dir, pg, r, hp);
+				snprintf(cmd, sizeof(cmd), "%s mksnap %s --regions %s%s "
+				    "--slot %s >/dev/null", T.vmm, M.snap[pg][r][hp],
+				    cell_regions(&c), hp ? " --hotplug" : "",
+				    pg ? "2048" : "1024");
+				if (system(cmd) != 0)
+					return -1;
+			}
+		snprintf(M.list[pg], sizeof(M.list[pg]), "%s/m%d.list", T.dir, pg);
+		if ((f = fopen(M.list[pg], "w")) == NULL)
+			return -1;
+		for (uint64_t k = 0; k < n; k++) {
+			uint64_t p = (k * 7 + n / 3) % n;
+
+			if (p % 3 != 1)
+				fprintf(f, "%" PRIu64 "\n", p * ps);
+		}
+		fclose(f);
+	}
+	return 0;
+}
+
+struct job {
+	pid_t pid;
+	size_t cell;
+	int64_t t0;
+};
+
+/* A cell in a child of its own: its files numbered apart from the rest. */
+static pid_t
+matrix_start(size_t cell)
+{
+	char path[200];
+	pid_t pid = fork();
+	FILE *f;
+	int rc;
+
+	if (pid != 0)
+		return pid;
+	T.seq = (int)(1000000 + cell * 100);
+	T.why[0] = '\0';
+	rc = matrix_cell(cell);
+	snprintf(path, sizeof(path), "%s/cell%zu.why", T.dir, cell);
+	if ((f = fopen(path, "w")) == NULL || fputs(T.why, f) < 0 || fclose(f) != 0)
+		_exit(FAIL);
+	_exit(rc);
+}
+
+/* Waits for one cell to end and prints its line. */
+static void
+matrix_reap(struct job *job, size_t *running, int *counts)
+{
+	char name[160], path[200];
+	int status, rc;
+	pid_t pid = wait(&status);
+	size_t j;
+
+	for (j = 0; j < *running && job[j].pid != pid; j++)
+		;
+	if (j == *running)
+		return;
+	rc = WIFEXITED(status) && WEXITSTATUS(status) <= SKIP ?
+	    WEXITSTATUS(status) : FAIL;
+	cell_name(job[j].cell, name, sizeof(name));
+	snprintf(path, sizeof(path), "%s/cell%zu.why", T.dir, job[j].cell);
+	read_text(path, T.why, sizeof(T.why));
+	counts[rc]++;
+	if (rc == PASS)
+		printf("PASS %s (%" PRId64 " ms)\n", name, now_ms() - job[j].t0);
+	else
+		printf("%s %s: %s\n", rc == FAIL ? "FAIL" : "SKIP", name,
+		    T.why[0] ? T.why : "the cell's process died");
+	job[j] = job[--*running];
+}
+
+/* Runs the selected cells, MATRIX_JOBS at a time; counts[] gets results. */
+static void
+run_matrix(char **pats, int npats, int *counts)
+{
+	struct job job[MATRIX_JOBS];
+	size_t next, running = 0, chosen = 0, huge = 0;
+	char name[160];
+
+	for (next = 0; next < MATRIX_CELLS; next++) {
+		struct cell c;
+
+		cell_name(next, name, sizeof(name));
+		cell_of(next, &c);
+		chosen += selected(name, pats, npats);
+		huge += selected(name, pats, npats) && c.page;
+	}
+	if (chosen == 0)
+		return;
+	if (matrix_setup() < 0) {
+		printf("FAIL matrix: making its snapshots failed\n");
+		counts[FAIL]++;
+		return;
+	}
+	M.huge_ok = huge > 0 && huge_reserve(MATRIX_HUGE) == 0;
+	for (next = 0; next < MATRIX_CELLS || running > 0;) {
+		if (running < MATRIX_JOBS && next < MATRIX_CELLS) {
+			cell_name(next, name, sizeof(name));
+			if (selected(name, pats, npats))
+				job[running++] = (struct job){ matrix_start(next), next,
+				    now_ms() };
+			next++;
+			continue;
+		}
+		matrix_reap(job, &running, counts);
+	}
+	huge_restore();
+}
+
 struct tcase {
 	const char *name;
 	int (*fn)(const void *);
@@ -1763,6 +2167,8 @@ static const struct tcase cases[] = {
 	{ "validate_reject_overlap", validate, &va_overlap },
 	{ "validate_reject_page_size", validate, &va_bogus_page },
 	{ "validate_reject_page_sizes_disagree", validate, &va_disagree },
+	{ "kernel_copy_across_vma_is_enoent", unit, "kernel_copy_across_vma" },
+	{ "kernel_copy_into_prot_none_succeeds", unit, "kernel_copy_into_prot_none" },
 	{ "unit_retried_fault_keeps_window", unit, "retried_fault_keeps_window" },
 	{ "unit_new_stream_starts_clean", unit, "new_stream_starts_clean" },
 	{ "unit_enoent_window_split", unit, "enoent_window_split" },
@@ -1786,6 +2192,11 @@ static const struct tcase cases[] = {
 	{ "fault_path_no_optimize_one_page", fault_path, "--no-optimize" },
 	{ "populate_all_detach_then_balloon", populate_detach, NULL },
 	{ "populate_all_with_faults_and_balloon", populate_with_faults, NULL },
+	{ "populate_all_detach_split", populate_detach_layout, pd_split },
+	{ "populate_all_detach_hotplug", populate_detach_layout, pd_hotplug },
+	{ "populate_all_detach_split_hugetlb", populate_detach_layout, pd_split_2m },
+	{ "populate_all_detach_hotplug_hugetlb", populate_detach_layout,
+	    pd_hotplug_2m },
 	{ "record_then_populate_file", record_then_populate, NULL },
 	{ "populate_file_rejects_bad_list", populate_bad_list, NULL },
 	{ "balloon_after", balloon, "after" },
@@ -1819,6 +2230,8 @@ static const struct tcase cases[] = {
 	{ "no_fds_left_at_exit", no_fds_left, NULL },
 	{ "hugetlb_pool_exhausted_kills_vmm", hugetlb_pool_exhausted, NULL },
 	{ "stress_faults_removes_oracle", stress, NULL },
+	{ "stress_hugetlb_oracle", stress, "--huge" },
+	{ "stress_two_vms_one_handler", stress_two_vms, NULL },
 	{ "fuzz_handshake_short", fuzz_short, NULL },
 	{ "sigterm_kills_vmm", sigterm, NULL },
 	{ "sigusr1_prints_counters", sigusr1_counters, NULL },
@@ -1901,6 +2314,12 @@ main(int argc, char **argv)
 	}
 	for (size_t i = 0; list && i < sizeof(cases) / sizeof(cases[0]); i++)
 		printf("%s\n", cases[i].name);
+	for (size_t i = 0; list && i < MATRIX_CELLS; i++) {
+		char name[160];
+
+		cell_name(i, name, sizeof(name));
+		printf("%s\n", name);
+	}
 	if (list)
 		return 0;
 	if (absolute(&T.handler, 0) < 0 || absolute(&T.release, 1) < 0 ||
@@ -1926,6 +2345,7 @@ main(int argc, char **argv)
 			printf("%s %s: %s\n", rc == FAIL ? "FAIL" : "SKIP",
 			    cases[i].name, T.why);
 	}
+	run_matrix(argv + optind, argc - optind, counts);
 	snprintf(cmd, sizeof(cmd), "rm -rf %s", T.dir);
 	if (counts[FAIL] == 0 && system(cmd) != 0)
 		fprintf(stderr, "run: could not remove %s\n", T.dir);
