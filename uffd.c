@@ -556,13 +556,12 @@ install_split(struct session *s, struct region *r, uint64_t idx, uint64_t n,
 	for (;;) {
 		rc = install_run(s, r, idx + *got, part, kind, &g);
 		*got += g;
-		if (rc == IO_ABSENT && part > 1) {
-			part /= 2;
-			continue;
-		}
-		if (rc != IO_DONE || g < part || *got == n)
+		if (*got == n || !(rc == IO_ABSENT ? part > 1 :
+		    rc == IO_DONE && g == part))
 			return rc;
-		part = n - *got;
+		/* A VMA can change between two calls: never reach past n. */
+		part = rc == IO_ABSENT ? part / 2 : n;
+		part = part < n - *got ? part : n - *got;
 	}
 }
 
