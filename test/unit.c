@@ -286,10 +286,53 @@ zero_source_covers_run(void)
 	return 0;
 }
 
+/*
+ * The kernel facts the fault path is built on, checked on the machine that
+ * runs the suite: a copy across a VMA boundary fails whole with ENOENT,
+ * also between two writable registered VMAs; a copy wholly inside a
+ * PROT_NONE VMA succeeds, and shows once the range is writable again.
+ */
+static int
+kernel_copy_across_vma(void)
+{
+	struct uffdio_copy c = { (uintptr_t)U.mem + 2 * PAGE_4K,
+	    (uintptr_t)U.src, 4 * PAGE_4K, 0, 0 };
+	struct uffdio_zeropage z = { { (uintptr_t)U.mem + 2 * PAGE_4K,
+	    4 * PAGE_4K }, 0, 0 };
+
+	madvise(U.mem + 4 * PAGE_4K, 4 * PAGE_4K, MADV_NOHUGEPAGE);
+	if (ioctl(U.uffd, (int)UFFDIO_COPY, &c) == 0 || errno != ENOENT ||
+	    c.copy != -ENOENT)
+		return fail("UFFDIO_COPY across two writable VMAs: copy %lld, "
+		    "errno %s", (long long)c.copy, strerror(errno));
+	if (ioctl(U.uffd, (int)UFFDIO_ZEROPAGE, &z) == 0 || errno != ENOENT)
+		return fail("UFFDIO_ZEROPAGE across two VMAs: %s", strerror(errno));
+	mprotect(U.mem + 4 * PAGE_4K, 4 * PAGE_4K, PROT_NONE);
+	if (ioctl(U.uffd, (int)UFFDIO_COPY, &c) == 0 || errno != ENOENT)
+		return fail("UFFDIO_COPY into a PROT_NONE VMA: %s", strerror(errno));
+	return present(2) || present(4) ? fail("a failed copy installed pages") : 0;
+}
+
+static int
+kernel_copy_into_prot_none(void)
+{
+	struct uffdio_copy c = { (uintptr_t)U.mem + 4 * PAGE_4K,
+	    (uintptr_t)U.src, 2 * PAGE_4K, 0, 0 };
+
+	mprotect(U.mem + 4 * PAGE_4K, 4 * PAGE_4K, PROT_NONE);
+	if (ioctl(U.uffd, (int)UFFDIO_COPY, &c) < 0)
+		return fail("UFFDIO_COPY inside PROT_NONE: %s", strerror(errno));
+	mprotect(U.mem + 4 * PAGE_4K, 4 * PAGE_4K, PROT_READ | PROT_WRITE);
+	return (unsigned char)U.mem[5 * PAGE_4K] == 0xab ? 0 :
+	    fail("the copied page does not show after PROT_READ|PROT_WRITE");
+}
+
 static const struct {
 	const char *name;
 	int (*fn)(void);
 } cases[] = {
+	{ "kernel_copy_across_vma", kernel_copy_across_vma },
+	{ "kernel_copy_into_prot_none", kernel_copy_into_prot_none },
 	{ "retried_fault_keeps_window", retried_fault_keeps_window },
 	{ "new_stream_starts_clean", new_stream_starts_clean },
 	{ "enoent_window_split", enoent_window_split },
