@@ -122,6 +122,7 @@ struct region {
 	uint64_t *removed;		/* a bit per page the guest discarded */
 	uint64_t *zero;			/* a bit per page known all zero in the file */
 	uint64_t *hole;			/* a bit per page wholly in a sparse hole */
+	uint64_t *present;		/* a bit per page installed, until removed */
 	uint64_t *recorded;		/* --record: a bit per page listed */
 };
 
@@ -369,6 +370,12 @@ bit_set(uint64_t *map, uint64_t i)
 	map[i / 64] |= (uint64_t)1 << (i % 64);
 }
 
+static void
+bit_clear(uint64_t *map, uint64_t i)
+{
+	map[i / 64] &= ~((uint64_t)1 << (i % 64));
+}
+
 /* Explains an EFAULT from a copy: the usual cause is a truncated file. */
 static void
 check_memfile(struct session *s)
@@ -504,6 +511,22 @@ record_pages(struct session *s, struct region *r, uint64_t idx, uint64_t n)
 		}
 }
 
+/*
+ * A hugetlb copy that finds the pool exhausted answers EEXIST, not ENOMEM,
+ * and installs nothing (measured on Linux 6.18: kernel_hugetlb_exhausted_
+ * is_eexist). Taken for "already present", the faulting vCPU would be
+ * woken to fault again, forever. Only this handler installs pages in a
+ * registered range, so EEXIST on a page it never installed (or whose
+ * install a REMOVE undid) is the pool: ENOMEM.
+ */
+static int
+pool_exhausted(struct session *s, struct region *r, uint64_t idx)
+{
+	s->n.already_present--;		/* uffdio_result counted it */
+	return uffdio_failed(s, "UFFDIO_COPY", r->base + idx * r->page_size,
+	    r->page_size, ENOMEM);
+}
+
 /* Installs n pages of one kind at page index idx; *got counts pages done. */
 static int
 install_run(struct session *s, struct region *r, uint64_t idx, uint64_t n,
@@ -517,15 +540,21 @@ install_run(struct session *s, struct region *r, uint64_t idx, uint64_t n,
 	 * write fault, zeros are copied in instead. */
 	int mapped = kind != KIND_DATA && r->page_size == PAGE_4K && !s->writing;
 
+	if (kind != KIND_DATA && !mapped && len > ZERO_SRC)
+		len = ZERO_SRC;		/* the run is cut to the zero source */
 	if (kind == KIND_DATA)
 		rc = uffdio_copy(s, dst, s->mem + r->offset + idx * r->page_size,
 		    len, &done);
 	else if (mapped)
 		rc = uffdio_zeropage(s, dst, len, &done);
 	else
-		rc = uffdio_copy(s, dst, s->zeros, len < ZERO_SRC ? len : ZERO_SRC,
-		    &done);
+		rc = uffdio_copy(s, dst, s->zeros, len, &done);
 	*got = done / r->page_size;
+	for (uint64_t i = idx; i < idx + *got; i++)
+		bit_set(r->present, i);
+	if (rc == IO_DONE && done < len && r->page_size != PAGE_4K &&
+	    !bit_test(r->present, idx + *got))
+		rc = pool_exhausted(s, r, idx + *got);
 	if (kind == KIND_DATA) {
 		s->n.pages_copied += *got;
 		s->n.bytes_copied += done;
@@ -664,8 +693,10 @@ apply_remove(struct session *s, uint64_t start, uint64_t end)
 			continue;
 		first = (lo - r->base + r->page_size - 1) / r->page_size;
 		last = (hi - r->base) / r->page_size;
-		for (uint64_t p = first; p < last; p++)
+		for (uint64_t p = first; p < last; p++) {
 			bit_set(r->removed, p);
+			bit_clear(r->present, p);
+		}
 		if (last > first)
 			s->n.pages_removed += last - first;
 	}
@@ -1350,7 +1381,8 @@ setup_regions(struct session *s, size_t n)
 		pages = r->size / r->page_size;
 		if ((r->removed = calloc((pages + 63) / 64, 8)) == NULL ||
 		    (r->zero = calloc((pages + 63) / 64, 8)) == NULL ||
-		    (r->hole = calloc((pages + 63) / 64, 8)) == NULL)
+		    (r->hole = calloc((pages + 63) / 64, 8)) == NULL ||
+		    (r->present = calloc((pages + 63) / 64, 8)) == NULL)
 			return -ENOMEM;
 		mark_holes(s, r);
 		if (s->record_fd >= 0 &&
@@ -1646,6 +1678,7 @@ session_close(struct session *s)
 		free(s->regions[i].removed);
 		free(s->regions[i].zero);
 		free(s->regions[i].hole);
+		free(s->regions[i].present);
 		free(s->regions[i].recorded);
 	}
 	free(s->regions);

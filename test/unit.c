@@ -78,7 +78,8 @@ setup(void)
 		return fail("UFFDIO_REGISTER: %s", strerror(errno));
 	U.r = (struct region){ .base = (uintptr_t)U.mem, .size = NPAGES * PAGE_4K,
 	    .page_size = PAGE_4K, .removed = calloc(words, 8),
-	    .zero = calloc(words, 8), .hole = calloc(words, 8) };
+	    .zero = calloc(words, 8), .hole = calloc(words, 8),
+	    .present = calloc(words, 8) };
 	U.s = (struct session){ .conn = -1, .uffd = U.uffd, .pidfd = -1,
 	    .memfd = -1, .record_fd = -1, .mem = U.src, .regions = &U.r,
 	    .nregions = 1 };
@@ -269,7 +270,7 @@ zero_source_covers_run(void)
 	struct uffdio_register reg = { { (uintptr_t)big, len },
 	    UFFDIO_REGISTER_MODE_MISSING, 0 };
 	struct region r = { .base = (uintptr_t)big, .size = len,
-	    .page_size = PAGE_4K };
+	    .page_size = PAGE_4K, .present = calloc((n + 63) / 64, 8) };
 	uint64_t got;
 	int rc;
 
@@ -327,10 +328,55 @@ kernel_copy_into_prot_none(void)
 	    fail("the copied page does not show after PROT_READ|PROT_WRITE");
 }
 
+/*
+ * A hugetlb copy that finds the pool exhausted answers EEXIST and installs
+ * nothing: one more 2 MiB page than the pool has free, the last refused.
+ * Exit 3 (skip) where hugetlb pages cannot be had at all.
+ */
+static int
+kernel_hugetlb_exhausted_is_eexist(void)
+{
+	char mi[8192] = "", *at;
+	FILE *f = fopen("/proc/meminfo", "re");
+	uint64_t n, i;
+	char *m;
+
+	if (f != NULL) {
+		mi[fread(mi, 1, sizeof(mi) - 1, f)] = '\0';
+		fclose(f);
+	}
+	if ((at = strstr(mi, "HugePages_Free:")) == NULL || (n = strtoull(at + 15,
+	    NULL, 10) + 1) > 64)
+		return fprintf(stderr, "no hugetlb pool, or more than 63 pages free\n"), 3;
+	m = mmap(NULL, n * PAGE_2M, PROT_READ | PROT_WRITE, MAP_PRIVATE |
+	    MAP_ANONYMOUS | MAP_NORESERVE | MAP_HUGETLB | (21 << 26), -1, 0);
+	struct uffdio_register reg = { { (uintptr_t)m, n * PAGE_2M },
+	    UFFDIO_REGISTER_MODE_MISSING, 0 };
+	if (m == MAP_FAILED || ioctl(U.uffd, UFFDIO_REGISTER, &reg) < 0)
+		return fprintf(stderr, "hugetlb mapping: %s\n", strerror(errno)), 3;
+	for (i = 0; i < n; i++) {
+		struct uffdio_copy c = { (uintptr_t)m + i * PAGE_2M,
+		    (uintptr_t)U.s.zeros, PAGE_2M, 0, 0 };
+		unsigned char v = 0;
+		int rc = ioctl(U.uffd, (int)UFFDIO_COPY, &c);
+
+		mincore(m + i * PAGE_2M, PAGE_4K, &v);
+		if (i + 1 < n && rc < 0)
+			return fail("page %llu of %llu free: %s", (unsigned long long)i,
+			    (unsigned long long)n - 1, strerror(errno));
+		if (i + 1 == n && (rc == 0 || errno != EEXIST || (v & 1)))
+			return fail("the page past the pool: rc %d, %s, %s", rc,
+			    rc ? strerror(errno) : "installed",
+			    (v & 1) ? "present" : "absent");
+	}
+	return 0;
+}
+
 static const struct {
 	const char *name;
 	int (*fn)(void);
 } cases[] = {
+	{ "kernel_hugetlb_exhausted_is_eexist", kernel_hugetlb_exhausted_is_eexist },
 	{ "kernel_copy_across_vma", kernel_copy_across_vma },
 	{ "kernel_copy_into_prot_none", kernel_copy_into_prot_none },
 	{ "retried_fault_keeps_window", retried_fault_keeps_window },
