@@ -91,6 +91,7 @@ static struct {
 	const char *layout;		/* one, split, hotplug (NULL: one) */
 	uint64_t slot;			/* bytes: split pieces, hotplug slots */
 	int hotplug;			/* mksnap: never-plugged slots are holes */
+	uint64_t limit;			/* oracle mode: bytes of guest memory used */
 } o = { .gen = 3, .keep_open = -1, .threads = 4, .uid = -1, .backend = "uffd",
 	.workload = "seqread", .zero_every = 5, .slot = 2048 * 1024 };
 
@@ -1138,7 +1139,7 @@ touch_order(const char *access, uint64_t *n)
 
 	if (p == NULL)
 		die("malloc: %s", strerror(ENOMEM));
-	for (uint64_t i = 0; i < total; i++)
+	for (uint64_t i = 0; i < o.limit / PAGE; i++)
 		if (strcmp(access, "ws10") != 0 || next_rand(&seed) % 10 == 0)
 			p[k++] = i;
 	if (strcmp(access, "seq") != 0)
@@ -1505,7 +1506,7 @@ run_oracle(void)
 	report_oracle();
 	atomic_store(&checked, 0);
 	atomic_store(&zeros_seen, 0);
-	for (uint64_t p = 0; p < o.l.total / PAGE; p++)
+	for (uint64_t p = 0; p < o.limit / PAGE; p++)
 		check_oracle(p, "at the end");
 	free(order);
 }
@@ -1806,7 +1807,8 @@ usage(void)
 "           [--threads N] [--huge] [--kvm] [--balloon none|after|during] [--crash]\n"
 "           [--stray-fault] [--raw JSON] [--no-fd] [--extra-fds N] [--split N]\n"
 "           [--linger SEC] [--delay MS] [--uid UID] [--pad] [--stress SEC]\n"
-"           [--access seq|rand|ws10] [--write] [--layout one|split|hotplug]\n"
+"           [--access seq|rand|ws10] [--write] [--limit-mib MIB]\n"
+"           [--layout one|split|hotplug]\n"
 "           [--slot KIB]\n"
 "       vmm bench SOCKET FILE [--regions MIB,...] [--backend file|copy|uffd]\n"
 "           [--workload seqread|seqwrite|rand2|ws10|balloon|kvm] [--threads N]\n"
@@ -1846,6 +1848,11 @@ check_options(void)
 		    (o.huge ? HUGE : PAGE) / 1024);
 	if (o.oracle && o.access == NULL)
 		o.access = "seq";
+	if (o.limit == 0 || o.limit > o.l.total)
+		o.limit = o.l.total;
+	if (o.limit < o.l.total && ((o.balloon && strcmp(o.balloon, "none")) ||
+	    !layout_is("one")))
+		die("--limit-mib: only without a balloon, on --layout one");
 }
 
 int
@@ -1864,6 +1871,7 @@ main(int argc, char **argv)
 		{ "workload", 1, 0, 'W' }, { "zero-every", 1, 0, 'Z' },
 		{ "access", 1, 0, 'a' }, { "write", 0, 0, 'w' },
 		{ "layout", 1, 0, 'Y' }, { "slot", 1, 0, 'O' },
+		{ "limit-mib", 1, 0, 'M' },
 		{ "hotplug", 0, 0, 'h' }, { 0, 0, 0, 0 },
 	};
 	const char *cmd = argc > 1 ? argv[1] : "";
@@ -1899,6 +1907,7 @@ main(int argc, char **argv)
 		case 'w': o.write = 1; o.oracle = 1; break;
 		case 'Y': o.layout = optarg; o.oracle = 1; break;
 		case 'O': o.slot = strtoull(optarg, NULL, 10) * 1024; o.oracle = 1; break;
+		case 'M': o.limit = strtoull(optarg, NULL, 10) * MIB; o.oracle = 1; break;
 		case 'h': o.hotplug = 1; break;
 		default: usage();
 		}
