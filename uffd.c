@@ -449,12 +449,13 @@ page_kind(struct session *s, struct region *r, uint64_t idx)
 }
 
 /*
- * Whether a page of this kind may be installed before the guest asks for
- * it. Not a removed page: the guest gave it back, and a copy would take
- * memory (and, behind an unplugged hotplug slot's PROT_NONE, show later).
- * Not zeros that would be copied rather than mapped (hugetlb, or a write
- * window): memory spent on pages that read as zero anyway, and unplugged
- * hotplug slots are holes. The faulting page itself is always installed.
+ * Whether a run of this kind may start ahead of the faulting page. Not a
+ * removed page: the guest gave it back, and a copy would take memory (and,
+ * behind an unplugged hotplug slot's PROT_NONE, show later). Not zeros
+ * that would be copied rather than mapped (hugetlb, or a write window):
+ * memory spent on pages that read as zero anyway, and unplugged hotplug
+ * slots are holes. The faulting page's own run is another matter: a
+ * stream that faults inside a hole goes on through it (see serve_window).
  */
 static int
 may_prefetch(const struct session *s, const struct region *r, int kind)
@@ -595,10 +596,15 @@ install_split(struct session *s, struct region *r, uint64_t idx, uint64_t n,
 }
 
 /*
- * The faulting page first, then the rest of the window as runs of one
- * kind, one ioctl each, as far as may_prefetch allows. The fault is served
- * once its page is in; the pages ahead are a bet, and anything that stops
- * one (a page already present or refused, an error) ends the window only.
+ * The faulting page's run first, then the rest of the window as runs of
+ * one kind, one ioctl each, as far as may_prefetch allows. The faulting
+ * page's run covers the pages of its kind after it, unless they are
+ * removed pages: only the faulting page itself is served as removed. So a
+ * stream that writes through a hole copies zeros ahead, while one that
+ * reaches a hole (an unplugged slot) from data stops there. The fault is
+ * served once its page is in; the pages ahead are a bet, and anything that
+ * stops one (a page already present or refused, an error) ends the window
+ * only.
  */
 static int
 serve_window(struct session *s, struct region *r, uint64_t idx, uint64_t n,
@@ -619,7 +625,7 @@ serve_window(struct session *s, struct region *r, uint64_t idx, uint64_t n,
 	}
 	kind = page_kind(s, r, idx);
 	for (;;) {
-		for (len = 1; at + len < n && may_prefetch(s, r, kind); len++)
+		for (len = 1; at + len < n && kind != KIND_REMOVED; len++)
 			if ((next = page_kind(s, r, idx + at + len)) != kind)
 				break;
 		rc = install_split(s, r, idx + at, len, kind, &got);
@@ -634,8 +640,8 @@ serve_window(struct session *s, struct region *r, uint64_t idx, uint64_t n,
 		if (at == n)
 			break;
 		/* The run ended at a change of kind, or after the faulting
-		 * page when its own kind may not go ahead. */
-		kind = may_prefetch(s, r, kind) ? next : page_kind(s, r, idx + at);
+		 * page when the guest removed it. */
+		kind = kind == KIND_REMOVED ? page_kind(s, r, idx + at) : next;
 		if (!may_prefetch(s, r, kind))
 			break;
 	}

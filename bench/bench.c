@@ -2,7 +2,11 @@
  * bench - uffd-handler against the kernel's File backend and the copy
  * limit, side by side in one run (./build.sh bench).
  *
- *   bench [-r REPS] [-o DIR] [WORKLOAD...]    (WORKLOAD "many": --max-vms)
+ *   bench [-r REPS] [-o DIR] [-H HANDLER] [WORKLOAD...]
+ *                                       (WORKLOAD "many": --max-vms)
+ *
+ * -H runs another build of the handler (default build/uffd-handler), to
+ * compare two versions on the same machine.
  *
  * Backends: file (MAP_PRIVATE of the memory file, Firecracker's File
  * backend), copy (memcpy of the whole file into anonymous memory: the copy
@@ -492,14 +496,16 @@ main(int argc, char **argv)
 	char mach[512];
 	int c;
 
-	while ((c = getopt(argc, argv, "r:o:")) != -1) {
+	while ((c = getopt(argc, argv, "r:o:H:")) != -1) {
 		if (c == 'r' && atoi(optarg) > 0 && atoi(optarg) <= MAXREP)
 			reps = atoi(optarg);
 		else if (c == 'o')
 			dir = optarg;
+		else if (c == 'H')
+			handler = optarg;
 		else {
 			fprintf(stderr, "usage: bench [-r REPS (1-%d)] [-o DIR] "
-			    "[WORKLOAD...]\n", MAXREP);
+			    "[-H HANDLER] [WORKLOAD...]\n", MAXREP);
 			return 2;
 		}
 	}
