@@ -1105,9 +1105,17 @@ populate(struct session *s)
 static int __attribute__((noinline))
 guarded_install(struct session *s)
 {
+	sigset_t bus;
 	int rc;
 
 	if (sigsetjmp(bus_jmp, 0)) {
+		/* The signal handler ran with SIGBUS blocked, and a jump that
+		 * saved no mask (one saved each round would cost a syscall)
+		 * leaves it blocked: the next SIGBUS, from any session, would
+		 * kill the process. */
+		sigemptyset(&bus);
+		sigaddset(&bus, SIGBUS);
+		sigprocmask(SIG_UNBLOCK, &bus, NULL);
 		bus_armed = 0;
 		check_memfile(s);
 		logmsg(LOG_ERROR, "reading %s at offset %llu: SIGBUS", opt.mem_path,

@@ -276,6 +276,8 @@ run_pair(struct pair *p)
 	finish_pair(p);
 }
 
+static int cell_two_vms(struct pair *);
+
 static uint64_t
 counter(const struct pair *p, const char *key)
 {
@@ -294,6 +296,34 @@ pair_fail(const struct pair *p, const char *what)
 	return fail("%s: handler %s, vmm %s\n--- handler stderr:\n%s--- handler "
 	    "stdout:\n%s--- vmm:\n%s%s", what, how(&p->h), how(&p->v), p->herr,
 	    p->hout, p->vout, p->verr);
+}
+
+/* The handler, its VMM and a second VMM with the same options, at once;
+ * then during(), if any. -1 (and T.why) if the handler never listens. */
+static int
+start_two(struct pair *p, struct proc *v2)
+{
+	char *argv[MAXARG * 2];
+	int n = 0;
+
+	if (start_both(p) < 0) {
+		finish_pair(p);
+		pair_fail(p, "the handler did not start");
+		return -1;
+	}
+	argv[n++] = (char *)T.vmm;
+	argv[n++] = "run";
+	argv[n++] = p->sock;
+	argv[n++] = (char *)(p->snap ? p->snap : T.snap);
+	for (int i = 0; p->vargs[i]; i++)
+		argv[n++] = (char *)p->vargs[i];
+	argv[n] = NULL;
+	spawn(v2, argv, NULL);
+	if (p->during) {
+		usleep((useconds_t)p->during_ms * 1000);
+		p->during(p);
+	}
+	return 0;
 }
 
 /* The VMM verified every byte and the handler then exited 0 promptly. */
@@ -1238,6 +1268,40 @@ memfile_truncated(const void *arg)
 }
 
 /*
+ * Two VMs from one handler, the memory file truncated under both: each
+ * session's read of the file takes a SIGBUS. Both VMMs are killed, and the
+ * handler survives the second SIGBUS as it did the first (exit 1, not
+ * death by signal).
+ */
+static int
+memfile_truncated_two_vms(const void *arg)
+{
+	char copy[160], cmd[512], *at;
+	struct pair p = { .snap = copy, .hargs = { "--max-vms", "2", NULL },
+	    .vargs = { "--delay", "500", "--access", "seq", "--threads", "1",
+	    NULL }, .during_ms = 200, .during = truncate_snap };
+	int n = 0;
+
+	(void)arg;
+	snprintf(copy, sizeof(copy), "%s/shrinking2.mem", T.dir);
+	snprintf(cmd, sizeof(cmd), "cp %s %s", T.snap, copy);
+	if (system(cmd) != 0)
+		return fail("%s failed", cmd);
+	struct proc v2;
+
+	if (start_two(&p, &v2) < 0)
+		return FAIL;
+	reap(&v2, 60000);
+	finish_pair(&p);
+	for (at = p.herr; (at = strstr(at, ": SIGBUS")) != NULL; at++)
+		n++;
+	if (!exited(&p.h, 1) || !killed(&p.v) || !killed(&v2) || n != 2)
+		return pair_fail(&p, "expected both VMMs killed after a SIGBUS each, "
+		    "and the handler to exit 1");
+	return PASS;
+}
+
+/*
  * Hostile handshakes through the real handler: each is rejected with one
  * line saying what and where, exit 4, and the VMM killed.
  */
@@ -1641,8 +1705,6 @@ stress(const void *arg)
 	return PASS;
 }
 
-static int cell_two_vms(struct pair *);
-
 /* The same oracle in two VMs served by one handler at once. */
 static int
 stress_two_vms(const void *arg)
@@ -1997,22 +2059,10 @@ cell_hargs(const struct cell *c, const char **h)
 static int
 cell_two_vms(struct pair *p)
 {
-	char *argv[MAXARG * 2];
 	struct proc v2;
-	int n = 0;
 
-	if (start_both(p) < 0) {
-		finish_pair(p);
-		return pair_fail(p, "the handler did not start");
-	}
-	argv[n++] = (char *)T.vmm;
-	argv[n++] = "run";
-	argv[n++] = p->sock;
-	argv[n++] = (char *)p->snap;
-	for (int i = 0; p->vargs[i]; i++)
-		argv[n++] = (char *)p->vargs[i];
-	argv[n] = NULL;
-	spawn(&v2, argv, NULL);
+	if (start_two(p, &v2) < 0)
+		return FAIL;
 	reap(&v2, p->vmm_ms ? p->vmm_ms : 60000);
 	finish_pair(p);
 	if (!exited(&v2, 0)) {
@@ -2301,6 +2351,7 @@ static const struct tcase cases[] = {
 	{ "sigterm_kills_vmm", sigterm, NULL },
 	{ "sigusr1_prints_counters", sigusr1_counters, NULL },
 	{ "memfile_truncated_kills_vmm", memfile_truncated, NULL },
+	{ "memfile_truncated_two_vms_two_sigbus", memfile_truncated_two_vms, NULL },
 	{ "seccomp_confined_while_serving", seccomp_status, NULL },
 	{ "seccomp_off_with_flag", seccomp_status, "--no-seccomp" },
 	{ "chroot_empty", chroot_empty, NULL },
