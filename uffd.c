@@ -80,7 +80,7 @@ enum exit_code {
 	EXIT_USAGE = 2,		/* bad command line */
 	EXIT_SETUP = 3,		/* memory file, socket, or no VMM connected in time */
 	EXIT_HANDSHAKE = 4,	/* handshake rejected; VMM killed */
-	EXIT_SIGNAL = 5,	/* SIGTERM or SIGINT; VMM killed if one connected */
+	EXIT_SIGNAL = 5,	/* SIGTERM, SIGINT, SIGHUP, SIGQUIT; VMMs killed */
 };
 
 enum { LOG_ERROR, LOG_WARN, LOG_INFO, LOG_DEBUG };
@@ -823,8 +823,8 @@ serve_pending(struct session *s)
 
 static void print_counters(const struct session *, int);
 
-/* SIGUSR1 prints the counters of the n sessions and goes on; SIGTERM and
- * SIGINT return -ECANCELED. */
+/* SIGUSR1 prints the counters of the n sessions and goes on; the stopping
+ * signals return -ECANCELED. */
 static int
 take_signal(int sigfd, struct session *const *v, size_t n)
 {
@@ -1173,7 +1173,7 @@ serve_round(struct session *s, short uffd_events, short pid_events)
 }
 
 /*
- * Returns 0 when the VM went away, -ECANCELED on SIGTERM/SIGINT, any other
+ * Returns 0 when the VM went away, -ECANCELED on a stopping signal, any other
  * negative errno on a fatal error.
  */
 static int
@@ -1856,7 +1856,11 @@ accept_vmm(int lfd, int sigfd)
 	return rc;
 }
 
-/* SIGTERM, SIGINT and SIGUSR1 arrive through a signalfd: the loop decides. */
+/*
+ * SIGTERM, SIGINT, SIGHUP, SIGQUIT and SIGUSR1 arrive through a signalfd:
+ * the loop decides. Left to their default action, the stopping signals
+ * would end the handler without killing its VMMs, freezing their guests.
+ */
 static int
 signal_fd(void)
 {
@@ -1868,6 +1872,8 @@ signal_fd(void)
 	sigemptyset(&set);
 	sigaddset(&set, SIGTERM);
 	sigaddset(&set, SIGINT);
+	sigaddset(&set, SIGHUP);
+	sigaddset(&set, SIGQUIT);
 	sigaddset(&set, SIGUSR1);
 	if (sigprocmask(SIG_BLOCK, &set, NULL) < 0 ||
 	    (fd = signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK)) < 0) {
@@ -1916,7 +1922,8 @@ usage(FILE *f)
 "SIGUSR1 prints the counters at any time (with exit_code -1).\n"
 "Exit codes: 0 the VM went away; 1 fatal error while serving (VMM killed);\n"
 "2 usage error; 3 setup error (memory file, socket, no VMM in time);\n"
-"4 handshake rejected (VMM killed); 5 SIGTERM/SIGINT (VMM killed).\n"
+"4 handshake rejected (VMM killed); 5 SIGTERM, SIGINT, SIGHUP or SIGQUIT\n"
+"(VMM killed).\n"
 "On exit one JSON line of counters is written to standard output.\n");
 }
 

@@ -40,6 +40,7 @@ static struct {
 	const char *fuzz;
 	char why[8192];
 	long huge_old;			/* nr_hugepages to restore, or -1 */
+	int signal;			/* what send_signal sends */
 	int seq;
 } T = { .huge_old = -1 };
 
@@ -1202,21 +1203,26 @@ static const char *const hs_cut[] = { "incomplete after 1 s",
 	"--raw", "[{\"base_host_virt_addr\":4096,\"size\":", NULL };
 
 static void
-send_sigterm(struct pair *p)
+send_signal(struct pair *p)
 {
-	kill(p->h.pid, SIGTERM);
+	kill(p->h.pid, T.signal);
 }
 
-/* SIGTERM while serving: the VMM is killed, never left frozen. */
+/* A stopping signal while serving: the VMM is killed, never left frozen. */
 static int
 sigterm(const void *arg)
 {
+	const int *sig = arg;
 	struct pair p = { .vargs = { "--linger", "30", NULL }, .during_ms = 1000,
-	    .during = send_sigterm };
+	    .during = send_signal };
+	char logged[64];
 
-	(void)arg;
-	return rejected(&p, 5, "received Terminated");
+	T.signal = *sig;
+	snprintf(logged, sizeof(logged), "received %s", strsignal(*sig));
+	return rejected(&p, 5, logged);
 }
+
+static const int sig_term = SIGTERM, sig_hup = SIGHUP, sig_quit = SIGQUIT;
 
 static void
 send_sigusr1(struct pair *p)
@@ -2348,7 +2354,9 @@ static const struct tcase cases[] = {
 	{ "stress_hugetlb_oracle", stress, "--huge" },
 	{ "stress_two_vms_one_handler", stress_two_vms, NULL },
 	{ "fuzz_handshake_short", fuzz_short, NULL },
-	{ "sigterm_kills_vmm", sigterm, NULL },
+	{ "sigterm_kills_vmm", sigterm, &sig_term },
+	{ "sighup_kills_vmm", sigterm, &sig_hup },
+	{ "sigquit_kills_vmm", sigterm, &sig_quit },
 	{ "sigusr1_prints_counters", sigusr1_counters, NULL },
 	{ "memfile_truncated_kills_vmm", memfile_truncated, NULL },
 	{ "memfile_truncated_two_vms_two_sigbus", memfile_truncated_two_vms, NULL },
