@@ -38,6 +38,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
+#include <limits.h>
 #include <poll.h>
 #include <setjmp.h>
 #include <signal.h>
@@ -226,6 +227,18 @@ static int64_t
 now_ms(void)
 {
 	return (int64_t)(now_ns() / 1000000);
+}
+
+/* poll's timeout until deadline (ms; INT64_MAX: none), which may lie past
+ * what an int holds: timeouts go up to a year. */
+static int
+ms_until(int64_t deadline)
+{
+	int64_t left = deadline - now_ms();
+
+	if (deadline == INT64_MAX)
+		return -1;
+	return left <= 0 ? 0 : left > INT_MAX ? INT_MAX : (int)left;
 }
 
 /*
@@ -1249,7 +1262,7 @@ recv_chunk(struct session *s, char *buf, size_t cap, int64_t deadline, int sigfd
 
 		if (left <= 0)
 			return -ETIMEDOUT;
-		if (poll(p, 2, (int)left) < 0 && errno != EINTR)
+		if (poll(p, 2, ms_until(deadline)) < 0 && errno != EINTR)
 			return -errno;
 		if (p[1].revents && take_signal(sigfd, &s, 1) < 0)
 			return -ECANCELED;
@@ -1836,19 +1849,23 @@ static int
 accept_vmm(int lfd, int sigfd)
 {
 	struct pollfd p[2] = { { lfd, POLLIN, 0 }, { sigfd, POLLIN, 0 } };
-	int timeout = opt.accept_timeout > 0 ? opt.accept_timeout * 1000 : -1;
+	int64_t deadline = opt.accept_timeout > 0 ?
+	    now_ms() + (int64_t)opt.accept_timeout * 1000 : INT64_MAX;
 	int rc;
 
-	while ((rc = poll(p, 2, timeout)) < 0 && errno == EINTR)
-		;
-	if (rc < 0)
-		return -errno;
-	if (rc == 0) {
-		logmsg(LOG_ERROR, "no VMM connected within %d s", opt.accept_timeout);
-		return -ETIMEDOUT;
+	/* A signal that does not stop the handler (SIGUSR1) goes back to
+	 * waiting, with what is left of the timeout. */
+	while (!(p[0].revents & POLLIN)) {
+		if ((rc = poll(p, 2, ms_until(deadline))) < 0 && errno != EINTR)
+			return -errno;
+		if (rc > 0 && p[1].revents && take_signal(sigfd, NULL, 0) < 0)
+			return -ECANCELED;
+		if (rc == 0 && ms_until(deadline) == 0) {
+			logmsg(LOG_ERROR, "no VMM connected within %d s",
+			    opt.accept_timeout);
+			return -ETIMEDOUT;
+		}
 	}
-	if (p[1].revents && take_signal(sigfd, NULL, 0) < 0)
-		return -ECANCELED;
 	if ((rc = accept4(lfd, NULL, NULL, SOCK_CLOEXEC)) < 0) {
 		logmsg(LOG_ERROR, "accept(%s): %s", opt.socket_path, strerror(errno));
 		return -errno;
@@ -1899,7 +1916,8 @@ usage(FILE *f)
 "      --accept-timeout SEC     exit 3 if no VMM connects within SEC seconds\n"
 "                               (default 0: wait forever)\n"
 "      --handshake-timeout SEC  reject a VMM that has not sent its handshake\n"
-"                               within SEC seconds (default 5)\n"
+"                               within SEC seconds (default 5); timeouts\n"
+"                               go up to 31536000 (a year)\n"
 "      --socket-owner UID:GID   chown SOCKET (for a jailed VMM)\n"
 "      --socket-mode MODE       chmod SOCKET, octal (e.g. 0600)\n"
 "      --uid UID, --gid GID     drop to these ids once SOCKET is bound\n"

@@ -882,6 +882,38 @@ accept_timeout(const void *arg)
 }
 
 /*
+ * SIGUSR1 while waiting for the first VMM prints and goes on waiting: the
+ * accept timeout still ends the wait. A timeout of 4294968 s (past what an
+ * int of milliseconds holds) waits, and SIGTERM still stops it.
+ */
+static int
+accept_timeout_signals(const void *arg)
+{
+	char sock[160], err[2048];
+	const char *secs = arg ? "4294968" : "2";
+	char *argv[] = { (char *)T.handler, "--accept-timeout", (char *)secs, sock,
+		T.snap, NULL };
+	struct proc p;
+
+	snprintf(sock, sizeof(sock), "%s/usr1-%s.sock", T.dir, secs);
+	spawn(&p, argv, NULL);
+	usleep(300000);
+	kill(p.pid, SIGUSR1);
+	if (arg) {
+		usleep(1200000);
+		kill(p.pid, SIGTERM);
+	}
+	reap(&p, 5000);
+	read_text(p.err, err, sizeof(err));
+	if (!exited(&p, arg ? 5 : 3) || !strstr(err, arg ? "received Terminated" :
+	    "no VMM connected within 2 s"))
+		return fail("%s: %s", how(&p), err);
+	if (access(sock, F_OK) == 0)
+		return fail("the socket file was left behind");
+	return PASS;
+}
+
+/*
  * Restores.
  */
 
@@ -2299,6 +2331,8 @@ static const struct tcase cases[] = {
 	{ "socket_not_a_socket", socket_not_a_socket, NULL },
 	{ "socket_stale_replaced", socket_stale_replaced, NULL },
 	{ "accept_timeout", accept_timeout, NULL },
+	{ "accept_timeout_after_sigusr1", accept_timeout_signals, NULL },
+	{ "accept_timeout_past_int_ms", accept_timeout_signals, "big" },
 	{ "restore_gen1_socket_closed", restore, r_gen1 },
 	{ "restore_gen2_socket_closed", restore, r_gen2 },
 	{ "restore_gen3_socket_open", restore, r_gen3 },
