@@ -690,6 +690,19 @@ unit(const void *arg)
 	return exited(&p, 0) ? PASS : fail("%s: %s", how(&p), err);
 }
 
+/* A unit case on hugetlb pages, with one 2 MiB page free in the pool. */
+static int
+unit_hugetlb(const void *arg)
+{
+	char mi[8192], *at;
+
+	read_text("/proc/meminfo", mi, sizeof(mi));
+	if ((at = strstr(mi, "HugePages_Free:")) == NULL ||
+	    huge_reserve(1 - atol(at + 15)) < 0)
+		return skip("cannot set the hugetlb pool");
+	return unit(arg);
+}
+
 /*
  * Command line and socket setup.
  */
@@ -2316,7 +2329,7 @@ static const struct tcase cases[] = {
 	{ "validate_reject_page_sizes_disagree", validate, &va_disagree },
 	{ "kernel_copy_across_vma_is_enoent", unit, "kernel_copy_across_vma" },
 	{ "kernel_copy_into_prot_none_succeeds", unit, "kernel_copy_into_prot_none" },
-	{ "kernel_hugetlb_exhausted_is_eexist", unit,
+	{ "kernel_hugetlb_exhausted_is_eexist", unit_hugetlb,
 	    "kernel_hugetlb_exhausted_is_eexist" },
 	{ "unit_retried_fault_keeps_window", unit, "retried_fault_keeps_window" },
 	{ "unit_new_stream_starts_clean", unit, "new_stream_starts_clean" },

@@ -331,12 +331,14 @@ kernel_copy_into_prot_none(void)
 /*
  * A hugetlb copy that finds the pool exhausted answers EEXIST and installs
  * nothing: one more 2 MiB page than the pool has free, the last refused.
+ * The source is mapped first: a copy whose source must be faulted in takes
+ * a second, temporary page from the pool (ENOMEM when none is left).
  * Exit 3 (skip) where hugetlb pages cannot be had at all.
  */
 static int
 kernel_hugetlb_exhausted_is_eexist(void)
 {
-	char mi[8192] = "", *at;
+	char mi[8192] = "", *at, *src = aligned_alloc(PAGE_4K, PAGE_2M);
 	FILE *f = fopen("/proc/meminfo", "re");
 	uint64_t n, i;
 	char *m;
@@ -356,7 +358,7 @@ kernel_hugetlb_exhausted_is_eexist(void)
 		return fprintf(stderr, "hugetlb mapping: %s\n", strerror(errno)), 3;
 	for (i = 0; i < n; i++) {
 		struct uffdio_copy c = { (uintptr_t)m + i * PAGE_2M,
-		    (uintptr_t)U.s.zeros, PAGE_2M, 0, 0 };
+		    (uintptr_t)memset(src, 1, PAGE_2M), PAGE_2M, 0, 0 };
 		unsigned char v = 0;
 		int rc = ioctl(U.uffd, (int)UFFDIO_COPY, &c);
 
@@ -397,7 +399,7 @@ main(int argc, char **argv)
 		else if (argc == 2 && strcmp(argv[1], cases[i].name) == 0)
 			/* No exit-time leak check: it would stop every thread,
 			 * and one may be waiting in madvise for its REMOVE. */
-			_exit(setup() || cases[i].fn());
+			_exit(setup() ? 1 : cases[i].fn());
 	}
 	if (argc == 2 && strcmp(argv[1], "-l") == 0)
 		return 0;
