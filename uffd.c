@@ -187,6 +187,8 @@ struct session {
 	uint64_t *order;		/* file offsets in the order installed */
 	size_t norder;
 	struct counters n;
+	uint64_t suspect_dst;		/* see pool_exhausted */
+	int64_t suspect_ms;
 	struct {			/* the last UFFDIO call that failed */
 		const char *op;
 		uint64_t dst, len;
@@ -531,14 +533,26 @@ record_pages(struct session *s, struct region *r, uint64_t idx, uint64_t n)
  * is_eexist). Taken for "already present", the faulting vCPU would be
  * woken to fault again, forever. Only this handler installs pages in a
  * registered range, so EEXIST on a page it never installed (or whose
- * install a REMOVE undid) is the pool: ENOMEM.
+ * install a REMOVE undid) is the pool: ENOMEM. Not at once: a REMOVE's
+ * madvise caller zaps its pages only after it has resumed, so for a moment
+ * a removed page is still there. The same page still refused after
+ * SUSPECT_MS is the pool; before, the copy is retried.
  */
+#define SUSPECT_MS	20
+
 static int
 pool_exhausted(struct session *s, struct region *r, uint64_t idx)
 {
+	uint64_t dst = r->base + idx * r->page_size;
+
 	s->n.already_present--;		/* uffdio_result counted it */
-	return uffdio_failed(s, "UFFDIO_COPY", r->base + idx * r->page_size,
-	    r->page_size, ENOMEM);
+	if (s->suspect_dst != dst) {
+		s->suspect_dst = dst;
+		s->suspect_ms = now_ms();
+	}
+	if (now_ms() - s->suspect_ms < SUSPECT_MS)
+		return IO_RETRY;
+	return uffdio_failed(s, "UFFDIO_COPY", dst, r->page_size, ENOMEM);
 }
 
 /* Installs n pages of one kind at page index idx; *got counts pages done. */
@@ -556,6 +570,15 @@ install_run(struct session *s, struct region *r, uint64_t idx, uint64_t n,
 
 	if (kind != KIND_DATA && !mapped && len > ZERO_SRC)
 		len = ZERO_SRC;		/* the run is cut to the zero source */
+	/* A hugetlb copy whose source is not mapped here goes through a
+	 * second, temporary 2 MiB page: with the pool sized to the guest, its
+	 * last page would fail with ENOMEM. So the source is mapped first
+	 * (the zero source is, from the start). */
+	if (kind == KIND_DATA && r->page_size != PAGE_4K) {
+		s->n.syscalls++;
+		madvise((void *)(s->mem + r->offset + idx * r->page_size), len,
+		    MADV_POPULATE_READ);
+	}
 	if (kind == KIND_DATA)
 		rc = uffdio_copy(s, dst, s->mem + r->offset + idx * r->page_size,
 		    len, &done);
@@ -631,7 +654,7 @@ serve_window(struct session *s, struct region *r, uint64_t idx, uint64_t n,
 	 * once one MADV_POPULATE_READ (Linux 5.14) has mapped the whole run
 	 * (2 MiB copies, 1 GiB). On reads, whose zero pages split the window
 	 * into short runs anyway, it measured slower. */
-	if (n > 1 && s->writing) {
+	if (n > 1 && s->writing && r->page_size == PAGE_4K) {
 		s->n.syscalls++;
 		madvise((void *)(s->mem + r->offset + idx * r->page_size),
 		    n * r->page_size, MADV_POPULATE_READ);
@@ -1421,10 +1444,12 @@ setup_regions(struct session *s, size_t n)
 	qsort(s->regions, n, sizeof(*s->regions), cmp_region);
 	if (s->record_fd >= 0 && (s->order = calloc(total, sizeof(*s->order))) == NULL)
 		return -ENOMEM;
-	/* Zeros to copy from: never written, so it costs no memory. */
+	/* Zeros to copy from: never written, so it costs no memory; mapped
+	 * (to the shared zero page) for the reason install_run gives. */
 	z = mmap(NULL, ZERO_SRC, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	if (z == MAP_FAILED)
 		return -errno;
+	madvise(z, ZERO_SRC, MADV_POPULATE_READ);
 	s->zeros = z;
 	return 0;
 }

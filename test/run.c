@@ -1734,6 +1734,31 @@ hugetlb_pool_eexist(const void *arg)
 	return rejected(&p, 1, "hugetlb pool exhausted");
 }
 
+/*
+ * A pool sized exactly to the guest (8 pages of 2 MiB), the guest touching
+ * every page, in random order and in order: every page fits, so nothing
+ * may fail. A copy whose source is not mapped in the handler takes a
+ * second, temporary page, which the last page does not have.
+ */
+static int
+hugetlb_pool_exact(const void *arg)
+{
+	char snap[160], cmd[512], mi[8192], *at;
+	struct pair p = { .snap = snap, .vargs = { "--regions", "16", "--huge",
+	    "--access", arg, "--write", "--threads", "2", NULL } };
+
+	snprintf(snap, sizeof(snap), "%s/h16x.mem", T.dir);
+	snprintf(cmd, sizeof(cmd), "%s mksnap %s --regions 16 >/dev/null", T.vmm,
+	    snap);
+	if (system(cmd) != 0)
+		return fail("%s failed", cmd);
+	read_text("/proc/meminfo", mi, sizeof(mi));
+	if ((at = strstr(mi, "HugePages_Free:")) == NULL ||
+	    huge_reserve(8 - atol(at + 15)) < 0)
+		return skip("cannot set the hugetlb pool");
+	return restored(&p);
+}
+
 /* Random faults, writes and removes with an exact oracle; see vmm.c. */
 static int
 stress(const void *arg)
@@ -2394,6 +2419,8 @@ static const struct tcase cases[] = {
 	{ "no_fds_left_at_exit", no_fds_left, NULL },
 	{ "hugetlb_pool_exhausted_kills_vmm", hugetlb_pool_exhausted, NULL },
 	{ "hugetlb_readahead_enomem_not_fatal", hugetlb_readahead_enomem, NULL },
+	{ "hugetlb_pool_exact_rand", hugetlb_pool_exact, "rand" },
+	{ "hugetlb_pool_exact_seq", hugetlb_pool_exact, "seq" },
 	{ "hugetlb_pool_exhausted_one_region_kills_vmm", hugetlb_pool_eexist, "seq" },
 	{ "hugetlb_pool_exhausted_no_optimize_kills_vmm", hugetlb_pool_eexist,
 	    "--no-optimize" },
