@@ -616,14 +616,18 @@ install_split(struct session *s, struct region *r, uint64_t idx, uint64_t n,
     int kind, uint64_t *got)
 {
 	uint64_t part = n, g;
-	int rc;
+	int rc, split = 0;
 
 	*got = 0;
 	for (;;) {
 		rc = install_run(s, r, idx + *got, part, kind, &g);
 		*got += g;
+		split |= rc == IO_ABSENT;
+		/* Copied zeros go ahead only as far as the faulting page's
+		 * own VMA: the next may be an unplugged slot's PROT_NONE. */
 		if (*got == n || !(rc == IO_ABSENT ? part > 1 :
-		    rc == IO_DONE && g == part))
+		    rc == IO_DONE && g == part) || (split && *got > 0 &&
+		    !may_prefetch(s, r, kind)))
 			return rc;
 		/* A VMA can change between two calls: never reach past n. */
 		part = rc == IO_ABSENT ? part / 2 : n;
@@ -712,8 +716,11 @@ serve_fault(struct session *s, struct fault *f)
 	rc = serve_window(s, r, (page - r->base) / r->page_size, f->window,
 	    f->stream);
 	if (rc == IO_ABSENT) {
+		/* Unregistering wakes the range's waiters; munmap does not,
+		 * and a vCPU would wait forever: woken, it faults again and
+		 * meets what the VMM made of the range. */
 		s->n.unregistered++;
-		return IO_DONE;
+		return uffdio_wake(s, page, r->page_size);
 	}
 	if (rc < 0)
 		log_failure(s, LOG_ERROR, rc);

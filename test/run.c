@@ -2360,6 +2360,7 @@ static const struct tcase cases[] = {
 	{ "unit_new_stream_starts_clean", unit, "new_stream_starts_clean" },
 	{ "unit_enoent_window_split", unit, "enoent_window_split" },
 	{ "unit_enoent_page_dropped", unit, "enoent_page_dropped" },
+	{ "unit_enoent_wakes_waiter", unit, "enoent_wakes_waiter" },
 	{ "unit_error_ahead_ends_window", unit, "error_ahead_ends_window" },
 	{ "unit_zero_source_covers_run", unit, "zero_source_covers_run" },
 	{ "cli_help_version", cli_help_version, NULL },

@@ -82,7 +82,8 @@ setup(void)
 	    .present = calloc(words, 8) };
 	U.s = (struct session){ .conn = -1, .uffd = U.uffd, .pidfd = -1,
 	    .memfd = -1, .record_fd = -1, .mem = U.src, .regions = &U.r,
-	    .nregions = 1 };
+	    .nregions = 1, .faults = calloc(FAULT_QUEUE, sizeof(struct fault)),
+	    .faults_cap = FAULT_QUEUE };
 	U.s.zeros = mmap(NULL, ZERO_SRC, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS,
 	    -1, 0);
 	return U.s.zeros == MAP_FAILED ? fail("mmap(zeros)") : 0;
@@ -230,6 +231,39 @@ enoent_page_dropped(void)
 	if (fault_at(8, 0, &f) != IO_DONE || U.s.n.unregistered != 1)
 		return fail("the fault on an unregistered page was not dropped");
 	return 0;
+}
+
+static void *
+read_page(void *arg)
+{
+	return (void *)(uintptr_t)*(volatile char *)arg;
+}
+
+/*
+ * A vCPU waits on a page whose range the VMM then replaces (munmap, or a
+ * new mapping over it): the page alone answers ENOENT, and the fault is
+ * dropped. Unmapping wakes no one, so the handler must, or the vCPU waits
+ * forever; woken, it faults again on the new mapping and goes on.
+ */
+static int
+enoent_wakes_waiter(void)
+{
+	struct pollfd p = { U.uffd, POLLIN, 0 };
+	struct timespec by;
+	pthread_t t;
+
+	pthread_create(&t, NULL, read_page, U.mem + 10 * PAGE_4K);
+	if (poll(&p, 1, 5000) != 1 || read_events(&U.s) < 0 || U.s.nfaults != 1)
+		return fail("the fault never arrived");
+	if (mmap(U.mem + 8 * PAGE_4K, 8 * PAGE_4K, PROT_READ | PROT_WRITE,
+	    MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) == MAP_FAILED)
+		return fail("mmap(MAP_FIXED): %s", strerror(errno));
+	if (serve_pending(&U.s) != IO_DONE || U.s.n.unregistered != 1)
+		return fail("the fault was not dropped as unregistered");
+	clock_gettime(CLOCK_REALTIME, &by);
+	by.tv_sec += 2;
+	return pthread_timedjoin_np(t, NULL, &by) == 0 ? 0 :
+	    fail("the waiting thread was never woken");
 }
 
 /*
@@ -385,6 +419,7 @@ static const struct {
 	{ "new_stream_starts_clean", new_stream_starts_clean },
 	{ "enoent_window_split", enoent_window_split },
 	{ "enoent_page_dropped", enoent_page_dropped },
+	{ "enoent_wakes_waiter", enoent_wakes_waiter },
 	{ "error_ahead_ends_window", error_ahead_ends_window },
 	{ "zero_source_covers_run", zero_source_covers_run },
 };
