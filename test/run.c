@@ -2361,6 +2361,7 @@ static const struct tcase cases[] = {
 	{ "unit_enoent_window_split", unit, "enoent_window_split" },
 	{ "unit_enoent_page_dropped", unit, "enoent_page_dropped" },
 	{ "unit_enoent_wakes_waiter", unit, "enoent_wakes_waiter" },
+	{ "unit_zeros_stop_at_vma", unit, "zeros_stop_at_vma" },
 	{ "unit_error_ahead_ends_window", unit, "error_ahead_ends_window" },
 	{ "unit_zero_source_covers_run", unit, "zero_source_covers_run" },
 	{ "cli_help_version", cli_help_version, NULL },

@@ -267,6 +267,30 @@ enoent_wakes_waiter(void)
 }
 
 /*
+ * A write stream through a hole copies zeros ahead, but not past the
+ * faulting page's VMA: the next one, here PROT_NONE, may be an unplugged
+ * hotplug slot, where zeros would only take memory.
+ */
+static int
+zeros_stop_at_vma(void)
+{
+	struct fault f;
+
+	if (mprotect(U.mem + 4 * PAGE_4K, 4 * PAGE_4K, PROT_NONE) < 0)
+		return fail("mprotect: %s", strerror(errno));
+	for (uint64_t p = 0; p < 8; p++)
+		bit_set(U.r.hole, p);
+	if (fault_at(0, UFFD_PAGEFAULT_FLAG_WRITE, &f) != IO_DONE ||
+	    fault_at(1, UFFD_PAGEFAULT_FLAG_WRITE, &f) != IO_DONE ||
+	    fault_at(3, UFFD_PAGEFAULT_FLAG_WRITE, &f) != IO_DONE || f.window != 4)
+		return fail("setting up a window of 4 at page 3");
+	if (!present(3) || present(4) || present(5) || present(6))
+		return fail("pages 3..6: %d %d %d %d: zeros went into the PROT_NONE "
+		    "VMA", present(3), present(4), present(5), present(6));
+	return 0;
+}
+
+/*
  * The faulting page is in; a page ahead fails (its source is unreadable:
  * EFAULT, as ENOMEM from an exhausted hugetlb pool would): the window
  * ends there, the fault is served, nothing is fatal.
@@ -420,6 +444,7 @@ static const struct {
 	{ "enoent_window_split", enoent_window_split },
 	{ "enoent_page_dropped", enoent_page_dropped },
 	{ "enoent_wakes_waiter", enoent_wakes_waiter },
+	{ "zeros_stop_at_vma", zeros_stop_at_vma },
 	{ "error_ahead_ends_window", error_ahead_ends_window },
 	{ "zero_source_covers_run", zero_source_covers_run },
 };
