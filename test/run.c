@@ -384,12 +384,34 @@ write_long(const char *path, long v)
 
 static const char nr_huge[] = "/proc/sys/vm/nr_hugepages";
 
-/* Reserves n 2 MiB pages; the runner restores the old value after the case. */
+/* HugePages_Free and HugePages_Total from /proc/meminfo. */
+static void
+huge_counts(long *free_pages, long *total)
+{
+	char mi[8192], *at;
+
+	read_text("/proc/meminfo", mi, sizeof(mi));
+	*free_pages = (at = strstr(mi, "HugePages_Free:")) ? atol(at + 15) : -1;
+	*total = (at = strstr(mi, "HugePages_Total:")) ? atol(at + 16) : -1;
+}
+
+/*
+ * Reserves n 2 MiB pages; the runner restores the old value after the case.
+ * The pages of an earlier case's VMM may still be on their way back to the
+ * pool (the kernel frees hugetlb pages from a workqueue): wait for them
+ * first, up to 2 s, so that a case counting free pages counts right.
+ */
 static int
 huge_reserve(long n)
 {
-	long old = read_long(nr_huge);
+	long old = read_long(nr_huge), free_pages, total;
 
+	for (int i = 0; i < 200; i++) {
+		huge_counts(&free_pages, &total);
+		if (free_pages >= total)
+			break;
+		usleep(10000);
+	}
 	if (old < 0 || write_long(nr_huge, old + n) < 0)
 		return -1;
 	T.huge_old = old;
@@ -402,6 +424,17 @@ huge_restore(void)
 	if (T.huge_old >= 0)
 		write_long(nr_huge, T.huge_old);
 	T.huge_old = -1;
+}
+
+/* Sets the pool so that n 2 MiB pages are free; restored after the case. */
+static int
+huge_free(long n)
+{
+	long free_pages, total;
+
+	huge_reserve(0);
+	huge_counts(&free_pages, &total);
+	return free_pages < 0 ? -1 : huge_reserve(n - free_pages);
 }
 
 static int
@@ -694,11 +727,7 @@ unit(const void *arg)
 static int
 unit_hugetlb(const void *arg)
 {
-	char mi[8192], *at;
-
-	read_text("/proc/meminfo", mi, sizeof(mi));
-	if ((at = strstr(mi, "HugePages_Free:")) == NULL ||
-	    huge_reserve(1 - atol(at + 15)) < 0)
+	if (huge_free(1) < 0)
 		return skip("cannot set the hugetlb pool");
 	return unit(arg);
 }
@@ -1662,19 +1691,24 @@ static int
 hugetlb_pool_exhausted(const void *arg)
 {
 	struct pair p = { .vargs = { "--huge", NULL } };
-	long total, free_pages;
-	char mi[8192], *at;
 
 	(void)arg;
-	read_text("/proc/meminfo", mi, sizeof(mi));
-	if ((at = strstr(mi, "HugePages_Total:")) == NULL)
-		return skip("no hugetlb support");
-	total = atol(at + 16);
-	free_pages = atol(strstr(mi, "HugePages_Free:") + 15);
 	/* Four free pages for a guest of eight. */
-	if (huge_reserve(4 - free_pages) < 0 || total < 0)
+	if (huge_free(4) < 0)
 		return skip("cannot set the hugetlb pool");
 	return rejected(&p, 1, "hugetlb pool exhausted");
+}
+
+/* A one-region snapshot of 16 MiB (eight 2 MiB pages) at path. */
+static int
+mksnap16(char *path, size_t cap, const char *name)
+{
+	char cmd[512];
+
+	snprintf(path, cap, "%s/%s", T.dir, name);
+	snprintf(cmd, sizeof(cmd), "%s mksnap %s --regions 16 >/dev/null", T.vmm,
+	    path);
+	return system(cmd) == 0 ? 0 : -1;
 }
 
 /*
@@ -1686,20 +1720,15 @@ hugetlb_pool_exhausted(const void *arg)
 static int
 hugetlb_readahead_enomem(const void *arg)
 {
-	char snap[160], cmd[512], mi[8192], *at;
+	char snap[160];
 	struct pair p = { .snap = snap, .vargs = { "--regions", "16", "--huge",
 	    "--access", "seq", "--threads", "1", "--limit-mib", "8", NULL } };
 	int rc;
 
 	(void)arg;
-	snprintf(snap, sizeof(snap), "%s/h16.mem", T.dir);
-	snprintf(cmd, sizeof(cmd), "%s mksnap %s --regions 16 >/dev/null", T.vmm,
-	    snap);
-	if (system(cmd) != 0)
-		return fail("%s failed", cmd);
-	read_text("/proc/meminfo", mi, sizeof(mi));
-	if ((at = strstr(mi, "HugePages_Free:")) == NULL ||
-	    huge_reserve(5 - atol(at + 15)) < 0)
+	if (mksnap16(snap, sizeof(snap), "h16.mem") < 0)
+		return fail("vmm mksnap failed");
+	if (huge_free(5) < 0)
 		return skip("cannot set the hugetlb pool");
 	if ((rc = restored(&p)) != PASS)
 		return rc;
@@ -1716,20 +1745,15 @@ hugetlb_readahead_enomem(const void *arg)
 static int
 hugetlb_pool_eexist(const void *arg)
 {
-	char snap[160], cmd[512], mi[8192], *at;
+	char snap[160];
 	int plain = strcmp(arg, "--no-optimize") == 0;
 	struct pair p = { .snap = snap, .hargs = { plain ? arg : NULL, NULL },
 	    .vargs = { "--regions", "16", "--huge", "--access", "rand",
 	    "--threads", "2", NULL }, .vmm_ms = 40000 };
 
-	snprintf(snap, sizeof(snap), "%s/h16.mem", T.dir);
-	snprintf(cmd, sizeof(cmd), "%s mksnap %s --regions 16 >/dev/null", T.vmm,
-	    snap);
-	if (system(cmd) != 0)
-		return fail("%s failed", cmd);
-	read_text("/proc/meminfo", mi, sizeof(mi));
-	if ((at = strstr(mi, "HugePages_Free:")) == NULL ||
-	    huge_reserve(4 - atol(at + 15)) < 0)
+	if (mksnap16(snap, sizeof(snap), "h16.mem") < 0)
+		return fail("vmm mksnap failed");
+	if (huge_free(4) < 0)
 		return skip("cannot set the hugetlb pool");
 	return rejected(&p, 1, "hugetlb pool exhausted");
 }
@@ -1743,18 +1767,13 @@ hugetlb_pool_eexist(const void *arg)
 static int
 hugetlb_pool_exact(const void *arg)
 {
-	char snap[160], cmd[512], mi[8192], *at;
+	char snap[160];
 	struct pair p = { .snap = snap, .vargs = { "--regions", "16", "--huge",
 	    "--access", arg, "--write", "--threads", "2", NULL } };
 
-	snprintf(snap, sizeof(snap), "%s/h16x.mem", T.dir);
-	snprintf(cmd, sizeof(cmd), "%s mksnap %s --regions 16 >/dev/null", T.vmm,
-	    snap);
-	if (system(cmd) != 0)
-		return fail("%s failed", cmd);
-	read_text("/proc/meminfo", mi, sizeof(mi));
-	if ((at = strstr(mi, "HugePages_Free:")) == NULL ||
-	    huge_reserve(8 - atol(at + 15)) < 0)
+	if (mksnap16(snap, sizeof(snap), "h16x.mem") < 0)
+		return fail("vmm mksnap failed");
+	if (huge_free(8) < 0)
 		return skip("cannot set the hugetlb pool");
 	return restored(&p);
 }
