@@ -230,19 +230,13 @@ start_pair(struct pair *p)
 	spawn(&p->h, argv, p->root);
 }
 
-/* Starts the handler and, once it listens, the VMM; -1 if it never listens. */
-static int
-start_both(struct pair *p)
+/* A test VMM with the pair's options, against its handler's socket. */
+static void
+spawn_vmm(struct pair *p, struct proc *v)
 {
 	char *argv[MAXARG * 2];
 	int n = 0;
 
-	start_pair(p);
-	if (wait_listening(&p->h) < 0) {
-		p->v.status = -2;
-		return -1;
-	}
-	stat(p->sock, &p->sock_st);
 	argv[n++] = (char *)T.vmm;
 	argv[n++] = "run";
 	argv[n++] = p->sock;
@@ -250,8 +244,31 @@ start_both(struct pair *p)
 	for (int i = 0; p->vargs[i]; i++)
 		argv[n++] = (char *)p->vargs[i];
 	argv[n] = NULL;
-	spawn(&p->v, argv, NULL);
+	spawn(v, argv, NULL);
+}
+
+/* Starts the handler and, once it listens, the VMM; -1 if it never listens. */
+static int
+start_both(struct pair *p)
+{
+	start_pair(p);
+	if (wait_listening(&p->h) < 0) {
+		p->v.status = -2;
+		return -1;
+	}
+	stat(p->sock, &p->sock_st);
+	spawn_vmm(p, &p->v);
 	return 0;
+}
+
+/* The pair's during(), during_ms after its start, if it has one. */
+static void
+call_during(struct pair *p)
+{
+	if (p->during) {
+		usleep((useconds_t)p->during_ms * 1000);
+		p->during(p);
+	}
 }
 
 /* Reaps both (the VMM first, within vmm_ms) and reads what they printed. */
@@ -270,10 +287,8 @@ finish_pair(struct pair *p)
 static void
 run_pair(struct pair *p)
 {
-	if (start_both(p) == 0 && p->during) {
-		usleep((useconds_t)p->during_ms * 1000);
-		p->during(p);
-	}
+	if (start_both(p) == 0)
+		call_during(p);
 	finish_pair(p);
 }
 
@@ -304,26 +319,13 @@ pair_fail(const struct pair *p, const char *what)
 static int
 start_two(struct pair *p, struct proc *v2)
 {
-	char *argv[MAXARG * 2];
-	int n = 0;
-
 	if (start_both(p) < 0) {
 		finish_pair(p);
 		pair_fail(p, "the handler did not start");
 		return -1;
 	}
-	argv[n++] = (char *)T.vmm;
-	argv[n++] = "run";
-	argv[n++] = p->sock;
-	argv[n++] = (char *)(p->snap ? p->snap : T.snap);
-	for (int i = 0; p->vargs[i]; i++)
-		argv[n++] = (char *)p->vargs[i];
-	argv[n] = NULL;
-	spawn(v2, argv, NULL);
-	if (p->during) {
-		usleep((useconds_t)p->during_ms * 1000);
-		p->during(p);
-	}
+	spawn_vmm(p, v2);
+	call_during(p);
 	return 0;
 }
 
@@ -2063,7 +2065,7 @@ static const char *const m_layout[] = { "one", "split", "hotplug" };
 #define MATRIX_JOBS	4
 #define MATRIX_HUGE	(MATRIX_JOBS * 2 * 8)	/* jobs x VMs x 16 MiB */
 
-enum { M_POPULATE_ALL = 2, M_POPULATE_FILE, M_MAX_VMS_2 };
+enum { M_NO_OPTIMIZE = 1, M_POPULATE_ALL, M_POPULATE_FILE, M_MAX_VMS_2 };
 
 struct cell {
 	size_t page, access, op, balloon, mode, regions, layout;
@@ -2137,7 +2139,7 @@ cell_hargs(const struct cell *c, const char **h)
 {
 	int n = 0;
 
-	if (c->mode == 1)
+	if (c->mode == M_NO_OPTIMIZE)
 		h[n++] = "--no-optimize";
 	if (c->mode == M_POPULATE_ALL || c->mode == M_POPULATE_FILE) {
 		h[n++] = "--populate";
