@@ -589,6 +589,8 @@ install_run(struct session *s, struct region *r, uint64_t idx, uint64_t n,
 	*got = done / r->page_size;
 	for (uint64_t i = idx; i < idx + *got; i++)
 		bit_set(r->present, i);
+	if (s->suspect_dst - dst < done)
+		s->suspect_dst = 0;	/* in after all: a new refusal starts over */
 	if (rc == IO_DONE && done < len && r->page_size != PAGE_4K &&
 	    !bit_test(r->present, idx + *got))
 		rc = pool_exhausted(s, r, idx + *got);
