@@ -12,11 +12,14 @@
  * EOF says nothing; the VMM's exit is watched through a pidfd, from the
  * socket's SO_PEERPIDFD, or opened from its SO_PEERCRED pid.
  *
- * The loop. One poll over the uffd, the VMM's pidfd and a signalfd. When the
- * uffd is readable, every queued event is read until none is left: REMOVE events
- * (the balloon, or free page reporting, discarding guest pages) are applied
- * at once to a per-region bitmap, faults are queued. Only then are faults
- * served, so a fault that was queued before a REMOVE it causally followed
+ * The loop. One epoll set over the listening socket, a signalfd and, for
+ * each connection, its socket during the handshake, then its uffd, and the
+ * peer's pidfd. Handshakes are read as they arrive, so a peer that sends
+ * nothing holds up no other VM; each VM is a session of its own (--max-vms
+ * serves many from one process). When a uffd is readable, every queued
+ * event is read until none is left: REMOVE events (the balloon, or free
+ * page reporting, discarding guest pages) are applied at once to a
+ * per-region bitmap, faults are queued. Only then are faults served, so a fault that was queued before a REMOVE it causally followed
  * still sees the pages as removed. Removed pages are served as zeros, others
  * with UFFDIO_COPY from the memory file, mapped read-only. While any REMOVE
  * is unread, the kernel answers every copy with EAGAIN: the fault stays
@@ -29,10 +32,11 @@
  * yet, and --detach lets the VM go once every page is in.
  *
  * Failing closed. Firecracker keeps its own copy of the uffd, so a handler
- * that stops serving freezes the guest forever, silently. Every fatal error
- * after a VMM connected is logged and answered with SIGKILL to the VMM
- * (other signals may not interrupt a vCPU stuck in a fault) before exiting
- * non-zero.
+ * that stops serving freezes the guest forever, silently. A peer that has
+ * sent a byte is a VMM that registered its memory: every fatal error after
+ * that is logged and answered with SIGKILL to that VMM (other signals may
+ * not interrupt a vCPU stuck in a fault). A peer that sent nothing is only
+ * closed: it registered nothing with anyone.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -50,7 +54,9 @@
 #include <unistd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/epoll.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -162,9 +168,31 @@ struct counters {
 	uint64_t service_us_log2[16];	/* event read to page in, by 2^k us */
 };
 
+/*
+ * A connection's life: nothing received yet, then a VMM whose message is
+ * still arriving, then served; a VMM that hung up mid-message is given a
+ * moment to be seen dead before it is killed.
+ */
+enum conn_state { S_HELLO, S_HANDSHAKE, S_SERVING, S_CLOSING, S_ENDED };
+
+/* What an epoll event points at: a session's fd, by W_*, or the server's. */
+enum { W_CONN, W_UFFD, W_PIDFD, W_LISTEN, W_SIGNAL };
+
+struct watch {
+	struct session *s;
+	int what;
+};
+
 struct session {
-	int conn, uffd, pidfd, memfd;
+	int conn, uffd, pidfd;
+	int memfd;			/* the server's, borrowed */
 	pid_t pid;
+	enum conn_state state;
+	int64_t deadline;		/* ms: of the handshake, or of closing */
+	size_t got;			/* handshake bytes received */
+	int ctrunc;			/* the kernel dropped fds sent with it */
+	uint32_t ev[3];			/* epoll events this round, by W_* */
+	struct watch w[3];
 	const char *mem;		/* the memory file, mapped read-only */
 	uint64_t mem_size;
 	const char *zeros;		/* ZERO_SRC bytes of zeros to copy from */
@@ -866,26 +894,6 @@ serve_pending(struct session *s)
 	return rc;
 }
 
-static void print_counters(const struct session *, int);
-
-/* SIGUSR1 prints the counters of the n sessions and goes on; the stopping
- * signals return -ECANCELED. */
-static int
-take_signal(int sigfd, struct session *const *v, size_t n)
-{
-	struct signalfd_siginfo si;
-
-	if (read(sigfd, &si, sizeof(si)) != (ssize_t)sizeof(si))
-		return 0;
-	if (si.ssi_signo == SIGUSR1) {
-		for (size_t i = 0; i < n; i++)
-			print_counters(v[i], -1);
-		return 0;
-	}
-	logmsg(LOG_WARN, "received %s", strsignal((int)si.ssi_signo));
-	return -ECANCELED;
-}
-
 /*
  * --record FILE: the file offsets of the pages installed for faults, in the
  * order the VM first needed them, written when the session ends, one
@@ -1174,14 +1182,6 @@ guarded_install(struct session *s)
 	return rc;
 }
 
-/* A deferred fault is retried soon even if no event arrives (EAGAIN lasts
- * until the madvise caller has resumed); population does not wait. */
-static int
-poll_timeout(const struct session *s)
-{
-	return s->nfaults ? 1 : s->populating ? 0 : -1;
-}
-
 static void
 serve_start(struct session *s)
 {
@@ -1190,23 +1190,24 @@ serve_start(struct session *s)
 }
 
 /*
- * One round for a session after a poll: 1 when the VM went away (or was
- * let go with --detach), 0 to go on, a negative errno on a fatal error.
+ * One round for a serving session: 1 when the VM went away (or was let go
+ * with --detach), 0 to go on, a negative errno on a fatal error. The uffd
+ * is read only when epoll said it is readable; deferred faults and
+ * population go on without it.
  */
 static int
-serve_round(struct session *s, short uffd_events, short pid_events)
+serve_round(struct session *s, uint32_t uffd_events)
 {
-	int rc;
+	int rc = 0;
 
-	if (pid_events) {
-		logmsg(LOG_INFO, "VMM pid %d exited", (int)s->pid);
-		return 1;
-	}
-	if (uffd_events & (POLLERR | POLLNVAL)) {
-		logmsg(LOG_ERROR, "poll(uffd): error condition 0x%x", uffd_events);
+	if (uffd_events & EPOLLERR) {
+		logmsg(LOG_ERROR, "epoll(uffd): error condition 0x%x", uffd_events);
 		return -EIO;
 	}
-	if ((rc = read_events(s)) < 0 || (rc = guarded_install(s)) < 0)
+	s->n.syscalls++;		/* the wait that woke it */
+	if (uffd_events)
+		rc = read_events(s);
+	if (rc < 0 || (rc = guarded_install(s)) < 0)
 		return rc;
 	if (rc == IO_GONE) {
 		logmsg(LOG_INFO, "VMM's address space is gone (ESRCH)");
@@ -1218,37 +1219,8 @@ serve_round(struct session *s, short uffd_events, short pid_events)
 }
 
 /*
- * Returns 0 when the VM went away, -ECANCELED on a stopping signal, any other
- * negative errno on a fatal error.
- */
-static int
-serve(struct session *s, int sigfd)
-{
-	struct pollfd p[3] = {
-		{ .fd = s->uffd, .events = POLLIN },
-		{ .fd = s->pidfd, .events = POLLIN },
-		{ .fd = sigfd, .events = POLLIN },
-	};
-	int rc;
-
-	serve_start(s);
-	for (;;) {
-		s->n.syscalls++;
-		if (poll(p, 3, poll_timeout(s)) < 0) {
-			if (errno == EINTR)
-				continue;
-			logmsg(LOG_ERROR, "poll: %s", strerror(errno));
-			return -errno;
-		}
-		if ((rc = serve_round(s, p[0].revents, p[1].revents)) != 0)
-			return rc < 0 ? rc : 0;
-		if (p[2].revents && (rc = take_signal(sigfd, &s, 1)) < 0)
-			return rc;
-	}
-}
-
-/*
- * The handshake.
+ * The handshake, read as it arrives: a connection in its handshake is a
+ * state of the one loop, never a wait that holds up other VMs.
  */
 
 static void
@@ -1271,45 +1243,36 @@ take_fds(struct session *s, struct msghdr *mh)
 			close(fd);
 		}
 	}
-	if (mh->msg_flags & MSG_CTRUNC)
-		logmsg(LOG_WARN, "handshake carried more than %d fds; the rest were "
-		    "dropped by the kernel", MAX_FDS);
+	/* Set when more fds came than the buffer holds, and when the kernel
+	 * had no descriptor free to install one in (EMFILE). */
+	if (mh->msg_flags & MSG_CTRUNC) {
+		s->ctrunc = 1;
+		logmsg(LOG_WARN, "fds sent with the handshake were dropped by the "
+		    "kernel: more than %d, or no descriptor free", MAX_FDS);
+	}
 }
 
-/* Returns the bytes received, 0 at EOF, or a negative errno. */
+/* One recvmsg: the bytes received, 0 at EOF, or a negative errno (-EAGAIN
+ * when nothing more has arrived). */
 static ssize_t
-recv_chunk(struct session *s, char *buf, size_t cap, int64_t deadline, int sigfd)
+recv_chunk(struct session *s, char *buf, size_t cap)
 {
 	union {
 		char b[CMSG_SPACE(sizeof(int) * MAX_FDS)];
 		struct cmsghdr align;
 	} ctl;
 	struct iovec iov = { buf, cap };
-	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
-	struct pollfd p[2] = { { s->conn, POLLIN, 0 }, { sigfd, POLLIN, 0 } };
+	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1,
+	    .msg_control = ctl.b, .msg_controllen = sizeof(ctl.b) };
 	ssize_t n;
 
-	for (;;) {
-		int64_t left = deadline - now_ms();
-
-		if (left <= 0)
-			return -ETIMEDOUT;
-		if (poll(p, 2, ms_until(deadline)) < 0 && errno != EINTR)
-			return -errno;
-		if (p[1].revents && take_signal(sigfd, &s, 1) < 0)
-			return -ECANCELED;
-		if (!p[0].revents)
-			continue;
-		mh.msg_control = ctl.b;
-		mh.msg_controllen = sizeof(ctl.b);
+	do
 		n = recvmsg(s->conn, &mh, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
-		if (n < 0 && (errno == EAGAIN || errno == EINTR))
-			continue;
-		if (n < 0)
-			return -errno;
-		take_fds(s, &mh);
-		return n;
-	}
+	while (n < 0 && errno == EINTR);
+	if (n < 0)
+		return -errno;
+	take_fds(s, &mh);
+	return n;
 }
 
 static void
@@ -1326,42 +1289,48 @@ log_parse_error(const char *buf, size_t len, const struct json_error *je)
 	    je->reason, je->offset, near);
 }
 
-/* Returns the number of mappings of a complete message, or a negative errno. */
+/*
+ * Reads what the peer has sent so far. Returns the number of mappings once
+ * the message is complete, JSON_PARTIAL while more is to come, -ENOTCONN
+ * when the peer hung up (or failed) having sent nothing, and any other
+ * negative errno on a rejected handshake, logged.
+ */
 static int
-recv_handshake(struct session *s, int sigfd)
+recv_handshake(struct session *s)
 {
-	int64_t deadline = now_ms() + (int64_t)opt.handshake_timeout * 1000;
 	struct json_error je;
-	size_t len = 0;
 	ssize_t got;
-	int n = JSON_PARTIAL;
+	int n;
 
-	while (n == JSON_PARTIAL) {
-		if (len == sizeof(s->handshake)) {
+	for (;;) {
+		if (s->got == sizeof(s->handshake)) {
 			logmsg(LOG_ERROR, "handshake rejected: longer than %zu bytes",
 			    sizeof(s->handshake));
 			return -EMSGSIZE;
 		}
-		got = recv_chunk(s, s->handshake + len, sizeof(s->handshake) - len,
-		    deadline, sigfd);
-		if (got == -ETIMEDOUT)
-			logmsg(LOG_ERROR, "handshake rejected: incomplete after %d s "
-			    "(%zu bytes received)", opt.handshake_timeout, len);
-		else if (got == 0)
+		got = recv_chunk(s, s->handshake + s->got,
+		    sizeof(s->handshake) - s->got);
+		if (got == -EAGAIN)
+			return JSON_PARTIAL;
+		if (got <= 0 && s->got == 0)
+			return -ENOTCONN;
+		if (got == 0)
 			logmsg(LOG_ERROR, "handshake rejected: VMM closed the socket "
-			    "after %zu bytes of an incomplete message", len);
-		else if (got < 0 && got != -ECANCELED)
+			    "after %zu bytes of an incomplete message", s->got);
+		else if (got < 0)
 			logmsg(LOG_ERROR, "recvmsg(handshake): %s", strerror((int)-got));
 		if (got <= 0)
 			return got == 0 ? -ECONNRESET : (int)got;
-		len += (size_t)got;
-		n = json_parse_mappings(s->handshake, len, s->mappings, MAX_MAPPINGS, &je);
+		s->got += (size_t)got;
+		n = json_parse_mappings(s->handshake, s->got, s->mappings,
+		    MAX_MAPPINGS, &je);
+		if (n >= 0)
+			return n;
+		if (n != JSON_PARTIAL) {
+			log_parse_error(s->handshake, s->got, &je);
+			return -EINVAL;
+		}
 	}
-	if (n < 0) {
-		log_parse_error(s->handshake, len, &je);
-		return -EINVAL;
-	}
-	return n;
 }
 
 /* Firecracker's uffd answers a zero-length wake with EINVAL; others ENOTTY. */
@@ -1371,6 +1340,12 @@ check_uffd(struct session *s)
 	struct uffdio_range r = { 0, 0 };
 	int fl;
 
+	if (s->uffd < 0 && s->ctrunc) {
+		logmsg(LOG_ERROR, "the uffd sent with the handshake could not be "
+		    "received: out of file descriptors (EMFILE); raise the limit "
+		    "(ulimit -n)");
+		return -EMFILE;
+	}
 	if (s->uffd < 0) {
 		logmsg(LOG_ERROR, "handshake rejected: no file descriptor came with "
 		    "the message (expected the uffd as SCM_RIGHTS)");
@@ -1480,15 +1455,15 @@ map_memfile(struct session *s)
 	return 0;
 }
 
+/* The complete message of n mappings, checked and taken; 0 or a negative
+ * errno, logged. */
 static int
-handshake(struct session *s, int sigfd)
+accept_handshake(struct session *s, int n)
 {
 	char why[256];
 	off_t end;
-	int n, rc;
+	int rc;
 
-	if ((n = recv_handshake(s, sigfd)) < 0)
-		return n;
 	if ((rc = check_uffd(s)) < 0)
 		return rc;
 	if ((end = lseek(s->memfd, 0, SEEK_END)) < 0) {
@@ -1514,11 +1489,13 @@ handshake(struct session *s, int sigfd)
 }
 
 /*
- * Confinement. Once the handshake is done the handler only reads events,
- * installs pages, writes logs, frees memory and may signal the VMM. The
- * filter allows exactly that, and ioctl only with the UFFDIO requests used.
- * A denied call fails with EPERM rather than killing the handler: a dead
- * handler would leave the guest frozen, an EPERM is logged and ends in the
+ * Confinement. Before the first connection a filter allows what serving
+ * needs (reading events, installing pages, writing logs, freeing memory,
+ * signalling a VMM, ioctl only with the UFFDIO requests used) and what
+ * accepting needs besides. Once the socket is closed and every handshake is
+ * in, a second filter of the first list alone is stacked on it. A denied
+ * call fails with EPERM rather than killing the handler: a dead handler
+ * would leave the guest frozen, an EPERM is logged and ends in the
  * fail-closed path, which the filter keeps open.
  */
 
@@ -1535,7 +1512,10 @@ static const long allowed_syscalls[] = {
 	SYS_munmap, SYS_mremap, SYS_madvise, SYS_brk, SYS_exit, SYS_exit_group,
 	SYS_rt_sigreturn, SYS_rt_sigprocmask, SYS_clock_gettime, SYS_lseek,
 	SYS_newfstatat, SYS_kill, SYS_pidfd_send_signal, SYS_getpid, SYS_gettid,
-	SYS_tgkill, SYS_restart_syscall,
+	SYS_tgkill, SYS_restart_syscall, SYS_epoll_pwait, SYS_epoll_ctl,
+#ifdef SYS_epoll_wait
+	SYS_epoll_wait,
+#endif
 #ifdef SYS_poll
 	SYS_poll,
 #endif
@@ -1560,11 +1540,11 @@ static const long allowed_syscalls[] = {
 #endif
 };
 
-/* With --max-vms the filter goes on before the first VMM, which brings
- * these: accepting, the handshake, the pidfd, the socket's removal. */
+/* Accepting, the handshake, the pidfd, refusing, the spare descriptors,
+ * the socket's removal, and the second filter. */
 static const long accepting_syscalls[] = {
 	SYS_accept4, SYS_recvmsg, SYS_getsockopt, SYS_pidfd_open, SYS_fcntl,
-	SYS_unlinkat,
+	SYS_shutdown, SYS_unlinkat, SYS_seccomp,
 #ifdef SYS_unlink
 	SYS_unlink,
 #endif
@@ -1610,8 +1590,11 @@ seccomp_confine(int accepting)
 	}
 	f[n++] = RET(SECCOMP_RET_ERRNO | EPERM);
 	prog.len = (unsigned short)n;
-	if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 ||
-	    prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog) < 0) {
+	/* The second filter through seccomp(2), which the first allows; the
+	 * first through prctl, which valgrind knows. */
+	if (accepting ? prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 ||
+	    prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog) < 0 :
+	    syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &prog) < 0) {
 		logmsg(LOG_ERROR, "installing the seccomp filter: %s", strerror(errno));
 		return -errno;
 	}
@@ -1639,10 +1622,11 @@ drop_privileges(void)
 }
 
 /*
- * The session: one VMM connection and everything it owns.
+ * The session: one connection and everything it owns.
  */
 
-/* The session takes ownership of conn and memfd; NULL when out of memory. */
+/* The session takes ownership of conn; memfd stays the caller's. NULL when
+ * out of memory. */
 static struct session *
 session_new(int conn, int memfd)
 {
@@ -1656,13 +1640,22 @@ session_new(int conn, int memfd)
 	s->mappings = calloc(MAX_MAPPINGS, sizeof(*s->mappings));
 	s->faults = calloc(FAULT_QUEUE, sizeof(*s->faults));
 	s->faults_cap = FAULT_QUEUE;
+	for (int i = 0; i < 3; i++)
+		s->w[i] = (struct watch){ s, i };
 	return s;
 }
 
+static int
+out_of_fds(int err)
+{
+	return err == EMFILE || err == ENFILE;
+}
+
 /*
- * The VMM's pidfd: SO_PEERPIDFD (Linux 6.5) works even when the VMM's pid
- * is invisible here, as from a container in its own pid namespace, where
- * SO_PEERCRED reports pid 0; pidfd_open(SO_PEERCRED's pid) before that.
+ * The peer's pidfd: SO_PEERPIDFD (Linux 6.5) works even when the peer's
+ * pid is invisible here, as from a container in its own pid namespace,
+ * where SO_PEERCRED reports pid 0; pidfd_open(SO_PEERCRED's pid) before
+ * that. -EMFILE or -ENFILE when no descriptor is free for it.
  */
 static int
 session_open(struct session *s)
@@ -1678,13 +1671,17 @@ session_open(struct session *s)
 	l = sizeof(fd);
 	if (getsockopt(s->conn, SOL_SOCKET, SO_PEERPIDFD, &fd, &l) == 0 && fd >= 0)
 		s->pidfd = fd;
-	else if (s->pid > 0)
-		s->pidfd = (int)syscall(SYS_pidfd_open, s->pid, 0);
+	else if (out_of_fds(errno))
+		return -errno;
+	else if (s->pid > 0 &&
+	    (s->pidfd = (int)syscall(SYS_pidfd_open, s->pid, 0)) < 0 &&
+	    out_of_fds(errno))
+		return -errno;
 	if (s->pidfd < 0)
-		logmsg(LOG_WARN, "no pidfd for the VMM (pid %d): its exit is seen "
+		logmsg(LOG_WARN, "no pidfd for the peer (pid %d): its exit is seen "
 		    "only through the uffd", (int)s->pid);
 	if (s->pid <= 0)
-		logmsg(LOG_WARN, "the VMM's pid is not visible here (another pid "
+		logmsg(LOG_WARN, "the peer's pid is not visible here (another pid "
 		    "namespace?): it cannot be killed on a fatal error");
 	return 0;
 }
@@ -1695,25 +1692,25 @@ session_open(struct session *s)
  * namespaces) and the pid is a real one: a frozen guest is the worse risk.
  */
 static void
-kill_vmm(struct session *s)
+kill_peer(int pidfd, pid_t pid)
 {
 	int rc = -1;
 
-	if (s->pidfd < 0 && s->pid <= 0) {
+	if (pidfd < 0 && pid <= 0) {
 		logmsg(LOG_ERROR, "cannot kill the VMM: its pid is not known here; "
 		    "its guest may stay frozen");
 		return;
 	}
-	if (s->pidfd >= 0)
-		rc = (int)syscall(SYS_pidfd_send_signal, s->pidfd, SIGKILL, NULL, 0);
-	if (rc < 0 && (s->pidfd < 0 || errno != ESRCH) && s->pid > 0)
-		rc = kill(s->pid, SIGKILL);
+	if (pidfd >= 0)
+		rc = (int)syscall(SYS_pidfd_send_signal, pidfd, SIGKILL, NULL, 0);
+	if (rc < 0 && (pidfd < 0 || errno != ESRCH) && pid > 0)
+		rc = kill(pid, SIGKILL);
 	if (rc < 0 && errno != ESRCH)
 		logmsg(LOG_ERROR, "kill(VMM pid %d, SIGKILL): %s; its guest may stay "
-		    "frozen", (int)s->pid, strerror(errno));
+		    "frozen", (int)pid, strerror(errno));
 	else
 		logmsg(LOG_ERROR, "killed VMM pid %d so its guest does not freeze",
-		    (int)s->pid);
+		    (int)pid);
 }
 
 static void
@@ -1724,13 +1721,13 @@ closefd(int *fd)
 	*fd = -1;
 }
 
+/* Frees what the session owns; safe to call twice. */
 static void
 session_close(struct session *s)
 {
 	closefd(&s->conn);
 	closefd(&s->uffd);
 	closefd(&s->pidfd);
-	closefd(&s->memfd);
 	if (s->mem != NULL)
 		munmap((void *)s->mem, s->mem_size);
 	if (s->zeros != NULL)
@@ -1746,7 +1743,6 @@ session_close(struct session *s)
 	free(s->mappings);
 	free(s->faults);
 	free(s->order);
-	closefd(&s->record_fd);
 	s->mem = s->zeros = NULL;
 	s->regions = NULL;
 	s->mappings = NULL;
@@ -1793,7 +1789,7 @@ print_counters(const struct session *s, int code)
 }
 
 /*
- * Setup: the socket and the wait for a VMM.
+ * Setup: the socket and the signals.
  */
 
 /* A socket file nobody listens on is what a killed handler leaves behind. */
@@ -1848,6 +1844,10 @@ set_socket_access(const char *path)
 	return 0;
 }
 
+/* --max-vms restores often start together; the kernel caps this at
+ * net.core.somaxconn (4096 since Linux 5.4). */
+#define LISTEN_BACKLOG	4096
+
 static int
 listen_socket(const char *path)
 {
@@ -1860,12 +1860,12 @@ listen_socket(const char *path)
 		return -ENAMETOOLONG;
 	}
 	memcpy(a.sun_path, path, strlen(path));
-	if ((fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0)) < 0)
+	if ((fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0)) < 0)
 		return -errno;
 	rc = bind(fd, (struct sockaddr *)&a, sizeof(a));
 	if (rc < 0 && errno == EADDRINUSE && replace_stale(path, &a) == 0)
 		rc = bind(fd, (struct sockaddr *)&a, sizeof(a));
-	if (rc < 0 || listen(fd, 1) < 0) {
+	if (rc < 0 || listen(fd, LISTEN_BACKLOG) < 0) {
 		rc = -errno;
 		if (rc != -EADDRINUSE)
 			logmsg(LOG_ERROR, "bind/listen(%s): %s", path, strerror(-rc));
@@ -1877,34 +1877,6 @@ listen_socket(const char *path)
 		return rc;
 	}
 	return fd;
-}
-
-static int
-accept_vmm(int lfd, int sigfd)
-{
-	struct pollfd p[2] = { { lfd, POLLIN, 0 }, { sigfd, POLLIN, 0 } };
-	int64_t deadline = opt.accept_timeout > 0 ?
-	    now_ms() + (int64_t)opt.accept_timeout * 1000 : INT64_MAX;
-	int rc;
-
-	/* A signal that does not stop the handler (SIGUSR1) goes back to
-	 * waiting, with what is left of the timeout. */
-	while (!(p[0].revents & POLLIN)) {
-		if ((rc = poll(p, 2, ms_until(deadline))) < 0 && errno != EINTR)
-			return -errno;
-		if (rc > 0 && p[1].revents && take_signal(sigfd, NULL, 0) < 0)
-			return -ECANCELED;
-		if (rc == 0 && ms_until(deadline) == 0) {
-			logmsg(LOG_ERROR, "no VMM connected within %d s",
-			    opt.accept_timeout);
-			return -ETIMEDOUT;
-		}
-	}
-	if ((rc = accept4(lfd, NULL, NULL, SOCK_CLOEXEC)) < 0) {
-		logmsg(LOG_ERROR, "accept(%s): %s", opt.socket_path, strerror(errno));
-		return -errno;
-	}
-	return rc;
 }
 
 /*
@@ -1947,11 +1919,12 @@ usage(FILE *f)
 "userfaultfd Firecracker sends on Unix socket SOCKET (mem_backend Uffd).\n"
 "\n"
 "  -l, --log-level LEVEL        error, warn, info (default) or debug\n"
-"      --accept-timeout SEC     exit 3 if no VMM connects within SEC seconds\n"
-"                               (default 0: wait forever)\n"
-"      --handshake-timeout SEC  reject a VMM that has not sent its handshake\n"
-"                               within SEC seconds (default 5); timeouts\n"
-"                               go up to 31536000 (a year)\n"
+"      --accept-timeout SEC     exit once no VMM has been connected for SEC\n"
+"                               seconds, 3 if none came (default 0: never)\n"
+"      --handshake-timeout SEC  close a peer that sent nothing, or reject a\n"
+"                               VMM whose handshake is incomplete, SEC\n"
+"                               seconds after it connected (default 5);\n"
+"                               timeouts go up to 31536000 (a year)\n"
 "      --socket-owner UID:GID   chown SOCKET (for a jailed VMM)\n"
 "      --socket-mode MODE       chmod SOCKET, octal (e.g. 0600)\n"
 "      --uid UID, --gid GID     drop to these ids once SOCKET is bound\n"
@@ -1963,19 +1936,19 @@ usage(FILE *f)
 "                               --record wrote it), faults first\n"
 "      --record FILE            write the pages the VM needed, in order, to\n"
 "                               FILE when it exits\n"
-"      --max-vms N              serve up to N VMMs at once from this process,\n"
-"                               then exit when all are gone (0: no limit;\n"
-"                               default 1)\n"
+"      --max-vms N              listen until N VMMs have come, serve them\n"
+"                               all at once, exit when all are gone (0: no\n"
+"                               limit; default 1)\n"
 "      --detach                 with --populate all: once every page is in,\n"
 "                               unregister and exit 0; the VM runs on alone\n"
 "  -h, --help                   print this help and exit\n"
 "  -V, --version                print the version and exit\n"
 "\n"
 "SIGUSR1 prints the counters at any time (with exit_code -1).\n"
-"Exit codes: 0 the VM went away; 1 fatal error while serving (VMM killed);\n"
+"Exit codes: 0 every VM went away; 1 fatal error while serving (VMM killed);\n"
 "2 usage error; 3 setup error (memory file, socket, no VMM in time);\n"
 "4 handshake rejected (VMM killed); 5 SIGTERM, SIGINT, SIGHUP or SIGQUIT\n"
-"(VMM killed).\n"
+"(every VMM killed). With several VMs: the gravest of 5, 1, 4, 0.\n"
 "On exit one JSON line of counters is written to standard output.\n");
 }
 
@@ -2196,223 +2169,695 @@ parse_options(int argc, char **argv)
 	return 0;
 }
 
-/* Whether the VMM process has exited within ms (its pidfd is readable). */
+/* Whether the VMM has exited, without waiting. */
 static int
-vmm_gone(struct session *s, int ms)
+vmm_gone(struct session *s)
 {
 	struct pollfd p = { s->pidfd, POLLIN, 0 };
 
 	if (s->pidfd >= 0)
-		return poll(&p, 1, ms) == 1;
+		return poll(&p, 1, 0) == 1;
 	return s->pid > 0 && kill(s->pid, 0) < 0 && errno == ESRCH;
 }
 
-static int
-fail_closed(struct session *s, int code)
-{
-	kill_vmm(s);
-	return code;
-}
-
-/* A VMM that died mid-handshake went away; one that is alive is killed. */
-static int
-handshake_failed(struct session *s, int rc)
-{
-	if (rc == -ECANCELED)
-		return fail_closed(s, EXIT_SIGNAL);
-	/* A dying process closes its files before its pidfd says it exited,
-	 * so EOF gets a moment to be explained by the VMM's death. */
-	if (vmm_gone(s, rc == -ECONNRESET ? 500 : 0)) {
-		logmsg(LOG_INFO, "VMM pid %d exited during the handshake", (int)s->pid);
-		return EXIT_VM_GONE;
-	}
-	return fail_closed(s, EXIT_HANDSHAKE);
-}
-
-/* What main opens before any VMM connects; a session takes the fds. */
+/* What main opens before any VMM connects; sessions borrow it. */
 struct inputs {
 	int memfd, record_fd;
 	uint64_t *list;			/* --populate FILE */
 	size_t nlist;
 };
 
-/* A session's ending: its working set if recorded, its counters line. */
-static void
-session_end(struct session *s, int code)
+/*
+ * The loop. One epoll set holds the listening socket, the signalfd and, for
+ * each connection, its socket while the handshake arrives, then its uffd,
+ * and the peer's pidfd throughout. A round waits once, notes what is ready
+ * on each session, accepts, then steps only the sessions with something to
+ * do (an event, a deferred fault, population) or a deadline passed: what
+ * one round costs in syscalls does not grow with the number of sessions.
+ *
+ * A connection becomes a VMM when it sends its first byte (an fd comes with
+ * one). Only a VMM is ever killed: a peer that sent nothing (a probe, a
+ * second handler checking whether the socket is live) has registered no
+ * memory with anyone, so it is closed and the handler goes on listening.
+ */
+#define EPOLL_BATCH	64
+#define ACCEPT_BATCH	16		/* accepts a round, so sessions go on */
+#define MAX_SILENT	64		/* connections that sent nothing yet */
+#define PAUSE_MS	100		/* when accepting fails */
+#define CLOSING_MS	500		/* see handshake_failed */
+
+struct server {
+	int epfd, lfd, sigfd;
+	int reserve[2];			/* spare descriptors, for EMFILE */
+	int listen_ev, signal_ev;	/* ready this round */
+	int64_t paused;			/* accepting off until then */
+	int pause_logged;
+	struct inputs in;
+	struct session **s;		/* in the order accepted */
+	size_t n, cap;
+	long vmms;			/* connections that were VMMs, ever */
+	size_t live;			/* VMM sessions now */
+	int worst;			/* the exit code so far: note_exit */
+	int64_t idle_end;		/* --accept-timeout; INT64_MAX: off */
+	int tight;			/* the serving-only filter is on */
+	struct watch wl, ws;
+};
+
+static int
+watch(struct server *srv, int fd, struct watch *w)
 {
-	write_record(s);
-	print_counters(s, code);
-	session_close(s);
-	free(s);
+	struct epoll_event e = { .events = EPOLLIN, .data.ptr = w };
+
+	if (epoll_ctl(srv->epfd, EPOLL_CTL_ADD, fd, &e) < 0) {
+		logmsg(LOG_ERROR, "epoll_ctl(ADD, fd %d): %s", fd, strerror(errno));
+		return -errno;
+	}
+	return 0;
 }
 
-/* One VMM, from its connection to the exit code; owns conn and the fds. */
-static int
-run_session(int conn, struct inputs *in, int sigfd)
+/* epoll watches files, not fds, and the uffd's file outlives this fd
+ * (Firecracker holds it): left in the set, a closed uffd would go on
+ * reporting events for a freed session. */
+static void
+unwatch(struct server *srv, int fd)
 {
-	struct session *s = session_new(conn, in->memfd);
-	int rc, code;
-
-	if (s != NULL) {
-		s->record_fd = in->record_fd;
-		s->pop_list = in->list;
-		s->pop_n = in->nlist;
-	}
-	if (s == NULL || session_open(s) < 0) {
-		logmsg(LOG_ERROR, "allocating the session: %s", strerror(ENOMEM));
-		if (s == NULL) {
-			close(conn);
-			close(in->memfd);
-			return EXIT_FATAL;
-		}
-		code = fail_closed(s, EXIT_FATAL);
-	} else if ((rc = handshake(s, sigfd)) < 0) {
-		code = handshake_failed(s, rc);
-	} else if (opt.seccomp && seccomp_confine(0) < 0) {
-		code = fail_closed(s, EXIT_FATAL);
-	} else if ((rc = serve(s, sigfd)) < 0) {
-		code = fail_closed(s, rc == -ECANCELED ? EXIT_SIGNAL : EXIT_FATAL);
-	} else {
-		code = EXIT_VM_GONE;
-	}
-	session_end(s, code);
-	return code;
+	if (fd >= 0)
+		epoll_ctl(srv->epfd, EPOLL_CTL_DEL, fd, NULL);
 }
 
 /*
- * --max-vms: one process serves every VMM that connects, each in a session
- * of its own over the one memory file (the page cache is shared, the pages
- * each guest gets are its own). A fatal error ends that VM's session only.
+ * The exit code with several VMs is the gravest ending: a stopping signal,
+ * then a fatal error (VMM killed), then a rejected handshake (VMM killed),
+ * then 0, every VM gone its own way. One VM is the same rule.
  */
-#define MAX_VMS		256		/* served at once */
-
-/* A new VMM: its session once the handshake is in, or NULL when it was
- * rejected (and killed) or went away; *code gets the worst ending. */
-static struct session *
-start_vm(int lfd, struct inputs *in, int sigfd, int *code)
+static int
+exit_rank(int code)
 {
-	int conn = accept4(lfd, NULL, NULL, SOCK_CLOEXEC), memfd, rc, end;
-	struct session *s;
-
-	if (conn < 0) {
-		logmsg(LOG_ERROR, "accept(%s): %s", opt.socket_path, strerror(errno));
-		return NULL;
-	}
-	memfd = fcntl(in->memfd, F_DUPFD_CLOEXEC, 0);
-	if (memfd < 0 || (s = session_new(conn, memfd)) == NULL) {
-		logmsg(LOG_ERROR, "starting a session: %s", strerror(errno));
-		close(conn);
-		if (memfd >= 0)
-			close(memfd);
-		return NULL;
-	}
-	s->pop_list = in->list;
-	s->pop_n = in->nlist;
-	if (session_open(s) < 0)
-		end = fail_closed(s, EXIT_FATAL);
-	else if ((rc = handshake(s, sigfd)) < 0)
-		end = handshake_failed(s, rc);
-	else {
-		serve_start(s);
-		return s;
-	}
-	*code = end > *code ? end : *code;
-	session_end(s, end);
-	return NULL;
+	return code == EXIT_SIGNAL ? 4 : code == EXIT_FATAL ? 3 :
+	    code == EXIT_HANDSHAKE ? 2 : code == EXIT_SETUP ? 1 : 0;
 }
 
-/* A round for every session; ended ones leave. Returns how many remain. */
-static size_t
-serve_all(struct session **vm, size_t n, const struct pollfd *p, int *code)
+static void
+note_exit(struct server *srv, int code)
+{
+	if (exit_rank(code) > exit_rank(srv->worst))
+		srv->worst = code;
+}
+
+/* A VMM's session ends with its record, its counter line and its code; a
+ * peer that sent nothing just goes. Freed at the end of the round. */
+static void
+session_end(struct server *srv, struct session *s, int code)
+{
+	if (s->state == S_ENDED)
+		return;
+	unwatch(srv, s->conn);
+	unwatch(srv, s->uffd);
+	unwatch(srv, s->pidfd);
+	if (s->state != S_HELLO) {
+		write_record(s);
+		print_counters(s, code);
+		note_exit(srv, code);
+		srv->live--;
+	}
+	session_close(s);
+	s->state = S_ENDED;
+}
+
+static void
+fail_closed(struct server *srv, struct session *s, int code)
+{
+	kill_peer(s->pidfd, s->pid);
+	session_end(srv, s, code);
+}
+
+static void
+drop_peer(struct server *srv, struct session *s, const char *why)
+{
+	logmsg(LOG_INFO, "peer pid %d %s: closed; it sent nothing, so it is no "
+	    "VMM in restore and is not killed", (int)s->pid, why);
+	session_end(srv, s, EXIT_VM_GONE);
+}
+
+static void
+reserve_release(struct server *srv)
+{
+	closefd(&srv->reserve[0]);
+	closefd(&srv->reserve[1]);
+}
+
+/* Two spare descriptors: at EMFILE one accepts the connection and one
+ * takes the peer's pidfd, so a VMM is killed, not left in the backlog with
+ * its memory registered. */
+static int
+reserve_fill(struct server *srv)
+{
+	for (int i = 0; i < 2; i++)
+		if (srv->reserve[i] < 0 &&
+		    (srv->reserve[i] = fcntl(srv->sigfd, F_DUPFD_CLOEXEC, 0)) < 0)
+			return -errno;
+	return 0;
+}
+
+/* No more VMMs: the socket goes, and so do the peers that sent nothing. */
+static void
+stop_listening(struct server *srv, const char *why)
+{
+	if (srv->lfd < 0)
+		return;
+	unwatch(srv, srv->lfd);
+	closefd(&srv->lfd);
+	unlink(opt.socket_path);
+	reserve_release(srv);
+	for (size_t i = 0; i < srv->n; i++)
+		if (srv->s[i]->state == S_HELLO)
+			drop_peer(srv, srv->s[i], why);
+}
+
+/* A VMM, in a session or refused; the last --max-vms allows ends the
+ * listening: in one-VM mode that is the first. */
+static void
+count_vmm(struct server *srv)
+{
+	if (++srv->vmms == opt.max_vms)
+		stop_listening(srv, "was still silent when the last VMM came");
+}
+
+static void
+vmm_arrived(struct server *srv, struct session *s)
+{
+	s->state = S_HANDSHAKE;
+	srv->live++;
+	count_vmm(srv);
+}
+
+/*
+ * A connection the handler cannot take. After shutdown any send of the
+ * peer's fails (EPIPE), so what is queued now is all it will have sent:
+ * bytes mean a VMM that registered its memory and believes it handed it
+ * over, to be killed; nothing means a peer whose send is yet to fail.
+ * Returns 1 when the peer was a VMM.
+ */
+static int
+refuse(int conn, const char *why)
+{
+	struct ucred cr = { 0, 0, 0 };
+	socklen_t l = sizeof(cr);
+	char c;
+	struct iovec iov = { &c, 1 };
+	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
+	int pidfd = -1, vmm;
+
+	shutdown(conn, SHUT_RDWR);
+	getsockopt(conn, SOL_SOCKET, SO_PEERCRED, &cr, &l);
+	vmm = recvmsg(conn, &mh, MSG_PEEK | MSG_DONTWAIT) > 0;
+	if (vmm) {
+		logmsg(LOG_ERROR, "refused VMM pid %d: %s", (int)cr.pid, why);
+		l = sizeof(pidfd);
+		if (getsockopt(conn, SOL_SOCKET, SO_PEERPIDFD, &pidfd, &l) < 0)
+			pidfd = -1;
+		kill_peer(pidfd, cr.pid);
+		closefd(&pidfd);
+	} else {
+		logmsg(LOG_WARN, "closed a connection from pid %d before it sent "
+		    "anything: %s", (int)cr.pid, why);
+	}
+	close(conn);
+	return vmm;
+}
+
+static void
+refused(struct server *srv, int conn, const char *why)
+{
+	if (refuse(conn, why)) {
+		note_exit(srv, EXIT_FATAL);
+		count_vmm(srv);
+	}
+}
+
+/* Accepting fails for a while (no descriptor, no memory): the listener
+ * leaves the set until then rather than wake every round. */
+static void
+pause_listener(struct server *srv, int64_t now, const char *why)
+{
+	struct epoll_event e = { .events = 0, .data.ptr = &srv->wl };
+
+	if (!srv->pause_logged)
+		logmsg(LOG_ERROR, "accept(%s): %s; accepting again every %d ms",
+		    opt.socket_path, why, PAUSE_MS);
+	srv->pause_logged = 1;
+	epoll_ctl(srv->epfd, EPOLL_CTL_MOD, srv->lfd, &e);
+	srv->paused = now + PAUSE_MS;
+}
+
+static void
+resume_listener(struct server *srv, int64_t now)
+{
+	struct epoll_event e = { .events = EPOLLIN, .data.ptr = &srv->wl };
+
+	if (srv->paused == 0 || now < srv->paused || srv->lfd < 0)
+		return;
+	epoll_ctl(srv->epfd, EPOLL_CTL_MOD, srv->lfd, &e);
+	srv->paused = 0;
+}
+
+static const char no_fds[] = "out of file descriptors (EMFILE); each VM "
+    "needs 3, raise the limit (ulimit -n)";
+
+/* EMFILE: the spare descriptors take a connection, to be refused; -1
+ * when there was none or accepting is paused. */
+static int
+accept_spare(struct server *srv, int64_t now)
+{
+	int conn, err;
+
+	reserve_release(srv);
+	conn = accept4(srv->lfd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+	err = errno;
+	if (conn >= 0)
+		refused(srv, conn, no_fds);
+	if (srv->lfd < 0)
+		return -1;
+	if (reserve_fill(srv) < 0 || (conn < 0 && err != EAGAIN)) {
+		pause_listener(srv, now, conn < 0 ? strerror(err) :
+		    "no spare descriptor left");
+		return -1;
+	}
+	return conn >= 0 ? 0 : -1;
+}
+
+static int
+grow(struct server *srv)
+{
+	struct session **v;
+	size_t cap = srv->cap ? 2 * srv->cap : 16;
+
+	if (srv->n < srv->cap)
+		return 0;
+	if ((v = realloc(srv->s, cap * sizeof(*v))) == NULL)
+		return -ENOMEM;
+	srv->s = v;
+	srv->cap = cap;
+	return 0;
+}
+
+/* Past MAX_SILENT, the oldest connection that sent nothing makes room. */
+static void
+evict_silent(struct server *srv)
+{
+	size_t silent = 0, oldest = srv->n;
+
+	for (size_t i = 0; i < srv->n; i++) {
+		if (srv->s[i]->state != S_HELLO)
+			continue;
+		if (silent++ == 0)
+			oldest = i;
+	}
+	if (silent > MAX_SILENT)
+		drop_peer(srv, srv->s[oldest], "made room for newer connections");
+}
+
+/* A new connection, in its handshake; Firecracker sends at once, so it is
+ * read in this very round. */
+static void
+add_peer(struct server *srv, int conn, int64_t now)
+{
+	struct session *s;
+	int rc = -ENOMEM;
+
+	if (grow(srv) < 0 || (s = session_new(conn, srv->in.memfd)) == NULL) {
+		refused(srv, conn, "out of memory");
+		return;
+	}
+	if ((rc = session_open(s)) < 0 || (rc = watch(srv, conn, &s->w[W_CONN])) < 0 ||
+	    (s->pidfd >= 0 && (rc = watch(srv, s->pidfd, &s->w[W_PIDFD])) < 0)) {
+		unwatch(srv, conn);
+		unwatch(srv, s->pidfd);
+		s->conn = -1;
+		session_close(s);
+		free(s);
+		refused(srv, conn, out_of_fds(-rc) ? no_fds : strerror(-rc));
+		return;
+	}
+	s->record_fd = srv->in.record_fd;
+	s->pop_list = srv->in.list;
+	s->pop_n = srv->in.nlist;
+	s->deadline = now + (int64_t)opt.handshake_timeout * 1000;
+	s->ev[W_CONN] = EPOLLIN;
+	srv->s[srv->n++] = s;
+	evict_silent(srv);
+}
+
+static void
+accept_all(struct server *srv, int64_t now)
+{
+	for (int i = 0; srv->lfd >= 0 && i < ACCEPT_BATCH; i++) {
+		int conn = accept4(srv->lfd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+		int err = errno;
+
+		if (conn >= 0) {
+			srv->pause_logged = 0;
+			add_peer(srv, conn, now);
+		} else if (err == EAGAIN) {
+			return;
+		} else if (out_of_fds(err)) {
+			if (accept_spare(srv, now) < 0)
+				return;
+		} else if (err != EINTR && err != ECONNABORTED) {
+			pause_listener(srv, now, strerror(err));
+			return;
+		}
+	}
+}
+
+/*
+ * A handshake that failed. EOF mid-message may be the VMM dying: a dying
+ * process closes its files before its pidfd says it exited, so EOF gets
+ * CLOSING_MS to be explained by its death before the VMM is killed.
+ */
+static void
+handshake_failed(struct server *srv, struct session *s, int rc, int64_t now)
+{
+	if (rc == -ECONNRESET && !s->ev[W_PIDFD] && s->pidfd >= 0) {
+		unwatch(srv, s->conn);
+		s->state = S_CLOSING;
+		s->deadline = now + CLOSING_MS;
+	} else if (rc == -ECONNRESET && (s->ev[W_PIDFD] || vmm_gone(s))) {
+		logmsg(LOG_INFO, "VMM pid %d exited during the handshake", (int)s->pid);
+		session_end(srv, s, EXIT_VM_GONE);
+	} else {
+		/* Short of memory or descriptors the VMM was not at fault. */
+		fail_closed(srv, s, rc == -ENOMEM || out_of_fds(-rc) ?
+		    EXIT_FATAL : EXIT_HANDSHAKE);
+	}
+}
+
+static int
+start_serving(struct server *srv, struct session *s)
+{
+	int rc;
+
+	unwatch(srv, s->conn);
+	if ((rc = watch(srv, s->uffd, &s->w[W_UFFD])) < 0)
+		return rc;
+	s->state = S_SERVING;
+	serve_start(s);
+	return 0;
+}
+
+/* The handshake as far as it has arrived, and its deadline. */
+static void
+handshake_step(struct server *srv, struct session *s, int64_t now)
+{
+	int n = JSON_PARTIAL;
+
+	if (s->ev[W_CONN])
+		n = recv_handshake(s);
+	if (s->state == S_HELLO && s->got > 0)
+		vmm_arrived(srv, s);
+	if (s->state == S_HELLO) {
+		if (n == -ENOTCONN || s->ev[W_PIDFD])
+			drop_peer(srv, s, "hung up");
+		else if (now >= s->deadline)
+			drop_peer(srv, s, "was silent past --handshake-timeout");
+		return;
+	}
+	if (n == JSON_PARTIAL && s->ev[W_PIDFD]) {
+		logmsg(LOG_INFO, "VMM pid %d exited during the handshake", (int)s->pid);
+		session_end(srv, s, EXIT_VM_GONE);
+		return;
+	}
+	if (n == JSON_PARTIAL && now < s->deadline)
+		return;
+	if (n == JSON_PARTIAL) {
+		logmsg(LOG_ERROR, "handshake rejected: incomplete after %d s (%zu "
+		    "bytes received)", opt.handshake_timeout, s->got);
+		n = -ETIMEDOUT;
+	}
+	if (n >= 0 && (n = accept_handshake(s, n)) == 0) {
+		if (start_serving(srv, s) < 0)
+			fail_closed(srv, s, EXIT_FATAL);
+		return;
+	}
+	handshake_failed(srv, s, n, now);
+}
+
+static void
+closing_step(struct server *srv, struct session *s, int64_t now)
+{
+	if (s->ev[W_PIDFD]) {
+		logmsg(LOG_INFO, "VMM pid %d exited during the handshake", (int)s->pid);
+		session_end(srv, s, EXIT_VM_GONE);
+	} else if (now >= s->deadline) {
+		fail_closed(srv, s, EXIT_HANDSHAKE);
+	}
+}
+
+static void
+serving_step(struct server *srv, struct session *s)
+{
+	int rc;
+
+	if (s->ev[W_PIDFD]) {
+		logmsg(LOG_INFO, "VMM pid %d exited", (int)s->pid);
+		session_end(srv, s, EXIT_VM_GONE);
+		return;
+	}
+	if (!s->ev[W_UFFD] && s->nfaults == 0 && !s->populating)
+		return;
+	if ((rc = serve_round(s, s->ev[W_UFFD])) < 0)
+		fail_closed(srv, s, EXIT_FATAL);
+	else if (rc > 0)
+		session_end(srv, s, EXIT_VM_GONE);
+}
+
+static void
+step_all(struct server *srv, int64_t now)
+{
+	for (size_t i = 0; i < srv->n; i++) {
+		struct session *s = srv->s[i];
+
+		switch (s->state) {
+		case S_HELLO:
+		case S_HANDSHAKE:
+			handshake_step(srv, s, now);
+			break;
+		case S_SERVING:
+			serving_step(srv, s);
+			break;
+		case S_CLOSING:
+			closing_step(srv, s, now);
+			break;
+		case S_ENDED:
+			break;
+		}
+		memset(s->ev, 0, sizeof(s->ev));
+	}
+}
+
+/* Ended sessions are freed once nothing of the round can point at them. */
+static void
+reap_sessions(struct server *srv)
 {
 	size_t kept = 0;
 
-	for (size_t i = 0; i < n; i++) {
-		int rc = serve_round(vm[i], p[2 * i].revents, p[2 * i + 1].revents);
-
-		if (rc == 0) {
-			vm[kept++] = vm[i];
-			continue;
-		}
-		if (rc < 0)
-			*code = fail_closed(vm[i], EXIT_FATAL);
-		session_end(vm[i], rc < 0 ? EXIT_FATAL : EXIT_VM_GONE);
+	for (size_t i = 0; i < srv->n; i++) {
+		if (srv->s[i]->state != S_ENDED)
+			srv->s[kept++] = srv->s[i];
+		else
+			free(srv->s[i]);
 	}
-	return kept;
+	srv->n = kept;
 }
 
-/* The poll set: the listener, the signalfd, then each session's uffd and
- * pidfd; returns the timeout the sessions allow. */
-static int
-poll_set(struct pollfd *p, int lfd, int sigfd, struct session **vm, size_t n)
+/* Kills every VMM, closes every other peer, removes the socket. */
+static void
+stop_all(struct server *srv, int code)
 {
-	int timeout = -1;
+	stop_listening(srv, "was connected when the handler stopped");
+	for (size_t i = 0; i < srv->n; i++)
+		if (srv->s[i]->state != S_ENDED)
+			fail_closed(srv, srv->s[i], code);
+	reap_sessions(srv);
+}
 
-	p[0] = (struct pollfd){ n < MAX_VMS ? lfd : -1, POLLIN, 0 };
-	p[1] = (struct pollfd){ sigfd, POLLIN, 0 };
-	for (size_t i = 0; i < n; i++) {
-		int t = poll_timeout(vm[i]);
+/* SIGUSR1 prints every VM's counters and goes on; a stopping signal
+ * returns -ECANCELED. */
+static int
+take_signal(struct server *srv)
+{
+	struct signalfd_siginfo si;
 
-		p[2 + 2 * i] = (struct pollfd){ vm[i]->uffd, POLLIN, 0 };
-		p[3 + 2 * i] = (struct pollfd){ vm[i]->pidfd, POLLIN, 0 };
-		if (t >= 0 && (timeout < 0 || t < timeout))
-			timeout = t;
+	while (read(srv->sigfd, &si, sizeof(si)) == (ssize_t)sizeof(si)) {
+		if (si.ssi_signo != SIGUSR1) {
+			logmsg(LOG_WARN, "received %s", strsignal((int)si.ssi_signo));
+			return -ECANCELED;
+		}
+		for (size_t i = 0; i < srv->n; i++)
+			if (srv->s[i]->state == S_SERVING)
+				print_counters(srv->s[i], -1);
 	}
-	return timeout;
+	return 0;
+}
+
+/* --accept-timeout: the clock runs while no VMM is connected and the
+ * socket is open, from the start and again after the last VM. */
+static void
+idle_clock(struct server *srv, int64_t now)
+{
+	if (opt.accept_timeout == 0 || srv->lfd < 0 || srv->live > 0)
+		srv->idle_end = INT64_MAX;
+	else if (srv->idle_end == INT64_MAX)
+		srv->idle_end = now + (int64_t)opt.accept_timeout * 1000;
+}
+
+static int
+idle_timeout(struct server *srv)
+{
+	if (srv->vmms == 0)
+		logmsg(LOG_ERROR, "no VMM connected within %d s", opt.accept_timeout);
+	else
+		logmsg(LOG_INFO, "no VMM for %d s: done", opt.accept_timeout);
+	stop_listening(srv, "was silent when the handler timed out");
+	reap_sessions(srv);
+	return srv->vmms == 0 ? EXIT_SETUP : srv->worst;
+}
+
+/* The wait: none while a session populates, 1 ms while faults are
+ * deferred (EAGAIN lasts until the madvise caller has resumed), else up
+ * to the nearest deadline. */
+static int
+wait_ms(const struct server *srv)
+{
+	int64_t end = srv->idle_end;
+
+	if (srv->paused && srv->paused < end)
+		end = srv->paused;
+	for (size_t i = 0; i < srv->n; i++) {
+		const struct session *s = srv->s[i];
+		int64_t t = s->deadline;
+
+		if (s->state == S_SERVING && s->populating && s->nfaults == 0)
+			return 0;
+		if (s->state == S_SERVING)
+			t = s->nfaults ? now_ms() + 1 : INT64_MAX;
+		end = t < end ? t : end;
+	}
+	return ms_until(end);
+}
+
+/*
+ * Once no connection can come and every handshake is in, a second filter
+ * takes accepting and receiving away (filters stack; the stricter wins).
+ */
+static void
+confine_serving(struct server *srv)
+{
+	if (!opt.seccomp || srv->tight || srv->lfd >= 0)
+		return;
+	for (size_t i = 0; i < srv->n; i++)
+		if (srv->s[i]->state == S_HELLO || srv->s[i]->state == S_HANDSHAKE)
+			return;
+	srv->tight = 1;
+	if (seccomp_confine(0) < 0)
+		logmsg(LOG_WARN, "serving on under the filter for accepting");
 }
 
 static void
-stop_all(struct session **vm, size_t n, int code)
+dispatch(struct server *srv, const struct epoll_event *e)
 {
-	for (size_t i = 0; i < n; i++)
-		session_end(vm[i], fail_closed(vm[i], code));
+	struct watch *w = e->data.ptr;
+
+	if (w->what == W_LISTEN)
+		srv->listen_ev = 1;
+	else if (w->what == W_SIGNAL)
+		srv->signal_ev = 1;
+	else
+		w->s->ev[w->what] |= e->events;
 }
 
-/* Exit 0 once the limit was reached and every VM went away; the worst
- * ending otherwise. */
+/* Returns the exit code once the last VM is gone, on a stopping signal or
+ * at the accept timeout. */
 static int
-serve_many(int lfd, struct inputs *in, int sigfd)
+run(struct server *srv)
 {
-	static struct session *vm[MAX_VMS];
-	static struct pollfd p[2 + 2 * MAX_VMS];
-	size_t n = 0;
-	long accepted = 0;
-	int code = EXIT_VM_GONE, timeout;
+	struct epoll_event ev[EPOLL_BATCH];
+	int64_t now = now_ms();
+	int n;
 
-	while (lfd >= 0 || n > 0) {
-		timeout = poll_set(p, lfd, sigfd, vm, n);
-		if (poll(p, (nfds_t)(2 + 2 * n), timeout) < 0 && errno != EINTR) {
-			logmsg(LOG_ERROR, "poll: %s", strerror(errno));
-			stop_all(vm, n, EXIT_FATAL);
+	for (;;) {
+		idle_clock(srv, now);
+		if (srv->lfd < 0 && srv->n == 0)
+			return srv->worst;
+		if (now >= srv->idle_end)
+			return idle_timeout(srv);
+		confine_serving(srv);
+		n = epoll_wait(srv->epfd, ev, EPOLL_BATCH, wait_ms(srv));
+		if (n < 0 && errno != EINTR) {
+			logmsg(LOG_ERROR, "epoll_wait: %s", strerror(errno));
+			stop_all(srv, EXIT_FATAL);
 			return EXIT_FATAL;
 		}
-		if (p[1].revents && take_signal(sigfd, vm, n) < 0) {
-			stop_all(vm, n, EXIT_SIGNAL);
+		for (int i = 0; i < n; i++)
+			dispatch(srv, &ev[i]);
+		if (srv->signal_ev && take_signal(srv) < 0) {
+			stop_all(srv, EXIT_SIGNAL);
 			return EXIT_SIGNAL;
 		}
-		n = serve_all(vm, n, p + 2, &code);
-		if (p[0].revents & POLLIN) {
-			struct session *s = start_vm(lfd, in, sigfd, &code);
-
-			if (s != NULL)
-				vm[n++] = s;
-			if (opt.max_vms > 0 && ++accepted == opt.max_vms) {
-				close(lfd);
-				unlink(opt.socket_path);
-				lfd = -1;
-			}
-		}
+		now = now_ms();
+		resume_listener(srv, now);
+		if (srv->listen_ev)
+			accept_all(srv, now);
+		srv->listen_ev = srv->signal_ev = 0;
+		step_all(srv, now);
+		reap_sessions(srv);
 	}
-	return code;
 }
 
+/*
+ * Each VM holds 3 descriptors (its socket, uffd and pidfd): the soft limit,
+ * often 1024, goes up to the hard one, which needs no privilege.
+ */
 static void
-close_inputs(struct inputs *in)
+raise_nofile(void)
 {
-	closefd(&in->memfd);
-	closefd(&in->record_fd);
-	free(in->list);
-	in->list = NULL;
+	struct rlimit r;
+
+	if (getrlimit(RLIMIT_NOFILE, &r) == 0 && r.rlim_cur < r.rlim_max) {
+		r.rlim_cur = r.rlim_max;
+		setrlimit(RLIMIT_NOFILE, &r);
+	}
+}
+
+static int
+server_init(struct server *srv)
+{
+	srv->wl = (struct watch){ NULL, W_LISTEN };
+	srv->ws = (struct watch){ NULL, W_SIGNAL };
+	if ((srv->epfd = epoll_create1(EPOLL_CLOEXEC)) < 0 ||
+	    watch(srv, srv->lfd, &srv->wl) < 0 ||
+	    watch(srv, srv->sigfd, &srv->ws) < 0 || reserve_fill(srv) < 0) {
+		logmsg(LOG_ERROR, "setting up the loop: %s", strerror(errno));
+		return -1;
+	}
+	return 0;
+}
+
+/* Safe to call twice, and on a server half set up. */
+static void
+server_close(struct server *srv)
+{
+	stop_all(srv, EXIT_FATAL);
+	free(srv->s);
+	srv->s = NULL;
+	srv->cap = 0;
+	closefd(&srv->epfd);
+	closefd(&srv->sigfd);
+	reserve_release(srv);
+	closefd(&srv->in.memfd);
+	closefd(&srv->in.record_fd);
+	free(srv->in.list);
+	srv->in.list = NULL;
 }
 
 /* The memory file and the list --populate names. */
@@ -2431,7 +2876,9 @@ open_inputs(struct inputs *in)
 /*
  * The --record file, emptied only once everything else is set up, and
  * never when it is the memory file itself: a slip of the command line
- * must not destroy the snapshot. -EINVAL for that, a usage error.
+ * must not destroy the snapshot. -EINVAL for that, a usage error. Opened
+ * non-blocking: a FIFO nobody reads would hold up the start with signals
+ * unanswered.
  */
 static int
 open_record(struct inputs *in)
@@ -2440,8 +2887,9 @@ open_record(struct inputs *in)
 
 	if (opt.record_path == NULL)
 		return 0;
-	if ((in->record_fd = open(opt.record_path, O_WRONLY | O_CREAT | O_CLOEXEC,
-	    0644)) < 0 || fstat(in->record_fd, &a) < 0 || fstat(in->memfd, &b) < 0) {
+	if ((in->record_fd = open(opt.record_path, O_WRONLY | O_CREAT | O_CLOEXEC |
+	    O_NONBLOCK, 0644)) < 0 || fstat(in->record_fd, &a) < 0 ||
+	    fstat(in->memfd, &b) < 0) {
 		logmsg(LOG_ERROR, "open(%s): %s", opt.record_path, strerror(errno));
 		return -EIO;
 	}
@@ -2450,51 +2898,38 @@ open_record(struct inputs *in)
 		    "it", opt.record_path);
 		return -EINVAL;
 	}
-	if (ftruncate(in->record_fd, 0) < 0) {
+	if (S_ISREG(a.st_mode) && ftruncate(in->record_fd, 0) < 0) {
 		logmsg(LOG_ERROR, "ftruncate(%s): %s", opt.record_path, strerror(errno));
 		return -EIO;
 	}
+	fcntl(in->record_fd, F_SETFL, 0);
 	return 0;
 }
 
 int
 main(int argc, char **argv)
 {
-	struct inputs in = { -1, -1, NULL, 0 };
-	int sigfd, lfd, conn, rc, code;
+	struct server srv = { .epfd = -1, .lfd = -1, .sigfd = -1,
+	    .reserve = { -1, -1 }, .in = { -1, -1, NULL, 0 },
+	    .idle_end = INT64_MAX };
+	int rc, code = EXIT_SETUP;
 
 	if ((rc = parse_options(argc, argv)) != 0)
 		return rc > 0 ? 0 : EXIT_USAGE;
-	if (open_inputs(&in) < 0 || (sigfd = signal_fd()) < 0 ||
-	    (lfd = listen_socket(opt.socket_path)) < 0) {
-		close_inputs(&in);
-		return EXIT_SETUP;
+	raise_nofile();
+	if (open_inputs(&srv.in) < 0 || (srv.sigfd = signal_fd()) < 0 ||
+	    (srv.lfd = listen_socket(opt.socket_path)) < 0)
+		code = EXIT_SETUP;
+	else if ((rc = open_record(&srv.in)) < 0)
+		code = rc == -EINVAL ? EXIT_USAGE : EXIT_SETUP;
+	else if (drop_privileges() < 0 || server_init(&srv) < 0 ||
+	    (opt.seccomp && seccomp_confine(1) < 0))
+		code = EXIT_SETUP;
+	else {
+		logmsg(LOG_INFO, "listening on %s for %s", opt.socket_path,
+		    opt.max_vms == 1 ? "a VMM" : "VMMs");
+		code = run(&srv);
 	}
-	if ((rc = open_record(&in)) < 0 || drop_privileges() < 0) {
-		close(lfd);
-		unlink(opt.socket_path);
-		close_inputs(&in);
-		return rc == -EINVAL ? EXIT_USAGE : EXIT_SETUP;
-	}
-	logmsg(LOG_INFO, "listening on %s for a VMM", opt.socket_path);
-	if (opt.max_vms != 1) {
-		code = opt.seccomp && seccomp_confine(1) < 0 ? EXIT_SETUP :
-		    serve_many(lfd, &in, sigfd);
-		close_inputs(&in);
-		close(sigfd);
-		return code;
-	}
-	conn = accept_vmm(lfd, sigfd);
-	/* One VMM per process: a second one would wait in the backlog forever. */
-	close(lfd);
-	unlink(opt.socket_path);
-	if (conn >= 0) {
-		code = run_session(conn, &in, sigfd);
-		in.memfd = in.record_fd = -1;
-	} else {
-		code = conn == -ECANCELED ? EXIT_SIGNAL : EXIT_SETUP;
-	}
-	close_inputs(&in);
-	close(sigfd);
+	server_close(&srv);
 	return code;
 }

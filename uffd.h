@@ -96,6 +96,7 @@ struct seccomp_data {
 #define BPF_JEQ_K			0x15	/* BPF_JMP | BPF_JEQ | BPF_K */
 #define BPF_RET_K			0x06	/* BPF_RET | BPF_K */
 #define SECCOMP_MODE_FILTER		2
+#define SECCOMP_SET_MODE_FILTER		1
 #define SECCOMP_RET_KILL_PROCESS	0x80000000u
 #define SECCOMP_RET_ERRNO		0x00050000u
 #define SECCOMP_RET_ALLOW		0x7fff0000u
