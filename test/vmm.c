@@ -1698,10 +1698,11 @@ bench(void)
 		qsort(lat, n, sizeof(*lat), cmp_u32);
 	printf("{\"backend\":\"%s\",\"workload\":\"%s\",\"pages\":%" PRIu64
 	    ",\"total_ms\":%.3f,\"us_per_page\":%.3f,\"p50_us\":%.2f,\"p99_us\":%.2f"
+	    ",\"max_us\":%.2f"
 	    ",\"rss_anon_mb\":%.1f,\"rss_file_mb\":%.1f,\"touched_mb\":%.1f}\n",
 	    o.backend, w, n, (double)ns / 1e6, (double)ns / 1e3 / (double)n,
 	    lat ? lat[n / 2] / 1e3 : -1.0, lat ? lat[n * 99 / 100] / 1e3 : -1.0,
-	    (double)(status_kb("RssAnon:") - anon0) / 1024.0,
+	    lat ? lat[n - 1] / 1e3 : -1.0, (double)(status_kb("RssAnon:") - anon0) / 1024.0,
 	    (double)status_kb("RssFile:") / 1024.0, (double)(n * PAGE) / MIB);
 	if (sock >= 0)
 		close(sock);
@@ -1791,6 +1792,7 @@ run(void)
 		printf(", access %s, %s, layout %s", o.access, o.write ? "writes" :
 		    "reads", o.layout ? o.layout : "one");
 	printf(": %" PRIu64 " wrong\n", (uint64_t)bad);
+	fflush(stdout);
 	if (o.linger)
 		sleep((unsigned)o.linger);
 	if (sock >= 0)
