@@ -1631,12 +1631,12 @@ connect_to(const char *sock, int flags)
 /*
  * A process of silent peers: for ms it connects every every_ms and sends
  * nothing, holding up to hold connections (the oldest closed first), then
- * exits 0. The handler must never kill it.
+ * exits 0 (hold is at most 256). The handler must never kill it.
  */
 static void
 pester(struct proc *p, const char *sock, int ms, int every_ms, int hold)
 {
-	int fds[128], n = 0;
+	int fds[256], n = 0;
 	int64_t end;
 
 	p->status = -1;
@@ -2026,6 +2026,55 @@ fd_exhaustion(const void *arg)
 		return pair_fail(&p, "the log grew as if the loop spun");
 	return exited(&p.v, 0) && exited(&p.h, 5) ? PASS :
 	    pair_fail(&p, "the VMM after the refusals was not served");
+}
+
+/*
+ * 150 silent peers against a handler with 200 descriptors: past 64 the
+ * oldest make room, so they cannot use up the descriptors, and the VMM
+ * that comes after them is served.
+ */
+static int
+silent_flood_at_fd_limit(const void *arg)
+{
+	struct pair p = { .handler = "/bin/sh", .hargs = { "-c",
+	    "ulimit -n 200 && exec \"$0\" \"$@\"", T.release,
+	    "--handshake-timeout", "30", NULL } };
+	struct proc silent;
+
+	(void)arg;
+	start_pair(&p);
+	if (wait_listening(&p.h) < 0)
+		return fail("the handler did not start");
+	pester(&silent, p.sock, 1500, 2, 150);
+	usleep(700000);
+	spawn_vmm(&p, &p.v);
+	finish_pair(&p);
+	reap(&silent, 5000);
+	if (!exited(&silent, 0))
+		return pair_fail(&p, "the silent peers were killed");
+	return exited(&p.v, 0) && exited(&p.h, 0) ? PASS :
+	    pair_fail(&p, "the VMM after 150 silent peers was not served");
+}
+
+/* --record onto a FIFO nobody reads: a setup error at once, not a start
+ * that hangs in open() with signals unanswered. */
+static int
+record_fifo_no_reader(const void *arg)
+{
+	char fifo[160], sock[160], err[2048];
+	struct proc p;
+
+	(void)arg;
+	snprintf(fifo, sizeof(fifo), "%s/record.fifo", T.dir);
+	snprintf(sock, sizeof(sock), "%s/fifo.sock", T.dir);
+	if (mkfifo(fifo, 0600) < 0)
+		return fail("mkfifo: %s", strerror(errno));
+	run_handler((const char *[]){ "--record", fifo, sock, T.snap, NULL }, 3000,
+	    &p, err, sizeof(err));
+	if (!exited(&p, 3) || !strstr(err, "open(") || !strstr(err, fifo))
+		return fail("%s: %s", how(&p), err);
+	return access(sock, F_OK) != 0 ? PASS :
+	    fail("the socket file was left behind");
 }
 
 /*
@@ -2902,6 +2951,8 @@ static const struct tcase cases[] = {
 	{ "backlog_100_connects", backlog_100, NULL },
 	{ "event_cost_16_idle_vms", event_cost_16_idle, NULL },
 	{ "fd_exhaustion_ulimit_24", fd_exhaustion, NULL },
+	{ "silent_flood_at_fd_limit", silent_flood_at_fd_limit, NULL },
+	{ "record_fifo_no_reader_exits_3", record_fifo_no_reader, NULL },
 	{ "exit_rule_rejected_is_4", exit_rule, &rule_rejected },
 	{ "exit_rule_fatal_over_rejected_is_1", exit_rule, &rule_fatal },
 	{ "exit_rule_crash_and_served_is_0", exit_rule, &rule_crash },
