@@ -3,6 +3,8 @@
  *
  *   vmm mksnap FILE [--regions MIB,MIB,...] [--hotplug [--slot KIB]]
  *   vmm run SOCKET FILE [options]
+ *   vmm mkdiff BASE OUT [--dirty PCT] [--seed N]
+ *   vmm merge OUT BASE [DIFF...]
  *
  * mksnap writes a memory file: pseudo-random pages, every fifth page all
  * zero, the last quarter of the last region a sparse hole, and in region 0
@@ -92,8 +94,9 @@ static struct {
 	uint64_t slot;			/* bytes: split pieces, hotplug slots */
 	int hotplug;			/* mksnap: never-plugged slots are holes */
 	uint64_t limit;			/* oracle mode: bytes of guest memory used */
+	int dirty, seed;		/* mkdiff: percent of pages, which ones */
 } o = { .gen = 3, .keep_open = -1, .threads = 4, .uid = -1, .backend = "uffd",
-	.workload = "seqread", .zero_every = 5, .slot = 2048 * 1024 };
+	.workload = "seqread", .zero_every = 5, .slot = 2048 * 1024, .dirty = 10 };
 
 static const char *snap;		/* the memory file, mapped */
 static char *host[MAX_REGIONS];		/* guest memory in this process */
@@ -1800,6 +1803,92 @@ run(void)
 	return bad ? 1 : 0;
 }
 
+/*
+ * Diff snapshots. mkdiff writes what Firecracker's Diff snapshot type
+ * writes: a sparse file of the base's size holding only the pages dirtied
+ * since, here runs of 1 to 16 pages covering about PCT percent of the
+ * guest, one page in eight of them written all zero (data, not a hole).
+ * merge applies a chain the way snapshot-editor's rebase does, oldest
+ * first, copying each layer's data extents (SEEK_DATA/SEEK_HOLE) over a
+ * copy of the base: the reference a chain served directly must match.
+ */
+static void
+copy_extents(int from, int to, const char *name)
+{
+	static char buf[1 << 20];
+	off_t end = lseek(from, 0, SEEK_END), at = 0, hole;
+
+	while (at < end && (at = lseek(from, at, SEEK_DATA)) >= 0 && at < end) {
+		if ((hole = lseek(from, at, SEEK_HOLE)) < 0)
+			die("lseek(%s): %s", name, strerror(errno));
+		while (at < hole) {
+			size_t n = (size_t)(hole - at) < sizeof(buf) ?
+			    (size_t)(hole - at) : sizeof(buf);
+
+			if (pread(from, buf, n, at) != (ssize_t)n ||
+			    pwrite(to, buf, n, at) != (ssize_t)n)
+				die("copying %s: %s", name, strerror(errno));
+			at += (off_t)n;
+		}
+	}
+}
+
+static int
+mkdiff(const char *base, const char *path)
+{
+	static uint64_t page[PAGE / 8];
+	uint64_t seed = 0x51ed2701ull + (uint64_t)o.seed, npages, dirty = 0, zeros = 0;
+	int in = open(base, O_RDONLY | O_CLOEXEC);
+	int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+	off_t size;
+
+	if (in < 0 || fd < 0 || (size = lseek(in, 0, SEEK_END)) < 0)
+		die("mkdiff %s %s: %s", base, path, strerror(errno));
+	npages = (uint64_t)size / PAGE;
+	while (dirty * 100 < npages * (uint64_t)o.dirty) {
+		uint64_t p = next_rand(&seed) % npages, n = 1 + next_rand(&seed) % 16;
+
+		for (uint64_t q = p; q < p + n && q < npages; q++, dirty++) {
+			int zero = next_rand(&seed) % 8 == 0;
+
+			for (size_t w = 0; w < PAGE / 8; w++)
+				page[w] = zero ? 0 : mix(q * 512 + w + seed);
+			zeros += zero;
+			if (pwrite(fd, page, PAGE, (off_t)(q * PAGE)) != (ssize_t)PAGE)
+				die("pwrite(%s): %s", path, strerror(errno));
+		}
+	}
+	if (ftruncate(fd, size) < 0 || close(fd) < 0)
+		die("ftruncate(%s): %s", path, strerror(errno));
+	close(in);
+	printf("diff %s: %" PRIu64 " page writes over %" PRIu64 " pages, %" PRIu64
+	    " of them all zero\n", path, dirty, npages, zeros);
+	return 0;
+}
+
+static int
+merge(int n, char **files)
+{
+	int out = open(files[0], O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+	off_t size = -1;
+
+	if (out < 0)
+		die("open(%s): %s", files[0], strerror(errno));
+	for (int i = 1; i < n; i++) {
+		int fd = open(files[i], O_RDONLY | O_CLOEXEC);
+
+		if (fd < 0)
+			die("open(%s): %s", files[i], strerror(errno));
+		if (size < 0 && (size = lseek(fd, 0, SEEK_END)) < 0)
+			die("lseek(%s): %s", files[i], strerror(errno));
+		copy_extents(fd, out, files[i]);
+		close(fd);
+	}
+	if (ftruncate(out, size) < 0 || close(out) < 0)
+		die("ftruncate(%s): %s", files[0], strerror(errno));
+	return 0;
+}
+
 static void
 usage(void)
 {
@@ -1814,6 +1903,8 @@ usage(void)
 "           [--slot KIB]\n"
 "       vmm bench SOCKET FILE [--regions MIB,...] [--backend file|copy|uffd]\n"
 "           [--workload seqread|seqwrite|rand2|ws10|balloon|kvm] [--threads N]\n"
+"       vmm mkdiff BASE OUT [--dirty PCT] [--seed N]\n"
+"       vmm merge OUT BASE [DIFF...]\n"
 "       (mksnap also takes --zero-every N)\n");
 	exit(2);
 }
@@ -1874,7 +1965,8 @@ main(int argc, char **argv)
 		{ "access", 1, 0, 'a' }, { "write", 0, 0, 'w' },
 		{ "layout", 1, 0, 'Y' }, { "slot", 1, 0, 'O' },
 		{ "limit-mib", 1, 0, 'M' },
-		{ "hotplug", 0, 0, 'h' }, { 0, 0, 0, 0 },
+		{ "hotplug", 0, 0, 'h' }, { "dirty", 1, 0, 'd' },
+		{ "seed", 1, 0, 'e' }, { 0, 0, 0, 0 },
 	};
 	const char *cmd = argc > 1 ? argv[1] : "";
 	int c;
@@ -1911,12 +2003,18 @@ main(int argc, char **argv)
 		case 'O': o.slot = strtoull(optarg, NULL, 10) * 1024; o.oracle = 1; break;
 		case 'M': o.limit = strtoull(optarg, NULL, 10) * MIB; o.oracle = 1; break;
 		case 'h': o.hotplug = 1; break;
+		case 'd': o.dirty = atoi(optarg); break;
+		case 'e': o.seed = atoi(optarg); break;
 		default: usage();
 		}
 	}
 	check_options();
 	if (strcmp(cmd, "mksnap") == 0 && argc - optind == 1)
 		return mksnap(argv[optind]);
+	if (strcmp(cmd, "mkdiff") == 0 && argc - optind == 2)
+		return mkdiff(argv[optind], argv[optind + 1]);
+	if (strcmp(cmd, "merge") == 0 && argc - optind >= 2)
+		return merge(argc - optind, argv + optind);
 	if (strcmp(cmd, "bench") == 0 && argc - optind == 2) {
 		o.socket = argv[optind];
 		o.file = argv[optind + 1];
