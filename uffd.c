@@ -106,7 +106,8 @@ enum { IO_DONE, IO_RETRY, IO_GONE, IO_ABSENT };
 
 static struct {
 	const char *socket_path;
-	const char *mem_path;
+	char *const *layers;		/* MEMFILE, then each DIFF */
+	int nlayers;
 	int log_level;
 	int accept_timeout;		/* seconds; 0 waits forever */
 	int handshake_timeout;		/* seconds */
@@ -168,6 +169,43 @@ struct counters {
 	uint64_t service_us_log2[16];	/* event read to page in, by 2^k us */
 };
 
+static void
+closefd(int *fd)
+{
+	if (*fd >= 0)
+		close(*fd);
+	*fd = -1;
+}
+
+/*
+ * The memory file, or a chain of them. MEMFILE is a full snapshot's memory;
+ * each DIFF after it (Firecracker's Diff snapshot type) is a sparse file of
+ * the same size holding only the pages dirtied since the snapshot before.
+ * Every 4 KiB block comes from the newest layer that holds data there, a
+ * block that is a hole in every layer reads as zero: what snapshot-editor's
+ * rebase would write, served without writing it. Which layer holds which
+ * block is found once, before any VMM connects, with SEEK_DATA/SEEK_HOLE
+ * (the blocks the rebase tool copies), and kept a byte a block, 256 KiB a
+ * GiB of guest; the fault path reads that map, never the filesystem. The
+ * layers are mapped read-only once and shared by every session.
+ */
+#define MAX_LAYERS	255		/* a layer number a block, in a byte */
+
+struct layer {
+	const char *path;
+	int fd;
+	const char *mem;
+	dev_t dev;
+	ino_t ino;
+};
+
+struct chain {
+	struct layer layer[MAX_LAYERS];
+	int n;
+	uint64_t size;			/* of every layer */
+	uint8_t *map;			/* a block's newest layer + 1; 0: hole */
+};
+
 /*
  * A connection's life: nothing received yet, then a VMM whose message is
  * still arriving, then served; a VMM that hung up mid-message is given a
@@ -185,7 +223,7 @@ struct watch {
 
 struct session {
 	int conn, uffd, pidfd;
-	int memfd;			/* the server's, borrowed */
+	const struct chain *chain;	/* the memory, the server's */
 	pid_t pid;
 	enum conn_state state;
 	int64_t deadline;		/* ms: of the handshake, or of closing */
@@ -193,8 +231,6 @@ struct session {
 	int ctrunc;			/* the kernel dropped fds sent with it */
 	uint32_t ev[3];			/* epoll events this round, by W_* */
 	struct watch w[3];
-	const char *mem;		/* the memory file, mapped read-only */
-	uint64_t mem_size;
 	const char *zeros;		/* ZERO_SRC bytes of zeros to copy from */
 	struct uffd_mapping *mappings;
 	struct region *regions;
@@ -221,6 +257,7 @@ struct session {
 		const char *op;
 		uint64_t dst, len;
 	} failed;
+	char *bounce;			/* a 2 MiB page of several layers */
 	struct uffd_msg msgs[EVENT_BATCH];
 	char handshake[HANDSHAKE_MAX];
 };
@@ -269,6 +306,170 @@ ms_until(int64_t deadline)
 	if (deadline == INT64_MAX)
 		return -1;
 	return left <= 0 ? 0 : left > INT_MAX ? INT_MAX : (int)left;
+}
+
+/* The bytes at file offset off, and how many of *len (whole blocks) lie
+ * in the same layer: the first block's, or holes in every layer, which
+ * read as zero from any. */
+static const char *
+layer_src(const struct chain *c, uint64_t off, uint64_t *len)
+{
+	uint64_t b = off / PAGE_4K, end = b + *len / PAGE_4K, i;
+	uint8_t l = 0;
+
+	if (c->n == 1)
+		return c->layer[0].mem + off;
+	for (i = b; i < end; i++) {
+		if (c->map[i] == 0 || c->map[i] == l)
+			continue;
+		if (l != 0)
+			break;
+		l = c->map[i];
+	}
+	*len = (i - b) * PAGE_4K;
+	return c->layer[l ? l - 1 : 0].mem + off;
+}
+
+static const char *
+layer_path(const struct chain *c, uint64_t off)
+{
+	uint8_t l = off / PAGE_4K < c->size / PAGE_4K ? c->map[off / PAGE_4K] : 0;
+
+	return c->layer[l ? l - 1 : 0].path;
+}
+
+/* Marks the blocks layer i holds data in; the number of its extents. */
+static long
+map_layer(struct chain *c, int i)
+{
+	const struct layer *y = &c->layer[i];
+	off_t end = (off_t)c->size, at = 0, hole;
+	long extents = 0;
+
+	while (at < end && (at = lseek(y->fd, at, SEEK_DATA)) >= 0 && at < end) {
+		if ((hole = lseek(y->fd, at, SEEK_HOLE)) < 0)
+			return -errno;
+		for (uint64_t b = (uint64_t)at / PAGE_4K;
+		    b < ((uint64_t)hole + PAGE_4K - 1) / PAGE_4K; b++)
+			c->map[b] = (uint8_t)(i + 1);
+		extents++;
+		at = hole;
+	}
+	if (at < 0 && errno != ENXIO)
+		return -errno;
+	return extents;
+}
+
+static int
+chain_map(struct chain *c)
+{
+	uint64_t t0 = now_ns();
+	long extents;
+
+	if ((c->map = calloc(c->size / PAGE_4K + 1, 1)) == NULL) {
+		logmsg(LOG_ERROR, "allocating the layer map: %s", strerror(ENOMEM));
+		return -ENOMEM;
+	}
+	for (int i = 0; i < c->n; i++) {
+		if ((extents = map_layer(c, i)) < 0) {
+			logmsg(LOG_ERROR, "lseek(%s, SEEK_DATA): %s", c->layer[i].path,
+			    strerror((int)-extents));
+			return (int)extents;
+		}
+		/* One extent over the whole file: no hole at all. */
+		if (i > 0 && extents == 1 && lseek(c->layer[i].fd, 0, SEEK_HOLE) ==
+		    (off_t)c->size)
+			logmsg(LOG_WARN, "diff %s has no holes: every page of it "
+			    "overrides the layers before, zeros included (copied "
+			    "without keeping holes?)", c->layer[i].path);
+	}
+	if (c->n > 1)
+		logmsg(LOG_INFO, "%d layers of %llu bytes mapped in %llu us (%llu KiB "
+		    "of map)", c->n, (unsigned long long)c->size,
+		    (unsigned long long)((now_ns() - t0) / 1000),
+		    (unsigned long long)(c->size / PAGE_4K / 1024));
+	return 0;
+}
+
+static int
+layer_open(struct chain *c, int i, const char *path)
+{
+	struct layer *y = &c->layer[i];
+	struct stat st;
+	void *m;
+
+	y->path = path;
+	/* Non-blocking: a FIFO would hold up the start in open(). */
+	if ((y->fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK)) < 0 ||
+	    fstat(y->fd, &st) < 0) {
+		logmsg(LOG_ERROR, "open(%s): %s", path, strerror(errno));
+		return -errno;
+	}
+	if (!S_ISREG(st.st_mode)) {
+		logmsg(LOG_ERROR, "%s is not a regular file", path);
+		return -EINVAL;
+	}
+	y->dev = st.st_dev;
+	y->ino = st.st_ino;
+	for (int j = 0; j < i; j++)
+		if (c->layer[j].dev == y->dev && c->layer[j].ino == y->ino) {
+			logmsg(LOG_ERROR, "%s and %s are the same file: a chain "
+			    "names each layer once", c->layer[j].path, path);
+			return -EINVAL;
+		}
+	if (i == 0)
+		c->size = (uint64_t)st.st_size;
+	if ((uint64_t)st.st_size != c->size) {
+		logmsg(LOG_ERROR, "diff %s has %llu bytes, the base %s %llu: the "
+		    "layers of a chain are the same size", path,
+		    (unsigned long long)st.st_size, c->layer[0].path,
+		    (unsigned long long)c->size);
+		return -EINVAL;
+	}
+	if (c->size == 0)
+		return 0;
+	m = mmap(NULL, c->size, PROT_READ, MAP_SHARED, y->fd, 0);
+	if (m == MAP_FAILED) {
+		logmsg(LOG_ERROR, "mmap(%s, %llu bytes): %s", path,
+		    (unsigned long long)c->size, strerror(errno));
+		return -errno;
+	}
+	y->mem = m;
+	return 0;
+}
+
+/* MEMFILE and the DIFFs, oldest first; 0 or a negative errno, logged. */
+static int
+chain_open(struct chain *c, char *const *paths, int n)
+{
+	int rc;
+
+	if (n > MAX_LAYERS) {
+		logmsg(LOG_ERROR, "%d layers: a chain has at most %d (MEMFILE and "
+		    "%d diffs)", n, MAX_LAYERS, MAX_LAYERS - 1);
+		return -E2BIG;
+	}
+	for (c->n = 0; c->n < n; c->n++)
+		if ((rc = layer_open(c, c->n, paths[c->n])) < 0) {
+			c->n++;
+			return rc;
+		}
+	return chain_map(c);
+}
+
+/* Safe to call twice. */
+static void
+chain_close(struct chain *c)
+{
+	for (int i = 0; i < c->n; i++) {
+		closefd(&c->layer[i].fd);
+		if (c->layer[i].mem != NULL)
+			munmap((void *)c->layer[i].mem, c->size);
+		c->layer[i].mem = NULL;
+	}
+	free(c->map);
+	c->map = NULL;
+	c->n = 0;
 }
 
 /*
@@ -423,13 +624,15 @@ bit_clear(uint64_t *map, uint64_t i)
 static void
 check_memfile(struct session *s)
 {
+	const struct chain *c = s->chain;
 	struct stat st;
 
-	if (fstat(s->memfd, &st) == 0 && S_ISREG(st.st_mode) &&
-	    (uint64_t)st.st_size < s->mem_size)
-		logmsg(LOG_ERROR, "memory file %s shrank from %llu to %llu bytes "
-		    "while serving", opt.mem_path, (unsigned long long)s->mem_size,
-		    (unsigned long long)st.st_size);
+	for (int i = 0; i < c->n; i++)
+		if (fstat(c->layer[i].fd, &st) == 0 && S_ISREG(st.st_mode) &&
+		    (uint64_t)st.st_size < c->size)
+			logmsg(LOG_ERROR, "memory file %s shrank from %llu to %llu "
+			    "bytes while serving", c->layer[i].path,
+			    (unsigned long long)c->size, (unsigned long long)st.st_size);
 }
 
 /*
@@ -476,6 +679,8 @@ enum { KIND_DATA, KIND_ZERO, KIND_REMOVED, KIND_SKIP };
 static int
 page_kind(struct session *s, struct region *r, uint64_t idx)
 {
+	uint64_t one = PAGE_4K;
+
 	if (bit_test(r->removed, idx))
 		return KIND_REMOVED;
 	if (!opt.optimize)
@@ -485,7 +690,7 @@ page_kind(struct session *s, struct region *r, uint64_t idx)
 	if (r->page_size != PAGE_4K || s->writing)
 		return KIND_DATA;
 	s->reading = r->offset + idx * PAGE_4K;
-	if (!is_zero(s->mem + s->reading, PAGE_4K))
+	if (!is_zero(layer_src(s->chain, s->reading, &one), PAGE_4K))
 		return KIND_DATA;
 	bit_set(r->zero, idx);
 	return KIND_ZERO;
@@ -583,6 +788,86 @@ pool_exhausted(struct session *s, struct region *r, uint64_t idx)
 	return uffdio_failed(s, "UFFDIO_COPY", dst, r->page_size, ENOMEM);
 }
 
+/* Maps the source of len bytes at file offset off, layer by layer. */
+static void
+map_source(struct session *s, uint64_t off, uint64_t len)
+{
+	for (uint64_t at = 0, seg; at < len; at += seg) {
+		const char *src;
+
+		seg = len - at;
+		src = layer_src(s->chain, off + at, &seg);
+		s->n.syscalls++;
+		madvise((void *)src, seg, MADV_POPULATE_READ);
+	}
+}
+
+/*
+ * A 2 MiB page whose 4 KiB blocks come from several layers of a chain
+ * (dirty tracking is 4 KiB even on hugetlb), put together in the bounce
+ * buffer; NULL when that cannot be had.
+ */
+static const char *
+assemble(struct session *s, uint64_t off)
+{
+	void *b;
+
+	if (s->bounce == NULL) {
+		b = mmap(NULL, PAGE_2M, PROT_READ | PROT_WRITE,
+		    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		if (b == MAP_FAILED)
+			return NULL;
+		s->bounce = b;
+	}
+	for (uint64_t at = 0; at < PAGE_2M; at += PAGE_4K) {
+		uint8_t l = s->chain->map[(off + at) / PAGE_4K];
+
+		s->reading = off + at;
+		if (l == 0)
+			memset(s->bounce + at, 0, PAGE_4K);
+		else
+			memcpy(s->bounce + at, s->chain->layer[l - 1].mem + off + at,
+			    PAGE_4K);
+	}
+	return s->bounce;
+}
+
+/*
+ * Copies len bytes of data pages at page index idx, one UFFDIO_COPY per
+ * stretch of one layer. A hugetlb copy whose source is not mapped here
+ * goes through a second, temporary 2 MiB page: with the pool sized to the
+ * guest, its last page would fail with ENOMEM. So the source is mapped
+ * first (the zero source is, from the start).
+ */
+static int
+copy_data(struct session *s, struct region *r, uint64_t idx, uint64_t len,
+    uint64_t *done)
+{
+	uint64_t dst = r->base + idx * r->page_size, off = r->offset + idx * r->page_size;
+	uint64_t seg, d;
+	const char *src;
+	int rc = IO_DONE;
+
+	for (*done = 0; *done < len && rc == IO_DONE; *done += d) {
+		seg = len - *done;
+		src = layer_src(s->chain, off + *done, &seg);
+		seg -= seg % r->page_size;
+		if (seg == 0 && (src = assemble(s, off + *done)) == NULL)
+			return uffdio_failed(s, "mmap(bounce)", dst + *done, PAGE_2M,
+			    ENOMEM);
+		seg = seg ? seg : r->page_size;
+		if (r->page_size != PAGE_4K && src != s->bounce)
+			map_source(s, off + *done, seg);
+		d = 0;
+		rc = uffdio_copy(s, dst + *done, src, seg, &d);
+		if (d < seg) {
+			*done += d;
+			break;
+		}
+	}
+	return rc;
+}
+
 /* Installs n pages of one kind at page index idx; *got counts pages done. */
 static int
 install_run(struct session *s, struct region *r, uint64_t idx, uint64_t n,
@@ -598,18 +883,8 @@ install_run(struct session *s, struct region *r, uint64_t idx, uint64_t n,
 
 	if (kind != KIND_DATA && !mapped && len > ZERO_SRC)
 		len = ZERO_SRC;		/* the run is cut to the zero source */
-	/* A hugetlb copy whose source is not mapped here goes through a
-	 * second, temporary 2 MiB page: with the pool sized to the guest, its
-	 * last page would fail with ENOMEM. So the source is mapped first
-	 * (the zero source is, from the start). */
-	if (kind == KIND_DATA && r->page_size != PAGE_4K) {
-		s->n.syscalls++;
-		madvise((void *)(s->mem + r->offset + idx * r->page_size), len,
-		    MADV_POPULATE_READ);
-	}
 	if (kind == KIND_DATA)
-		rc = uffdio_copy(s, dst, s->mem + r->offset + idx * r->page_size,
-		    len, &done);
+		rc = copy_data(s, r, idx, len, &done);
 	else if (mapped)
 		rc = uffdio_zeropage(s, dst, len, &done);
 	else
@@ -688,11 +963,8 @@ serve_window(struct session *s, struct region *r, uint64_t idx, uint64_t n,
 	 * once one MADV_POPULATE_READ (Linux 5.14) has mapped the whole run
 	 * (2 MiB copies, 1 GiB). On reads, whose zero pages split the window
 	 * into short runs anyway, it measured slower. */
-	if (n > 1 && s->writing && r->page_size == PAGE_4K) {
-		s->n.syscalls++;
-		madvise((void *)(s->mem + r->offset + idx * r->page_size),
-		    n * r->page_size, MADV_POPULATE_READ);
-	}
+	if (n > 1 && s->writing && r->page_size == PAGE_4K)
+		map_source(s, r->offset + idx * r->page_size, n * r->page_size);
 	kind = page_kind(s, r, idx);
 	for (;;) {
 		for (len = 1; at + len < n && kind != KIND_REMOVED; len++)
@@ -1171,8 +1443,8 @@ guarded_install(struct session *s)
 		sigprocmask(SIG_UNBLOCK, &bus, NULL);
 		bus_armed = 0;
 		check_memfile(s);
-		logmsg(LOG_ERROR, "reading %s at offset %llu: SIGBUS", opt.mem_path,
-		    (unsigned long long)s->reading);
+		logmsg(LOG_ERROR, "reading %s at offset %llu: SIGBUS",
+		    layer_path(s->chain, s->reading), (unsigned long long)s->reading);
 		return -ENXIO;
 	}
 	bus_armed = 1;
@@ -1363,27 +1635,22 @@ check_uffd(struct session *s)
 	return 0;
 }
 
-/* Sparse holes (unplugged memory, diff snapshots) read as zero: found with
- * SEEK_HOLE, the pages wholly inside one are served as zeros without
- * reading the file, and population leaves them out. */
+/* Sparse holes (unplugged memory, blocks no layer of a chain holds) read
+ * as zero: the pages wholly in one are served as zeros without reading the
+ * file, and population leaves them out. */
 static void
 mark_holes(struct session *s, struct region *r)
 {
-	off_t pos = (off_t)r->offset, end = (off_t)(r->offset + r->size);
-	uint64_t ps = r->page_size;
+	const uint8_t *map = s->chain->map + r->offset / PAGE_4K;
+	uint64_t per = r->page_size / PAGE_4K;
 
-	while (pos < end) {
-		off_t hole = lseek(s->memfd, pos, SEEK_HOLE), data;
+	for (uint64_t p = 0; p < r->size / r->page_size; p++) {
+		uint64_t b = 0;
 
-		if (hole < 0 || hole >= end)
-			return;
-		data = lseek(s->memfd, hole, SEEK_DATA);
-		if (data < 0 || data > end)
-			data = end;
-		for (uint64_t p = ((uint64_t)hole - r->offset + ps - 1) / ps;
-		    p < ((uint64_t)data - r->offset) / ps; p++)
+		while (b < per && map[p * per + b] == 0)
+			b++;
+		if (b == per)
 			bit_set(r->hole, p);
-		pos = data;
 	}
 }
 
@@ -1438,53 +1705,30 @@ setup_regions(struct session *s, size_t n)
 	return 0;
 }
 
-static int
-map_memfile(struct session *s)
-{
-	void *m;
-
-	if (s->mem_size == 0)
-		return 0;
-	m = mmap(NULL, s->mem_size, PROT_READ, MAP_SHARED, s->memfd, 0);
-	if (m == MAP_FAILED) {
-		logmsg(LOG_ERROR, "mmap(%s, %llu bytes): %s", opt.mem_path,
-		    (unsigned long long)s->mem_size, strerror(errno));
-		return -errno;
-	}
-	s->mem = m;
-	return 0;
-}
-
 /* The complete message of n mappings, checked and taken; 0 or a negative
  * errno, logged. */
 static int
 accept_handshake(struct session *s, int n)
 {
+	const struct chain *c = s->chain;
 	char why[256];
-	off_t end;
 	int rc;
 
 	if ((rc = check_uffd(s)) < 0)
 		return rc;
-	if ((end = lseek(s->memfd, 0, SEEK_END)) < 0) {
-		logmsg(LOG_ERROR, "lseek(%s): %s", opt.mem_path, strerror(errno));
-		return -errno;
-	}
-	s->mem_size = (uint64_t)end;
-	if (mappings_validate(s->mappings, (size_t)n, s->mem_size,
+	if (mappings_validate(s->mappings, (size_t)n, c->size,
 	    (uint64_t)sysconf(_SC_PAGESIZE), why, sizeof(why)) < 0) {
 		logmsg(LOG_ERROR, "handshake rejected: %s (memory file %s has %llu "
-		    "bytes)", why, opt.mem_path, (unsigned long long)s->mem_size);
+		    "bytes)", why, c->layer[0].path, (unsigned long long)c->size);
 		return -EINVAL;
 	}
 	if ((rc = setup_regions(s, (size_t)n)) < 0) {
 		logmsg(LOG_ERROR, "allocating %d regions: %s", n, strerror(-rc));
 		return rc;
 	}
-	if ((rc = map_memfile(s)) < 0)
-		return rc;
-	logmsg(LOG_INFO, "VMM pid %d: %d region(s), %llu bytes of %s",
-	    (int)s->pid, n, (unsigned long long)s->mem_size, opt.mem_path);
+	logmsg(LOG_INFO, "VMM pid %d: %d region(s), %llu bytes of %s%s",
+	    (int)s->pid, n, (unsigned long long)c->size, c->layer[0].path,
+	    c->n > 1 ? " and its diffs" : "");
 	return 0;
 }
 
@@ -1625,17 +1869,17 @@ drop_privileges(void)
  * The session: one connection and everything it owns.
  */
 
-/* The session takes ownership of conn; memfd stays the caller's. NULL when
- * out of memory. */
+/* The session takes ownership of conn; the chain stays the caller's. NULL
+ * when out of memory. */
 static struct session *
-session_new(int conn, int memfd)
+session_new(int conn, const struct chain *chain)
 {
 	struct session *s = calloc(1, sizeof(*s));
 
 	if (s == NULL)
 		return NULL;
 	s->conn = conn;
-	s->memfd = memfd;
+	s->chain = chain;
 	s->uffd = s->pidfd = s->record_fd = -1;
 	s->mappings = calloc(MAX_MAPPINGS, sizeof(*s->mappings));
 	s->faults = calloc(FAULT_QUEUE, sizeof(*s->faults));
@@ -1713,14 +1957,6 @@ kill_peer(int pidfd, pid_t pid)
 		    (int)pid);
 }
 
-static void
-closefd(int *fd)
-{
-	if (*fd >= 0)
-		close(*fd);
-	*fd = -1;
-}
-
 /* Frees what the session owns; safe to call twice. */
 static void
 session_close(struct session *s)
@@ -1728,8 +1964,8 @@ session_close(struct session *s)
 	closefd(&s->conn);
 	closefd(&s->uffd);
 	closefd(&s->pidfd);
-	if (s->mem != NULL)
-		munmap((void *)s->mem, s->mem_size);
+	if (s->bounce != NULL)
+		munmap(s->bounce, PAGE_2M);
 	if (s->zeros != NULL)
 		munmap((void *)s->zeros, ZERO_SRC);
 	for (size_t i = 0; i < s->nregions; i++) {
@@ -1743,7 +1979,8 @@ session_close(struct session *s)
 	free(s->mappings);
 	free(s->faults);
 	free(s->order);
-	s->mem = s->zeros = NULL;
+	s->zeros = NULL;
+	s->bounce = NULL;
 	s->regions = NULL;
 	s->mappings = NULL;
 	s->faults = NULL;
@@ -1914,9 +2151,10 @@ static void
 usage(FILE *f)
 {
 	fprintf(f,
-"Usage: uffd-handler [OPTIONS] SOCKET MEMFILE\n"
+"Usage: uffd-handler [OPTIONS] SOCKET MEMFILE [DIFF...]\n"
 "Serve a Firecracker microVM's memory from snapshot file MEMFILE through the\n"
 "userfaultfd Firecracker sends on Unix socket SOCKET (mem_backend Uffd).\n"
+"Each DIFF, oldest first, is a diff snapshot's memory file laid over it.\n"
 "\n"
 "  -l, --log-level LEVEL        error, warn, info (default) or debug\n"
 "      --accept-timeout SEC     exit once no VMM has been connected for SEC\n"
@@ -2159,13 +2397,14 @@ parse_options(int argc, char **argv)
 		    "--max-vms 1\n");
 		return -1;
 	}
-	if (argc - optind != 2) {
-		fprintf(stderr, "uffd-handler: expected SOCKET and MEMFILE "
-		    "(try --help)\n");
+	if (argc - optind < 2) {
+		fprintf(stderr, "uffd-handler: expected SOCKET, MEMFILE and any "
+		    "DIFFs (try --help)\n");
 		return -1;
 	}
 	opt.socket_path = argv[optind];
-	opt.mem_path = argv[optind + 1];
+	opt.layers = argv + optind + 1;
+	opt.nlayers = argc - optind - 1;
 	return 0;
 }
 
@@ -2182,7 +2421,8 @@ vmm_gone(struct session *s)
 
 /* What main opens before any VMM connects; sessions borrow it. */
 struct inputs {
-	int memfd, record_fd;
+	struct chain chain;
+	int record_fd;
 	uint64_t *list;			/* --populate FILE */
 	size_t nlist;
 };
@@ -2485,7 +2725,7 @@ add_peer(struct server *srv, int conn, int64_t now)
 	struct session *s;
 	int rc = -ENOMEM;
 
-	if (grow(srv) < 0 || (s = session_new(conn, srv->in.memfd)) == NULL) {
+	if (grow(srv) < 0 || (s = session_new(conn, &srv->in.chain)) == NULL) {
 		refused(srv, conn, "out of memory");
 		return;
 	}
@@ -2854,7 +3094,7 @@ server_close(struct server *srv)
 	closefd(&srv->epfd);
 	closefd(&srv->sigfd);
 	reserve_release(srv);
-	closefd(&srv->in.memfd);
+	chain_close(&srv->in.chain);
 	closefd(&srv->in.record_fd);
 	free(srv->in.list);
 	srv->in.list = NULL;
@@ -2864,10 +3104,10 @@ server_close(struct server *srv)
 static int
 open_inputs(struct inputs *in)
 {
-	if ((in->memfd = open(opt.mem_path, O_RDONLY | O_CLOEXEC)) < 0) {
-		logmsg(LOG_ERROR, "open(%s): %s", opt.mem_path, strerror(errno));
-		return -errno;
-	}
+	int rc;
+
+	if ((rc = chain_open(&in->chain, opt.layers, opt.nlayers)) < 0)
+		return rc;
 	if (opt.populate_path != NULL)
 		return load_list(opt.populate_path, &in->list, &in->nlist);
 	return 0;
@@ -2883,21 +3123,22 @@ open_inputs(struct inputs *in)
 static int
 open_record(struct inputs *in)
 {
-	struct stat a, b;
+	struct stat a;
 
 	if (opt.record_path == NULL)
 		return 0;
 	if ((in->record_fd = open(opt.record_path, O_WRONLY | O_CREAT | O_CLOEXEC |
-	    O_NONBLOCK, 0644)) < 0 || fstat(in->record_fd, &a) < 0 ||
-	    fstat(in->memfd, &b) < 0) {
+	    O_NONBLOCK, 0644)) < 0 || fstat(in->record_fd, &a) < 0) {
 		logmsg(LOG_ERROR, "open(%s): %s", opt.record_path, strerror(errno));
 		return -EIO;
 	}
-	if (a.st_dev == b.st_dev && a.st_ino == b.st_ino) {
-		logmsg(LOG_ERROR, "--record %s is the memory file; not overwriting "
-		    "it", opt.record_path);
-		return -EINVAL;
-	}
+	for (int i = 0; i < in->chain.n; i++)
+		if (a.st_dev == in->chain.layer[i].dev &&
+		    a.st_ino == in->chain.layer[i].ino) {
+			logmsg(LOG_ERROR, "--record %s is the memory file; not "
+			    "overwriting it", opt.record_path);
+			return -EINVAL;
+		}
 	if (S_ISREG(a.st_mode) && ftruncate(in->record_fd, 0) < 0) {
 		logmsg(LOG_ERROR, "ftruncate(%s): %s", opt.record_path, strerror(errno));
 		return -EIO;
@@ -2910,7 +3151,7 @@ int
 main(int argc, char **argv)
 {
 	struct server srv = { .epfd = -1, .lfd = -1, .sigfd = -1,
-	    .reserve = { -1, -1 }, .in = { -1, -1, NULL, 0 },
+	    .reserve = { -1, -1 }, .in = { .record_fd = -1 },
 	    .idle_end = INT64_MAX };
 	int rc, code = EXIT_SETUP;
 

@@ -198,6 +198,8 @@ struct pair {
 	const char *hargs[MAXARG];	/* handler options */
 	const char *vargs[MAXARG];	/* vmm run options */
 	const char *snap;		/* default T.snap */
+	const char *base;		/* the handler's MEMFILE, if not snap */
+	char *const *diffs;		/* and its DIFFs, NULL-terminated */
 	const char *handler;		/* default T.handler */
 	const char *root;		/* chroot for the handler */
 	int vmm_ms;			/* how long the VMM may take (60 s) */
@@ -213,21 +215,36 @@ struct pair {
 static void
 start_pair(struct pair *p)
 {
-	char *argv[MAXARG * 2];
+	char *argv[MAXARG * 2 + 256];
 	char hsock[160], hsnap[160];
 	int n = 0;
 
 	snprintf(p->sock, sizeof(p->sock), "%s/%s/s%d.sock", T.dir,
 	    p->root ? "jail" : ".", ++T.seq);
 	snprintf(hsock, sizeof(hsock), "%s", p->root ? strrchr(p->sock, '/') : p->sock);
-	snprintf(hsnap, sizeof(hsnap), "%s", p->root ? "/mem" : p->snap ? p->snap : T.snap);
+	snprintf(hsnap, sizeof(hsnap), "%s", p->root ? "/mem" : p->base ? p->base :
+	    p->snap ? p->snap : T.snap);
 	argv[n++] = (char *)(p->handler ? p->handler : T.handler);
 	for (int i = 0; p->hargs[i]; i++)
 		argv[n++] = (char *)p->hargs[i];
 	argv[n++] = hsock;
 	argv[n++] = hsnap;
+	for (int i = 0; p->diffs && p->diffs[i] && n < MAXARG * 2 + 255; i++)
+		argv[n++] = p->diffs[i];
 	argv[n] = NULL;
 	spawn(&p->h, argv, p->root);
+}
+
+/* Starts the handler alone; -1 (and T.why) if it never listens. */
+static int
+start_handler(struct pair *p)
+{
+	start_pair(p);
+	if (wait_listening(&p->h) == 0)
+		return 0;
+	reap(&p->h, 1000);
+	fail("the handler did not start");
+	return -1;
 }
 
 /* A test VMM with the pair's options, against its handler's socket. */
@@ -777,7 +794,7 @@ static int
 cli_usage_errors(const void *arg)
 {
 	static const char *const cases[][4] = {
-		{ NULL }, { "onlyone", NULL }, { "a", "b", "c", NULL },
+		{ NULL }, { "onlyone", NULL }, { "--max-vms", "-3", "a", NULL },
 		{ "--bogus", "a", "b", NULL }, { "--log-level", "loud", "a", NULL },
 		{ "--handshake-timeout", "0", "a", NULL },
 		{ "--accept-timeout", "-1", "a", NULL },
@@ -791,7 +808,7 @@ cli_usage_errors(const void *arg)
 
 		for (int j = 0; j < 4 && cases[i][j]; j++)
 			args[j] = cases[i][j];
-		if (i == 4 || i == 5 || i == 6)
+		if (i == 2 || i == 4 || i == 5 || i == 6)
 			args[3] = "b";
 		run_handler(args, 5000, &p, err, sizeof(err));
 		if (!exited(&p, 2) || strchr(err, '\n') != strrchr(err, '\n') ||
@@ -1444,6 +1461,272 @@ padded_64_regions(const void *arg)
 }
 
 /*
+ * Diff-snapshot chains: T.snap as the base and three diffs of about 10%
+ * each, their dirty runs overlapping, one page in eight written all zero.
+ * The VMM checks every page against the chain merged the way
+ * snapshot-editor's rebase does it (vmm merge), oldest diff first.
+ */
+static char chain_file[4][160];
+static char *chain_diffs[4];
+
+static int
+chain_fixture(void)
+{
+	char cmd[2048];
+	int n = 0;
+
+	for (int i = 0; i < 4; i++)
+		snprintf(chain_file[i], sizeof(chain_file[i]), "%s/%s.mem", T.dir,
+		    i < 3 ? (const char *[]){ "diff1", "diff2", "diff3" }[i] : "merged");
+	for (int i = 0; i < 3; i++)
+		chain_diffs[i] = chain_file[i];
+	if (access(chain_file[3], F_OK) == 0)
+		return 0;
+	for (int i = 0; i < 3; i++)
+		n += snprintf(cmd + n, sizeof(cmd) - (size_t)n, "%s mkdiff %s %s "
+		    "--seed %d >/dev/null && ", T.vmm, T.snap, chain_file[i], i + 1);
+	snprintf(cmd + n, sizeof(cmd) - (size_t)n, "%s merge %s %s %s %s %s",
+	    T.vmm, chain_file[3], T.snap, chain_file[0], chain_file[1], chain_file[2]);
+	if (system(cmd) == 0)
+		return 0;
+	fail("%s failed", cmd);
+	return -1;
+}
+
+static int
+chain_pair(struct pair *p, const char *const *vargs)
+{
+	if (chain_fixture() < 0)
+		return -1;
+	p->base = T.snap;
+	p->diffs = chain_diffs;
+	p->snap = chain_file[3];
+	for (int i = 0; vargs && vargs[i]; i++)
+		p->vargs[i] = vargs[i];
+	return 0;
+}
+
+/* A chain restores exactly like its merged file: with threads, on 2 MiB
+ * pages (a page put together from blocks of several layers), under a
+ * balloon that removes pages while writes and faults race. */
+static int
+chain_restore(const void *arg)
+{
+	const char *const *v = arg;
+	struct pair p = { 0 };
+	int rc;
+
+	if (chain_pair(&p, v) < 0)
+		return FAIL;
+	if (v && strcmp(v[0], "--huge") == 0 && huge_reserve(12) < 0)
+		return skip("cannot reserve 12 hugetlb pages of 2 MiB");
+	if ((rc = restored(&p)) != PASS)
+		return rc;
+	return strstr(p.herr, "4 layers of 16777216 bytes") ? PASS :
+	    pair_fail(&p, "the chain was not taken as 4 layers");
+}
+
+static const char *const ch_threads[] = { "--threads", "4", NULL };
+static const char *const ch_huge[] = { "--huge", NULL };
+static const char *const ch_balloon[] = { "--balloon", "during", "--access",
+	"rand", "--write", NULL };
+static const char *const ch_balloon_huge[] = { "--huge", "--balloon", "during",
+	"--access", "seq", NULL };
+
+/* Two VMs from one handler share the chain. */
+static int
+chain_two_vms(const void *arg)
+{
+	struct pair p = { .hargs = { "--max-vms", "2", NULL } };
+
+	(void)arg;
+	if (chain_pair(&p, NULL) < 0)
+		return FAIL;
+	return cell_two_vms(&p);
+}
+
+/* --populate all --detach over a chain: every page in, then let go. */
+static int
+chain_populate_detach(const void *arg)
+{
+	struct pair p = { .hargs = { "--populate", "all", "--detach", NULL } };
+	static const char *const v[] = { "--delay", "1500", "--threads", "2", NULL };
+
+	(void)arg;
+	if (chain_pair(&p, v) < 0)
+		return FAIL;
+	run_pair(&p);
+	if (!exited(&p.v, 0) || !exited(&p.h, 0))
+		return pair_fail(&p, "the VM did not verify, or the handler failed");
+	return strstr(p.herr, "without a handler") ? PASS :
+	    pair_fail(&p, "the handler did not detach");
+}
+
+/* --record on a chain, then --populate with the list: no fault at all. */
+static int
+chain_record_populate(const void *arg)
+{
+	char list[160];
+	struct pair rec = { .hargs = { "--record", list, NULL } };
+	struct pair pop = { .hargs = { "--populate", list, NULL } };
+	static const char *const v[] = { "--threads", "2", "--delay", "500", NULL };
+	int rc;
+
+	(void)arg;
+	snprintf(list, sizeof(list), "%s/chain-set.txt", T.dir);
+	if (chain_pair(&rec, NULL) < 0 || chain_pair(&pop, v) < 0)
+		return FAIL;
+	if ((rc = restored(&rec)) != PASS)
+		return rc;
+	run_pair(&pop);
+	if (!exited(&pop.v, 0) || !exited(&pop.h, 0))
+		return pair_fail(&pop, "the populated restore failed");
+	return counter(&pop, "faults") == 0 ? PASS :
+	    pair_fail(&pop, "the recorded pages were not installed first");
+}
+
+/* 64 layers: T.snap and 63 diffs of about 1% each. */
+static int
+chain_64_layers(const void *arg)
+{
+	static char names[63][160], merged[160], *diffs[64];
+	char cmd[16384];
+	struct pair p = { .base = T.snap, .diffs = diffs, .snap = merged,
+	    .vargs = { "--threads", "2", NULL } };
+	int n = 0, rc;
+
+	(void)arg;
+	snprintf(merged, sizeof(merged), "%s/merged64.mem", T.dir);
+	n = snprintf(cmd, sizeof(cmd), "%s merge %s %s", T.vmm, merged, T.snap);
+	for (int i = 0; i < 63; i++) {
+		char mk[512];
+
+		snprintf(names[i], sizeof(names[i]), "%s/d64-%d.mem", T.dir, i);
+		diffs[i] = names[i];
+		snprintf(mk, sizeof(mk), "%s mkdiff %s %s --dirty 1 --seed %d "
+		    ">/dev/null", T.vmm, T.snap, names[i], 100 + i);
+		if (system(mk) != 0)
+			return fail("%s failed", mk);
+		n += snprintf(cmd + n, sizeof(cmd) - (size_t)n, " %s", names[i]);
+	}
+	if (system(cmd) != 0)
+		return fail("vmm merge of 64 layers failed");
+	if ((rc = restored(&p)) != PASS)
+		return rc;
+	return strstr(p.herr, "64 layers") ? PASS :
+	    pair_fail(&p, "the chain was not taken as 64 layers");
+}
+
+static char shrinking[160];
+
+static void
+truncate_layer(struct pair *p)
+{
+	(void)p;
+	if (truncate(shrinking, 4 * 1024 * 1024) < 0)
+		fprintf(stderr, "truncate(%s): %s\n", shrinking, strerror(errno));
+}
+
+/* A diff layer shrinks under a running VM: fatal for it, and named. */
+static int
+chain_layer_truncated(const void *arg)
+{
+	char cmd[512], logged[256];
+	char *diffs[] = { chain_diffs[0], chain_diffs[1], shrinking, NULL };
+	struct pair p = { .vargs = { "--delay", "500", NULL }, .during_ms = 200,
+	    .during = truncate_layer };
+
+	(void)arg;
+	if (chain_pair(&p, NULL) < 0)
+		return FAIL;
+	p.diffs = diffs;
+	p.vargs[0] = "--delay";
+	p.vargs[1] = "500";
+	snprintf(shrinking, sizeof(shrinking), "%s/shrinking-diff.mem", T.dir);
+	snprintf(cmd, sizeof(cmd), "cp --sparse=always %s %s", chain_diffs[2],
+	    shrinking);
+	if (system(cmd) != 0)
+		return fail("%s failed", cmd);
+	snprintf(logged, sizeof(logged), "memory file %s shrank", shrinking);
+	return rejected(&p, 1, logged);
+}
+
+/*
+ * Bad chains: exit 3 before any VMM, one line naming the file. A layer of
+ * another size, a missing one, one named twice, a FIFO, too many.
+ */
+static int
+chain_bad(const void *arg)
+{
+	char sock[160], short_f[160], fifo[160], err[4096];
+	static char *many[260];
+	struct proc p;
+	int n;
+	struct {
+		const char *args[5];
+		const char *want;
+	} cases[] = {
+		{ { sock, T.snap, short_f, NULL }, "has 4096 bytes, the base" },
+		{ { sock, T.snap, "/nonexistent.mem", NULL }, "open(/nonexistent.mem)" },
+		{ { sock, T.snap, chain_file[0], chain_file[0], NULL },
+		    "are the same file" },
+		{ { sock, T.snap, fifo, NULL }, "is not a regular file" },
+	};
+
+	(void)arg;
+	if (chain_fixture() < 0)
+		return FAIL;
+	snprintf(sock, sizeof(sock), "%s/badchain.sock", T.dir);
+	snprintf(short_f, sizeof(short_f), "%s/short.mem", T.dir);
+	snprintf(fifo, sizeof(fifo), "%s/layer.fifo", T.dir);
+	if ((n = open(short_f, O_CREAT | O_WRONLY | O_TRUNC, 0644)) < 0 ||
+	    ftruncate(n, 4096) < 0 || close(n) < 0)
+		return fail("%s: %s", short_f, strerror(errno));
+	if (access(fifo, F_OK) != 0 && mkfifo(fifo, 0600) < 0)
+		return fail("mkfifo: %s", strerror(errno));
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		run_handler(cases[i].args, 3000, &p, err, sizeof(err));
+		if (!exited(&p, 3) || !strstr(err, cases[i].want) ||
+		    strchr(err, '\n') != strrchr(err, '\n'))
+			return fail("case %zu: %s, expected exit 3 and one line "
+			    "with \"%s\": %s", i, how(&p), cases[i].want, err);
+	}
+	many[0] = (char *)T.handler;
+	many[1] = sock;
+	for (n = 2; n < 2 + 256; n++)
+		many[n] = (char *)T.snap;
+	many[n] = NULL;
+	spawn(&p, many, NULL);
+	reap(&p, 3000);
+	read_text(p.err, err, sizeof(err));
+	if (!exited(&p, 3) || !strstr(err, "256 layers: a chain has at most 255"))
+		return fail("256 layers: %s: %s", how(&p), err);
+	return access(sock, F_OK) != 0 ? PASS : fail("a socket file was left");
+}
+
+/* A diff copied without its holes overrides the whole base: warned. */
+static int
+chain_diff_without_holes(const void *arg)
+{
+	char full[160], sock[160], cmd[512], err[4096];
+	struct proc p;
+
+	(void)arg;
+	if (chain_fixture() < 0)
+		return FAIL;
+	snprintf(full, sizeof(full), "%s/full-diff.mem", T.dir);
+	snprintf(sock, sizeof(sock), "%s/fulldiff.sock", T.dir);
+	snprintf(cmd, sizeof(cmd), "cp --sparse=never %s %s", chain_file[0], full);
+	if (system(cmd) != 0)
+		return fail("%s failed", cmd);
+	run_handler((const char *[]){ "--accept-timeout", "1", sock, T.snap, full,
+	    NULL }, 5000, &p, err, sizeof(err));
+	if (!strstr(err, "has no holes") || !strstr(err, full))
+		return fail("no warning naming %s: %s", full, err);
+	return exited(&p, 3) ? PASS : fail("%s: %s", how(&p), err);
+}
+
+/*
  * Many VMs, one handler.
  */
 
@@ -1473,6 +1756,18 @@ start_vmms(struct proc *v, int n, const char *sock, const char *extra)
 	}
 }
 
+/* Starts n VMMs at once, each staying secs seconds once verified. */
+static void
+start_lingering(struct proc *v, int n, char *sock, char *secs)
+{
+	for (int i = 0; i < n; i++) {
+		char *argv[] = { (char *)T.vmm, "run", sock, T.snap, "--threads",
+			"1", "--linger", secs, NULL };
+
+		spawn(&v[i], argv, NULL);
+	}
+}
+
 /*
  * 16 VMMs at once from one template, one crashing midway: the other 15
  * verify every byte, the handler then exits 0 and prints 16 counter lines.
@@ -1486,9 +1781,8 @@ many_vms(const void *arg)
 	char *line;
 	int lines = 0;
 
-	start_pair(&p);
-	if (wait_listening(&p.h) < 0)
-		return fail("the handler did not start");
+	if (start_handler(&p) < 0)
+		return FAIL;
 	start_vmms(v, 16, p.sock, extra);
 	for (int i = 0; i < 16; i++) {
 		reap(&v[i], 60000);
@@ -1519,9 +1813,8 @@ many_vms_no_fd_left(const void *arg)
 	int before, after;
 
 	(void)arg;
-	start_pair(&p);
-	if (wait_listening(&p.h) < 0)
-		return fail("the handler did not start");
+	if (start_handler(&p) < 0)
+		return FAIL;
 	before = count_fds(p.h.pid);
 	start_vmms(v, 16, p.sock, NULL);
 	for (int i = 0; i < 16; i++)
@@ -1706,9 +1999,8 @@ silent_peers_during_serving(const void *arg)
 	double quiet, busy;
 
 	(void)arg;
-	start_pair(&p);
-	if (wait_listening(&p.h) < 0)
-		return fail("the handler did not start");
+	if (start_handler(&p) < 0)
+		return FAIL;
 	spawn_bench(&v, p.sock);
 	quiet = bench_worst_us(&v, out, sizeof(out));
 	spawn_bench(&v, p.sock);
@@ -1743,9 +2035,8 @@ silent_peers_then_vmm(const void *arg)
 	long cpu_ms;
 
 	(void)arg;
-	start_pair(&p);
-	if (wait_listening(&p.h) < 0)
-		return fail("the handler did not start");
+	if (start_handler(&p) < 0)
+		return FAIL;
 	pester(&silent, p.sock, 1, 0, 1);
 	reap(&silent, 5000);
 	pester(&silent, p.sock, 1500, 2000, 1);
@@ -1775,9 +2066,8 @@ second_instance(const void *arg)
 	char err[2048];
 
 	(void)arg;
-	start_pair(&p);
-	if (wait_listening(&p.h) < 0)
-		return fail("the handler did not start");
+	if (start_handler(&p) < 0)
+		return FAIL;
 	spawn(&second, argv, NULL);
 	reap(&second, 5000);
 	read_text(second.err, err, sizeof(err));
@@ -1898,9 +2188,8 @@ backlog_100(const void *arg)
 	struct proc c = { .status = -1 };
 
 	(void)arg;
-	start_pair(&p);
-	if (wait_listening(&p.h) < 0)
-		return fail("the handler did not start");
+	if (start_handler(&p) < 0)
+		return FAIL;
 	kill(p.h.pid, SIGSTOP);
 	if ((c.pid = fork()) == 0) {
 		int ok = 0;
@@ -1949,15 +2238,9 @@ event_cost_16_idle(const void *arg)
 	const char *line;
 
 	(void)arg;
-	start_pair(&p);
-	if (wait_listening(&p.h) < 0)
-		return fail("the handler did not start");
-	for (int i = 0; i < 16; i++) {
-		char *argv[] = { (char *)T.vmm, "run", p.sock, T.snap, "--threads",
-			"1", "--linger", "30", NULL };
-
-		spawn(&idle[i], argv, NULL);
-	}
+	if (start_handler(&p) < 0)
+		return FAIL;
+	start_lingering(idle, 16, p.sock, "30");
 	for (int i = 0; i < 16; i++)
 		if (wait_text(idle[i].out, "verified", 20000) < 0)
 			return fail("idle VMM %d was not served", i);
@@ -1996,15 +2279,9 @@ fd_exhaustion(const void *arg)
 	char verr[1024];
 
 	(void)arg;
-	start_pair(&p);
-	if (wait_listening(&p.h) < 0)
-		return fail("the handler did not start");
-	for (int i = 0; i < 10; i++) {
-		char *argv[] = { (char *)T.vmm, "run", p.sock, T.snap, "--threads",
-			"1", "--linger", "2", NULL };
-
-		spawn(&v[i], argv, NULL);
-	}
+	if (start_handler(&p) < 0)
+		return FAIL;
+	start_lingering(v, 10, p.sock, "2");
 	for (int i = 0; i < 10; i++) {
 		reap(&v[i], 60000);
 		read_text(v[i].err, verr, sizeof(verr));
@@ -2042,9 +2319,8 @@ silent_flood_at_fd_limit(const void *arg)
 	struct proc silent;
 
 	(void)arg;
-	start_pair(&p);
-	if (wait_listening(&p.h) < 0)
-		return fail("the handler did not start");
+	if (start_handler(&p) < 0)
+		return FAIL;
 	pester(&silent, p.sock, 1500, 2, 150);
 	usleep(700000);
 	spawn_vmm(&p, &p.v);
@@ -2941,6 +3217,17 @@ static const struct tcase cases[] = {
 	{ "handshake_two_fds_served", restore, r_two_fds },
 	{ "handshake_64_regions_padded_served", padded_64_regions, NULL },
 	{ "vmm_killed_50_times", vmm_killed_50_times, NULL },
+	{ "chain_restore_3_diffs", chain_restore, ch_threads },
+	{ "chain_restore_hugetlb", chain_restore, ch_huge },
+	{ "chain_balloon_during_writes", chain_restore, ch_balloon },
+	{ "chain_balloon_during_hugetlb", chain_restore, ch_balloon_huge },
+	{ "chain_two_vms_one_handler", chain_two_vms, NULL },
+	{ "chain_populate_all_detach", chain_populate_detach, NULL },
+	{ "chain_record_then_populate", chain_record_populate, NULL },
+	{ "chain_64_layers", chain_64_layers, NULL },
+	{ "chain_layer_truncated_kills_vmm", chain_layer_truncated, NULL },
+	{ "chain_bad_layers_exit_3", chain_bad, NULL },
+	{ "chain_diff_without_holes_warned", chain_diff_without_holes, NULL },
 	{ "many_vms_16_one_crashes", many_vms, NULL },
 	{ "many_vms_fatal_error_kills_only_that_vm", many_vms, "--stray-fault" },
 	{ "many_vms_no_fd_left_after_16", many_vms_no_fd_left, NULL },

@@ -38,6 +38,7 @@ static struct {
 	int uffd;
 	char *mem;			/* NPAGES registered anonymous pages */
 	char *src;			/* the "memory file": NPAGES of 0xab */
+	struct chain c;			/* of that one layer, all data */
 	struct region r;
 	struct session s;
 } U;
@@ -80,8 +81,13 @@ setup(void)
 	    .page_size = PAGE_4K, .removed = calloc(words, 8),
 	    .zero = calloc(words, 8), .hole = calloc(words, 8),
 	    .present = calloc(words, 8) };
+	U.c.n = 1;
+	U.c.size = NPAGES * PAGE_4K;
+	U.c.layer[0] = (struct layer){ .path = "src", .fd = -1, .mem = U.src };
+	U.c.map = malloc(NPAGES);
+	memset(U.c.map, 1, NPAGES);
 	U.s = (struct session){ .conn = -1, .uffd = U.uffd, .pidfd = -1,
-	    .memfd = -1, .record_fd = -1, .mem = U.src, .regions = &U.r,
+	    .chain = &U.c, .record_fd = -1, .regions = &U.r,
 	    .nregions = 1, .faults = calloc(FAULT_QUEUE, sizeof(struct fault)),
 	    .faults_cap = FAULT_QUEUE };
 	U.s.zeros = mmap(NULL, ZERO_SRC, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS,
