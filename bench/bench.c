@@ -3,7 +3,7 @@
  * limit, side by side in one run (./build.sh bench).
  *
  *   bench [-r REPS] [-o DIR] [-H HANDLER] [WORKLOAD...]
- *                                       (WORKLOAD "many": --max-vms)
+ *                     (WORKLOAD "many": --max-vms; "chain": diff layers)
  *
  * -H runs another build of the handler (default build/uffd-handler), to
  * compare two versions on the same machine.
@@ -78,6 +78,12 @@ static int many;			/* the --max-vms experiment selected */
 static const int many_counts[] = { 1, 4, 16 };
 static double many_mibs[3][MAXREP], many_med[3];
 static const char *vmm = "build/test/vmm", *handler = "build/uffd-handler";
+
+/* The chain experiment: its accesses, and per run what each way took. */
+static int chain;
+static const char *const chain_access[2] = { "seqread", "rand2" };
+enum { CH_CHAIN, CH_MERGED, CH_MERGE, CH_MAP, NCH };
+static double chain_ms[2][NCH][MAXREP], chain_med[2][NCH];
 static int reps = 3;
 
 static const char *
@@ -317,7 +323,13 @@ write_json(const char *mach)
 		    ratio(w->med[UFFD0][TOTAL], w->med[COPY][TOTAL]));
 	}
 	fprintf(f, "\n],\"many_vms_mib_per_s\":{\"1\":%.0f,\"4\":%.0f,"
-	    "\"16\":%.0f}}\n", many_med[0], many_med[1], many_med[2]);
+	    "\"16\":%.0f},\"chain\":{", many_med[0], many_med[1], many_med[2]);
+	for (int a = 0; a < 2; a++)
+		fprintf(f, "%s\"%s\":{\"chain_ms\":%.1f,\"merged_ms\":%.1f,"
+		    "\"merge_ms\":%.1f,\"map_ms\":%.2f}", a ? "," : "",
+		    chain_access[a], chain_med[a][CH_CHAIN], chain_med[a][CH_MERGED],
+		    chain_med[a][CH_MERGE], chain_med[a][CH_MAP]);
+	fprintf(f, "}}\n");
 	fclose(f);
 }
 
@@ -424,6 +436,125 @@ print_many(void)
 		    many_med[k]);
 }
 
+/*
+ * A diff-snapshot chain: snap.mem and three diffs of about 10% each. One
+ * restore serves the chain as it is; one serves the chain merged into one
+ * file; the merge itself is what users run first today (snapshot-editor's
+ * rebase: copy the base keeping holes, apply each diff's data). The layer
+ * map's build time is the handler's own log line.
+ */
+static int
+make_chain(void)
+{
+	char cmd[2048];
+
+	snprintf(cmd, sizeof(cmd), "for i in 1 2 3; do [ -f %s/diff$i.mem ] || %s "
+	    "mkdiff %s/snap.mem %s/diff$i.mem --dirty 10 --seed $i >/dev/null || "
+	    "exit 1; done", dir, vmm, dir, dir);
+	return system(cmd);
+}
+
+static double
+ms_since(const struct timespec *t0)
+{
+	struct timespec t1;
+
+	clock_gettime(CLOCK_MONOTONIC, &t1);
+	return (double)(t1.tv_sec - t0->tv_sec) * 1e3 +
+	    (double)(t1.tv_nsec - t0->tv_nsec) / 1e6;
+}
+
+/* One restore, of the chain (layers 4) or of merged.mem (1): the VMM's
+ * total_ms; *map_ms gets the layer map's build time. */
+static double
+chain_restore(const char *access, int layers, double *map_ms)
+{
+	char sock[256], snap[256], merged[256], d[3][256], out[256], line[4096];
+	char *argv[] = { (char *)vmm, "bench", sock, merged, "--regions",
+		"512,256,256", "--workload", (char *)access, "--threads",
+		strcmp(access, "rand2") ? "1" : "2", NULL };
+	char *hargv[] = { (char *)handler, sock, layers > 1 ? snap : merged, d[0],
+		d[1], d[2], NULL };
+	const char *at;
+	pid_t h, v;
+	int st;
+
+	snprintf(sock, sizeof(sock), "%s/chain.sock", dir);
+	snprintf(snap, sizeof(snap), "%s/snap.mem", dir);
+	snprintf(merged, sizeof(merged), "%s/merged.mem", dir);
+	for (int i = 0; i < 3; i++)
+		snprintf(d[i], sizeof(d[i]), "%s/diff%d.mem", dir, i + 1);
+	if (layers == 1)
+		hargv[3] = NULL;
+	h = start_handler(hargv, sock);
+	snprintf(out, sizeof(out), "%s/vmm.out", dir);
+	v = spawn(argv, out, "/dev/null");
+	waitpid(v, &st, 0);
+	waitpid(h, NULL, 0);
+	slurp(out, line, sizeof(line));
+	if (!WIFEXITED(st) || WEXITSTATUS(st) != 0)
+		return -1;
+	snprintf(out, sizeof(out), "%s/handler.err", dir);
+	slurp(out, line + 2048, sizeof(line) - 2048);
+	if (map_ms && (at = strstr(line + 2048, "mapped in ")) != NULL)
+		*map_ms = strtod(at + 10, NULL) / 1e3;
+	return field(line, "total_ms");
+}
+
+/* What users do today: merge (into a fresh file), timed. */
+static double
+chain_merge(void)
+{
+	char cmd[1024], merged[256];
+	struct timespec t0;
+	double ms;
+
+	snprintf(merged, sizeof(merged), "%s/merged.mem", dir);
+	snprintf(cmd, sizeof(cmd), "%s merge %s %s/snap.mem %s/diff1.mem "
+	    "%s/diff2.mem %s/diff3.mem", vmm, merged, dir, dir, dir, dir);
+	unlink(merged);
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	ms = system(cmd) == 0 ? ms_since(&t0) : -1;
+	/* Its writeback would slow the restores that follow. */
+	sync();
+	return ms;
+}
+
+static int
+run_chain(int r)
+{
+	for (int a = 0; a < 2; a++) {
+		double *m = &chain_ms[a][0][0];
+
+		if ((m[CH_MERGE * MAXREP + r] = chain_merge()) < 0 ||
+		    (m[CH_MERGED * MAXREP + r] = chain_restore(chain_access[a], 1,
+		    NULL)) < 0 ||
+		    (m[CH_CHAIN * MAXREP + r] = chain_restore(chain_access[a], 4,
+		    &m[CH_MAP * MAXREP + r])) < 0) {
+			fprintf(stderr, "bench: the chain experiment failed\n");
+			return -1;
+		}
+	}
+	return 0;
+}
+
+static void
+print_chain(void)
+{
+	printf("\ndiff-snapshot chain: snap.mem and 3 diffs of about 10%% each "
+	    "(1 GiB guest):\n");
+	for (int a = 0; a < 2; a++) {
+		double *m = chain_med[a];
+
+		printf("  %-8s chain %8.1f ms, merged file %8.1f ms (chain/merged "
+		    "%.2fx); merge %8.1f ms + restore = %8.1f ms (chain/that %.2fx); "
+		    "layer map %.1f ms\n", chain_access[a], m[CH_CHAIN], m[CH_MERGED],
+		    ratio(m[CH_CHAIN], m[CH_MERGED]), m[CH_MERGE],
+		    m[CH_MERGE] + m[CH_MERGED],
+		    ratio(m[CH_CHAIN], m[CH_MERGE] + m[CH_MERGED]), m[CH_MAP]);
+	}
+}
+
 /* The table the README carries: medians, and the ratios the targets use. */
 static void
 print_table(const char *mach)
@@ -510,6 +641,7 @@ main(int argc, char **argv)
 		}
 	}
 	many = selected("many", argv + optind, argc - optind);
+	chain = selected("chain", argv + optind, argc - optind);
 	for (int i = 0; i < NW; i++) {
 		work[i].selected = selected(work[i].name, argv + optind, argc - optind);
 		if (work[i].selected && strcmp(work[i].name, "kvm") == 0 &&
@@ -521,7 +653,7 @@ main(int argc, char **argv)
 			fprintf(stderr, "bench: %s: not root, the page cache cannot be "
 			    "dropped; this run is warm\n", work[i].name);
 	}
-	if (make_snapshots() != 0)
+	if (make_snapshots() != 0 || (chain && make_chain() != 0))
 		return 1;
 	machine(mach, sizeof(mach));
 	for (int i = 0; i < NW; i++)
@@ -545,7 +677,17 @@ main(int argc, char **argv)
 			if ((many_mibs[k][r] = run_many(many_counts[k])) < 0)
 				return 1;
 		}
+	for (int r = 0; chain && r < reps; r++) {
+		fprintf(stderr, "\rbench: run %d/%d, chain               ", r + 1, reps);
+		if (run_chain(r) < 0)
+			return 1;
+	}
 	fprintf(stderr, "\n");
+	for (int a = 0; chain && a < 2; a++)
+		for (int k = 0; k < NCH; k++) {
+			qsort(chain_ms[a][k], (size_t)reps, sizeof(double), cmp_double);
+			chain_med[a][k] = chain_ms[a][k][reps / 2];
+		}
 	for (int k = 0; many && k < 3; k++) {
 		qsort(many_mibs[k], (size_t)reps, sizeof(double), cmp_double);
 		many_med[k] = many_mibs[k][reps / 2];
@@ -558,6 +700,8 @@ main(int argc, char **argv)
 	print_table(mach);
 	if (many)
 		print_many();
+	if (chain)
+		print_chain();
 	printf("\nwrote %s/results.json and %s/results.svg\n", dir, dir);
 	return 0;
 }
