@@ -228,6 +228,7 @@ struct session {
 	enum conn_state state;
 	int64_t deadline;		/* ms: of the handshake, or of closing */
 	size_t got;			/* handshake bytes received */
+	int fresh;			/* accepted this round, not read yet */
 	int ctrunc;			/* the kernel dropped fds sent with it */
 	uint32_t ev[3];			/* epoll events this round, by W_* */
 	struct watch w[3];
@@ -2029,10 +2030,24 @@ print_counters(const struct session *s, int code)
  * Setup: the socket and the signals.
  */
 
-/* A socket file nobody listens on is what a killed handler leaves behind. */
 static int
-replace_stale(const char *path, const struct sockaddr_un *a)
+bind_to(int fd, const char *path)
 {
+	struct sockaddr_un a = { .sun_family = AF_UNIX };
+
+	memcpy(a.sun_path, path, strlen(path));
+	return bind(fd, (struct sockaddr *)&a, sizeof(a)) < 0 ? -errno : 0;
+}
+
+/*
+ * A socket file nobody listens on is what a killed handler leaves behind.
+ * The probe does not block: a live handler whose backlog is full answers
+ * EAGAIN, a stale socket ECONNREFUSED.
+ */
+static int
+replace_stale(const char *path)
+{
+	struct sockaddr_un a = { .sun_family = AF_UNIX };
 	struct stat st;
 	int probe, rc;
 
@@ -2043,11 +2058,13 @@ replace_stale(const char *path, const struct sockaddr_un *a)
 		    path);
 		return -EEXIST;
 	}
-	if ((probe = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0)) < 0)
+	memcpy(a.sun_path, path, strlen(path));
+	if ((probe = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK,
+	    0)) < 0)
 		return -errno;
-	rc = connect(probe, (const struct sockaddr *)a, sizeof(*a));
+	rc = connect(probe, (const struct sockaddr *)&a, sizeof(a));
 	close(probe);
-	if (rc == 0) {
+	if (rc == 0 || errno == EAGAIN) {
 		logmsg(LOG_ERROR, "%s: another process is listening on it", path);
 		return -EADDRINUSE;
 	}
@@ -2055,12 +2072,33 @@ replace_stale(const char *path, const struct sockaddr_un *a)
 		logmsg(LOG_ERROR, "connect(%s): %s", path, strerror(errno));
 		return -errno;
 	}
-	if (unlink(path) < 0) {
+	if (unlink(path) < 0 && errno != ENOENT) {
 		logmsg(LOG_ERROR, "unlink(%s): %s", path, strerror(errno));
 		return -errno;
 	}
 	logmsg(LOG_INFO, "replaced stale socket %s", path);
 	return 0;
+}
+
+/* link() fails if the path exists: of two handlers replacing one stale
+ * socket, one links and the other then finds it live. */
+static int
+link_socket(const char *tmp, const char *path)
+{
+	int rc;
+
+	for (int i = 0; i < 3; i++) {
+		if (link(tmp, path) == 0)
+			return 0;
+		if (errno != EEXIST) {
+			logmsg(LOG_ERROR, "link(%s, %s): %s", tmp, path, strerror(errno));
+			return -errno;
+		}
+		if ((rc = replace_stale(path)) < 0)
+			return rc;
+	}
+	logmsg(LOG_ERROR, "%s: taken again each time it was replaced", path);
+	return -EADDRINUSE;
 }
 
 /* The jailed VMM connects as the jail's uid and gid (--socket-owner). */
@@ -2085,31 +2123,45 @@ set_socket_access(const char *path)
  * net.core.somaxconn (4096 since Linux 5.4). */
 #define LISTEN_BACKLOG	4096
 
+/*
+ * The socket appears at its path only once it listens: it is bound to a
+ * name of its own, listens, and is then linked to the path. So another
+ * handler's probe never finds it bound but not yet listening, which looks
+ * stale. A path too long for the second name is bound directly. own gets
+ * the file, so that only this handler's is ever removed.
+ */
 static int
-listen_socket(const char *path)
+listen_socket(const char *path, struct stat *own)
 {
-	struct sockaddr_un a = { .sun_family = AF_UNIX };
-	int fd, rc;
+	char tmp[sizeof(((struct sockaddr_un *)0)->sun_path)];
+	int fd, rc, direct;
 
-	if (strlen(path) >= sizeof(a.sun_path)) {
+	if (strlen(path) >= sizeof(tmp)) {
 		logmsg(LOG_ERROR, "socket path %s is longer than %zu bytes", path,
-		    sizeof(a.sun_path) - 1);
+		    sizeof(tmp) - 1);
 		return -ENAMETOOLONG;
 	}
-	memcpy(a.sun_path, path, strlen(path));
+	direct = snprintf(tmp, sizeof(tmp), "%s.%d", path, (int)getpid()) >=
+	    (int)sizeof(tmp);
 	if ((fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0)) < 0)
 		return -errno;
-	rc = bind(fd, (struct sockaddr *)&a, sizeof(a));
-	if (rc < 0 && errno == EADDRINUSE && replace_stale(path, &a) == 0)
-		rc = bind(fd, (struct sockaddr *)&a, sizeof(a));
-	if (rc < 0 || listen(fd, LISTEN_BACKLOG) < 0) {
+	rc = bind_to(fd, direct ? path : tmp);
+	if (rc == -EADDRINUSE && direct && (rc = replace_stale(path)) == 0)
+		rc = bind_to(fd, path);
+	if (rc == 0 && listen(fd, LISTEN_BACKLOG) < 0)
 		rc = -errno;
-		if (rc != -EADDRINUSE)
-			logmsg(LOG_ERROR, "bind/listen(%s): %s", path, strerror(-rc));
-		close(fd);
-		return rc;
-	}
-	if ((rc = set_socket_access(path)) < 0) {
+	if (rc < 0 && rc != -EADDRINUSE)
+		logmsg(LOG_ERROR, "bind/listen(%s): %s", direct ? path : tmp,
+		    strerror(-rc));
+	if (rc == 0 && !direct)
+		rc = link_socket(tmp, path);
+	if (!direct)
+		unlink(tmp);
+	if (rc == 0 && lstat(path, own) < 0)
+		rc = -errno;
+	if (rc == 0)
+		rc = set_socket_access(path);
+	if (rc < 0) {
 		close(fd);
 		return rc;
 	}
@@ -2460,6 +2512,7 @@ struct server {
 	int worst;			/* the exit code so far: note_exit */
 	int64_t idle_end;		/* --accept-timeout; INT64_MAX: off */
 	int tight;			/* the serving-only filter is on */
+	struct stat sock_st;		/* SOCKET, as this handler made it */
 	struct watch wl, ws;
 };
 
@@ -2531,9 +2584,29 @@ fail_closed(struct server *srv, struct session *s, int code)
 	session_end(srv, s, code);
 }
 
+/*
+ * Closes a connection that has sent nothing so far. After shutdown any
+ * send of the peer's fails (EPIPE), so what is queued then is all it will
+ * have sent: nothing, and it is no VMM in restore and is not killed; a
+ * byte that arrived since the last read, and it is a VMM that handed over
+ * its memory, to be killed.
+ */
 static void
 drop_peer(struct server *srv, struct session *s, const char *why)
 {
+	char c;
+	struct iovec iov = { &c, 1 };
+	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
+
+	shutdown(s->conn, SHUT_RDWR);
+	if (recvmsg(s->conn, &mh, MSG_PEEK | MSG_DONTWAIT) > 0) {
+		logmsg(LOG_ERROR, "refused VMM pid %d: its handshake came as it "
+		    "was closed (it %s)", (int)s->pid, why);
+		s->state = S_HANDSHAKE;
+		srv->live++;
+		fail_closed(srv, s, EXIT_HANDSHAKE);
+		return;
+	}
 	logmsg(LOG_INFO, "peer pid %d %s: closed; it sent nothing, so it is no "
 	    "VMM in restore and is not killed", (int)s->pid, why);
 	session_end(srv, s, EXIT_VM_GONE);
@@ -2559,37 +2632,6 @@ reserve_fill(struct server *srv)
 	return 0;
 }
 
-/* No more VMMs: the socket goes, and so do the peers that sent nothing. */
-static void
-stop_listening(struct server *srv, const char *why)
-{
-	if (srv->lfd < 0)
-		return;
-	unwatch(srv, srv->lfd);
-	closefd(&srv->lfd);
-	unlink(opt.socket_path);
-	reserve_release(srv);
-	for (size_t i = 0; i < srv->n; i++)
-		if (srv->s[i]->state == S_HELLO)
-			drop_peer(srv, srv->s[i], why);
-}
-
-/* A VMM, in a session or refused; the last --max-vms allows ends the
- * listening: in one-VM mode that is the first. */
-static void
-count_vmm(struct server *srv)
-{
-	if (++srv->vmms == opt.max_vms)
-		stop_listening(srv, "was still silent when the last VMM came");
-}
-
-static void
-vmm_arrived(struct server *srv, struct session *s)
-{
-	s->state = S_HANDSHAKE;
-	srv->live++;
-	count_vmm(srv);
-}
 
 /*
  * A connection the handler cannot take. After shutdown any send of the
@@ -2624,6 +2666,65 @@ refuse(int conn, const char *why)
 	}
 	close(conn);
 	return vmm;
+}
+
+/* Removes SOCKET if it is still this handler's: another may have taken
+ * the path since. */
+static void
+unlink_own(struct server *srv)
+{
+	struct stat st;
+
+	if (lstat(opt.socket_path, &st) < 0 || st.st_dev != srv->sock_st.st_dev ||
+	    st.st_ino != srv->sock_st.st_ino)
+		return;
+	if (unlink(opt.socket_path) < 0)
+		logmsg(LOG_WARN, "unlink(%s): %s; the socket file stays (the next "
+		    "handler replaces it)", opt.socket_path, strerror(errno));
+}
+
+/*
+ * No more VMMs. The socket file goes first, so no new peer finds it; then
+ * the backlog is drained, because a VMM waiting there has sent its uffd
+ * and would wait forever once the socket is closed; then the peers that
+ * sent nothing go.
+ */
+static void
+stop_listening(struct server *srv, const char *why)
+{
+	int conn;
+
+	if (srv->lfd < 0)
+		return;
+	unlink_own(srv);
+	reserve_release(srv);
+	while ((conn = accept4(srv->lfd, NULL, NULL, SOCK_CLOEXEC)) >= 0 ||
+	    errno == EINTR || errno == ECONNABORTED)
+		if (conn >= 0 && refuse(conn, "it came after the last VMM this "
+		    "handler takes, or as it stopped"))
+			note_exit(srv, EXIT_HANDSHAKE);
+	unwatch(srv, srv->lfd);
+	closefd(&srv->lfd);
+	for (size_t i = 0; i < srv->n; i++)
+		if (srv->s[i]->state == S_HELLO)
+			drop_peer(srv, srv->s[i], why);
+}
+
+/* A VMM, in a session or refused; the last --max-vms allows ends the
+ * listening: in one-VM mode that is the first. */
+static void
+count_vmm(struct server *srv)
+{
+	if (++srv->vmms == opt.max_vms)
+		stop_listening(srv, "was still silent when the last VMM came");
+}
+
+static void
+vmm_arrived(struct server *srv, struct session *s)
+{
+	s->state = S_HANDSHAKE;
+	srv->live++;
+	count_vmm(srv);
 }
 
 static void
@@ -2701,20 +2802,23 @@ grow(struct server *srv)
 	return 0;
 }
 
-/* Past MAX_SILENT, the oldest connection that sent nothing makes room. */
-static void
-evict_silent(struct server *srv)
+/* Past max connections that sent nothing when read, the oldest makes
+ * room; 1 when one did. */
+static int
+evict_silent(struct server *srv, size_t max, const char *why)
 {
 	size_t silent = 0, oldest = srv->n;
 
 	for (size_t i = 0; i < srv->n; i++) {
-		if (srv->s[i]->state != S_HELLO)
+		if (srv->s[i]->state != S_HELLO || srv->s[i]->fresh)
 			continue;
 		if (silent++ == 0)
 			oldest = i;
 	}
-	if (silent > MAX_SILENT)
-		drop_peer(srv, srv->s[oldest], "made room for newer connections");
+	if (silent <= max)
+		return 0;
+	drop_peer(srv, srv->s[oldest], why);
+	return 1;
 }
 
 /* A new connection, in its handshake; Firecracker sends at once, so it is
@@ -2729,7 +2833,10 @@ add_peer(struct server *srv, int conn, int64_t now)
 		refused(srv, conn, "out of memory");
 		return;
 	}
-	if ((rc = session_open(s)) < 0 || (rc = watch(srv, conn, &s->w[W_CONN])) < 0 ||
+	rc = session_open(s);
+	if (out_of_fds(-rc) && evict_silent(srv, 0, "made room: out of descriptors"))
+		rc = session_open(s);
+	if (rc < 0 || (rc = watch(srv, conn, &s->w[W_CONN])) < 0 ||
 	    (s->pidfd >= 0 && (rc = watch(srv, s->pidfd, &s->w[W_PIDFD])) < 0)) {
 		unwatch(srv, conn);
 		unwatch(srv, s->pidfd);
@@ -2744,8 +2851,9 @@ add_peer(struct server *srv, int conn, int64_t now)
 	s->pop_n = srv->in.nlist;
 	s->deadline = now + (int64_t)opt.handshake_timeout * 1000;
 	s->ev[W_CONN] = EPOLLIN;
+	s->fresh = 1;
 	srv->s[srv->n++] = s;
-	evict_silent(srv);
+	evict_silent(srv, MAX_SILENT, "made room for newer connections");
 }
 
 static void
@@ -2761,7 +2869,10 @@ accept_all(struct server *srv, int64_t now)
 		} else if (err == EAGAIN) {
 			return;
 		} else if (out_of_fds(err)) {
-			if (accept_spare(srv, now) < 0)
+			/* A peer that sent nothing gives up its descriptors
+			 * before a VMM is refused for want of them. */
+			if (!evict_silent(srv, 0, "made room: out of descriptors") &&
+			    accept_spare(srv, now) < 0)
 				return;
 		} else if (err != EINTR && err != ECONNABORTED) {
 			pause_listener(srv, now, strerror(err));
@@ -2892,6 +3003,7 @@ step_all(struct server *srv, int64_t now)
 			break;
 		}
 		memset(s->ev, 0, sizeof(s->ev));
+		s->fresh = 0;
 	}
 }
 
@@ -3026,6 +3138,8 @@ run(struct server *srv)
 	int n;
 
 	for (;;) {
+		/* After a round, so that a VMM queued at the deadline is
+		 * taken rather than refused. */
 		idle_clock(srv, now);
 		if (srv->lfd < 0 && srv->n == 0)
 			return srv->worst;
@@ -3033,6 +3147,7 @@ run(struct server *srv)
 			return idle_timeout(srv);
 		confine_serving(srv);
 		n = epoll_wait(srv->epfd, ev, EPOLL_BATCH, wait_ms(srv));
+		now = now_ms();
 		if (n < 0 && errno != EINTR) {
 			logmsg(LOG_ERROR, "epoll_wait: %s", strerror(errno));
 			stop_all(srv, EXIT_FATAL);
@@ -3044,7 +3159,6 @@ run(struct server *srv)
 			stop_all(srv, EXIT_SIGNAL);
 			return EXIT_SIGNAL;
 		}
-		now = now_ms();
 		resume_listener(srv, now);
 		if (srv->listen_ev)
 			accept_all(srv, now);
@@ -3159,7 +3273,7 @@ main(int argc, char **argv)
 		return rc > 0 ? 0 : EXIT_USAGE;
 	raise_nofile();
 	if (open_inputs(&srv.in) < 0 || (srv.sigfd = signal_fd()) < 0 ||
-	    (srv.lfd = listen_socket(opt.socket_path)) < 0)
+	    (srv.lfd = listen_socket(opt.socket_path, &srv.sock_st)) < 0)
 		code = EXIT_SETUP;
 	else if ((rc = open_record(&srv.in)) < 0)
 		code = rc == -EINVAL ? EXIT_USAGE : EXIT_SETUP;

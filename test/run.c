@@ -2211,6 +2211,45 @@ backlog_100(const void *arg)
 	    pair_fail(&p, "the VMM after 100 silent peers was not served");
 }
 
+/*
+ * 20 VMMs connect and send while the handler (--max-vms 1) is stopped: one
+ * is served. The others, accepted with it or left in the backlog when the
+ * socket closes, would wait forever with their memory registered: each is
+ * killed.
+ */
+static int
+backlog_drained_at_limit(const void *arg)
+{
+	struct pair p = { .vargs = { "--threads", "1", NULL } };
+	struct proc v[20];
+	int served = 0, killed_n = 0;
+
+	(void)arg;
+	if (start_handler(&p) < 0)
+		return FAIL;
+	kill(p.h.pid, SIGSTOP);
+	for (int i = 0; i < 20; i++)
+		spawn_vmm(&p, &v[i]);
+	for (int i = 0; i < 20; i++)
+		if (wait_text(v[i].out, "connected", 5000) < 0)
+			return fail("VMM %d did not connect", i);
+	usleep(300000);
+	kill(p.h.pid, SIGCONT);
+	for (int i = 0; i < 20; i++) {
+		reap(&v[i], 60000);
+		served += exited(&v[i], 0);
+		killed_n += killed(&v[i]);
+	}
+	p.v.status = 0;
+	finish_pair(&p);
+	printf("  20 VMMs at --max-vms 1: %d served, %d killed\n", served, killed_n);
+	if (served != 1 || killed_n != 19)
+		return pair_fail(&p, "not one VMM served and the others killed");
+	if (!exited(&p.h, 4) || !strstr(p.herr, "came after the last VMM"))
+		return pair_fail(&p, "no exit 4, or no refusal from the backlog");
+	return PASS;
+}
+
 static uint64_t
 syscr(pid_t pid)
 {
@@ -2330,6 +2369,37 @@ silent_flood_at_fd_limit(const void *arg)
 		return pair_fail(&p, "the silent peers were killed");
 	return exited(&p.v, 0) && exited(&p.h, 0) ? PASS :
 	    pair_fail(&p, "the VMM after 150 silent peers was not served");
+}
+
+/*
+ * RLIMIT_NOFILE 16: the handler's 9 and three silent peers leave one free.
+ * A peer that sent nothing gives up its descriptors, and the VMM after them
+ * is served rather than refused.
+ */
+static int
+silent_peers_give_way(const void *arg)
+{
+	struct pair p = { .handler = "/bin/sh", .hargs = { "-c",
+	    "ulimit -n 16 && exec \"$0\" \"$@\"", T.release, "--max-vms", "0",
+	    "--handshake-timeout", "30", NULL } };
+	struct proc silent[3];
+
+	(void)arg;
+	if (start_handler(&p) < 0)
+		return FAIL;
+	for (int i = 0; i < 3; i++)
+		pester(&silent[i], p.sock, 2000, 2500, 1);
+	usleep(300000);
+	spawn_vmm(&p, &p.v);
+	reap(&p.v, 60000);
+	stop_handler(&p, SIGTERM);
+	for (int i = 0; i < 3; i++)
+		if (reap(&silent[i], 5000) < 0 || !exited(&silent[i], 0))
+			return pair_fail(&p, "a silent peer was killed");
+	read_text(p.v.out, p.vout, sizeof(p.vout));
+	if (!exited(&p.v, 0) || !strstr(p.herr, "made room: out of descriptors"))
+		return pair_fail(&p, "the VMM was not served in a silent peer's place");
+	return exited(&p.h, 5) ? PASS : pair_fail(&p, "SIGTERM did not end it");
 }
 
 /* --record onto a FIFO nobody reads: a setup error at once, not a start
@@ -3236,9 +3306,11 @@ static const struct tcase cases[] = {
 	{ "second_instance_exits_3", second_instance, NULL },
 	{ "signals_during_handshake", signals_during_handshake, NULL },
 	{ "backlog_100_connects", backlog_100, NULL },
+	{ "backlog_drained_at_limit", backlog_drained_at_limit, NULL },
 	{ "event_cost_16_idle_vms", event_cost_16_idle, NULL },
 	{ "fd_exhaustion_ulimit_24", fd_exhaustion, NULL },
 	{ "silent_flood_at_fd_limit", silent_flood_at_fd_limit, NULL },
+	{ "silent_peers_give_way_at_fd_limit", silent_peers_give_way, NULL },
 	{ "record_fifo_no_reader_exits_3", record_fifo_no_reader, NULL },
 	{ "exit_rule_rejected_is_4", exit_rule, &rule_rejected },
 	{ "exit_rule_fatal_over_rejected_is_1", exit_rule, &rule_fatal },
