@@ -1786,10 +1786,14 @@ static const long allowed_syscalls[] = {
 };
 
 /* Accepting, the handshake, the pidfd, refusing, the spare descriptors,
- * the socket's removal, and the second filter. */
+ * the socket's removal (lstat first: musl's on x86_64), and the second
+ * filter. */
 static const long accepting_syscalls[] = {
 	SYS_accept4, SYS_recvmsg, SYS_getsockopt, SYS_pidfd_open, SYS_fcntl,
 	SYS_shutdown, SYS_unlinkat, SYS_seccomp,
+#ifdef SYS_lstat
+	SYS_lstat,
+#endif
 #ifdef SYS_unlink
 	SYS_unlink,
 #endif

@@ -2882,9 +2882,19 @@ release_restore(const void *arg)
 {
 	struct pair p = { .handler = T.release, .vargs = { "--balloon", "during",
 	    NULL } };
+	struct pair idle = { .handler = T.release, .hargs = { "--max-vms", "0",
+	    "--accept-timeout", "1", NULL } };
+	int rc;
 
 	(void)arg;
-	return restored(&p);
+	if ((rc = restored(&p)) != PASS)
+		return rc;
+	if (access(p.sock, F_OK) == 0)
+		return pair_fail(&p, "the socket file was left behind");
+	run_pair(&idle);
+	if (!exited(&idle.h, 0) || access(idle.sock, F_OK) == 0)
+		return pair_fail(&idle, "the socket file was left at the idle timeout");
+	return PASS;
 }
 
 /*
@@ -3341,7 +3351,7 @@ static const struct tcase cases[] = {
 	{ "aarch64_static_binary", aarch64_binary, NULL },
 	{ "podman_scratch_image_restore", podman_scratch_image, NULL },
 	{ "podman_pid_host_kills_vmm", podman_scratch_image, "--pid=host" },
-	{ "release_restore_balloon", release_restore, NULL },
+	{ "release_restore_balloon_socket_removed", release_restore, NULL },
 };
 
 /* The programs by absolute path: cases chdir and chroot. */
