@@ -1533,6 +1533,48 @@ static const char *const ch_balloon[] = { "--balloon", "during", "--access",
 static const char *const ch_balloon_huge[] = { "--huge", "--balloon", "during",
 	"--access", "seq", NULL };
 
+/*
+ * The chain across the oracle's configurations, cell by cell: page size,
+ * access order, reads or writes, no balloon or one removing pages while the
+ * guest runs. Every page is checked against the merged chain as modified
+ * by the guest. The first cell that fails names itself.
+ */
+static int
+chain_cells(const void *arg)
+{
+	static const char *const access[] = { "seq", "rand", "ws10" };
+	static const char *const balloon[] = { "none", "during" };
+	int huge_ok = huge_reserve(12) == 0, cells = 0;
+
+	(void)arg;
+	for (int pg = 0; pg < 2; pg++)
+		for (int a = 0; a < 3; a++)
+			for (int w = 0; w < 2; w++)
+				for (int b = 0; b < 2; b++) {
+					struct pair p = { .vmm_ms = 20000 };
+					const char *v[] = { "--access", access[a], "--balloon",
+						balloon[b], w ? "--write" : pg ? "--huge" : NULL,
+						w && pg ? "--huge" : NULL, NULL };
+					if (pg && !huge_ok)
+						continue;
+					if (chain_pair(&p, v) < 0)
+						return FAIL;
+					run_pair(&p);
+					if (!exited(&p.v, 0) || !exited(&p.h, 0)) {
+						char what[128];
+
+						snprintf(what, sizeof(what), "cell %s %s %s balloon "
+						    "%s", pg ? "2m" : "4k", access[a], w ? "write" :
+						    "read", balloon[b]);
+						return pair_fail(&p, what);
+					}
+					cells++;
+				}
+	printf("  %d cells%s\n", cells, huge_ok ? "" : " (no hugetlb pages: 4k only)");
+	return huge_ok ? PASS : skip("cannot reserve 12 hugetlb pages of 2 MiB: "
+	    "the 4k cells passed");
+}
+
 /* Two VMs from one handler share the chain. */
 static int
 chain_two_vms(const void *arg)
@@ -3301,6 +3343,7 @@ static const struct tcase cases[] = {
 	{ "chain_restore_hugetlb", chain_restore, ch_huge },
 	{ "chain_balloon_during_writes", chain_restore, ch_balloon },
 	{ "chain_balloon_during_hugetlb", chain_restore, ch_balloon_huge },
+	{ "chain_cells_page_access_op_balloon", chain_cells, NULL },
 	{ "chain_two_vms_one_handler", chain_two_vms, NULL },
 	{ "chain_populate_all_detach", chain_populate_detach, NULL },
 	{ "chain_record_then_populate", chain_record_populate, NULL },
