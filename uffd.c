@@ -857,8 +857,10 @@ copy_data(struct session *s, struct region *r, uint64_t idx, uint64_t len,
 			return uffdio_failed(s, "mmap(bounce)", dst + *done, PAGE_2M,
 			    ENOMEM);
 		seg = seg ? seg : r->page_size;
-		if (r->page_size != PAGE_4K && src != s->bounce)
-			map_source(s, off + *done, seg);
+		if (r->page_size != PAGE_4K && src != s->bounce) {
+			s->n.syscalls++;
+			madvise((void *)src, seg, MADV_POPULATE_READ);
+		}
 		d = 0;
 		rc = uffdio_copy(s, dst + *done, src, seg, &d);
 		if (d < seg) {
@@ -2589,21 +2591,29 @@ fail_closed(struct server *srv, struct session *s, int code)
 }
 
 /*
- * Closes a connection that has sent nothing so far. After shutdown any
- * send of the peer's fails (EPIPE), so what is queued then is all it will
- * have sent: nothing, and it is no VMM in restore and is not killed; a
- * byte that arrived since the last read, and it is a VMM that handed over
- * its memory, to be killed.
+ * Whether a connection being given up has sent anything. After shutdown
+ * any send of the peer's fails (EPIPE), so what is queued then is all it
+ * will have sent: a byte means a VMM that registered its memory and
+ * believes it handed it over, to be killed; nothing, a peer that is no VMM
+ * in restore, whose send is yet to fail.
  */
-static void
-drop_peer(struct server *srv, struct session *s, const char *why)
+static int
+sent_anything(int conn)
 {
 	char c;
 	struct iovec iov = { &c, 1 };
 	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
 
-	shutdown(s->conn, SHUT_RDWR);
-	if (recvmsg(s->conn, &mh, MSG_PEEK | MSG_DONTWAIT) > 0) {
+	shutdown(conn, SHUT_RDWR);
+	return recvmsg(conn, &mh, MSG_PEEK | MSG_DONTWAIT) > 0;
+}
+
+/* Closes a connection that has sent nothing so far, unless a byte came
+ * since the last read: then it is a VMM, and killed. */
+static void
+drop_peer(struct server *srv, struct session *s, const char *why)
+{
+	if (sent_anything(s->conn)) {
 		logmsg(LOG_ERROR, "refused VMM pid %d: its handshake came as it "
 		    "was closed (it %s)", (int)s->pid, why);
 		s->state = S_HANDSHAKE;
@@ -2637,26 +2647,16 @@ reserve_fill(struct server *srv)
 }
 
 
-/*
- * A connection the handler cannot take. After shutdown any send of the
- * peer's fails (EPIPE), so what is queued now is all it will have sent:
- * bytes mean a VMM that registered its memory and believes it handed it
- * over, to be killed; nothing means a peer whose send is yet to fail.
- * Returns 1 when the peer was a VMM.
- */
+/* A connection the handler cannot take: killed if it was a VMM (see
+ * sent_anything), closed otherwise. Returns 1 when it was a VMM. */
 static int
 refuse(int conn, const char *why)
 {
 	struct ucred cr = { 0, 0, 0 };
 	socklen_t l = sizeof(cr);
-	char c;
-	struct iovec iov = { &c, 1 };
-	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
-	int pidfd = -1, vmm;
+	int pidfd = -1, vmm = sent_anything(conn);
 
-	shutdown(conn, SHUT_RDWR);
 	getsockopt(conn, SOL_SOCKET, SO_PEERCRED, &cr, &l);
-	vmm = recvmsg(conn, &mh, MSG_PEEK | MSG_DONTWAIT) > 0;
 	if (vmm) {
 		logmsg(LOG_ERROR, "refused VMM pid %d: %s", (int)cr.pid, why);
 		l = sizeof(pidfd);
@@ -2885,6 +2885,13 @@ accept_all(struct server *srv, int64_t now)
 	}
 }
 
+static void
+gone_in_handshake(struct server *srv, struct session *s)
+{
+	logmsg(LOG_INFO, "VMM pid %d exited during the handshake", (int)s->pid);
+	session_end(srv, s, EXIT_VM_GONE);
+}
+
 /*
  * A handshake that failed. EOF mid-message may be the VMM dying: a dying
  * process closes its files before its pidfd says it exited, so EOF gets
@@ -2898,8 +2905,7 @@ handshake_failed(struct server *srv, struct session *s, int rc, int64_t now)
 		s->state = S_CLOSING;
 		s->deadline = now + CLOSING_MS;
 	} else if (rc == -ECONNRESET && (s->ev[W_PIDFD] || vmm_gone(s))) {
-		logmsg(LOG_INFO, "VMM pid %d exited during the handshake", (int)s->pid);
-		session_end(srv, s, EXIT_VM_GONE);
+		gone_in_handshake(srv, s);
 	} else {
 		/* Short of memory or descriptors the VMM was not at fault. */
 		fail_closed(srv, s, rc == -ENOMEM || out_of_fds(-rc) ?
@@ -2938,8 +2944,7 @@ handshake_step(struct server *srv, struct session *s, int64_t now)
 		return;
 	}
 	if (n == JSON_PARTIAL && s->ev[W_PIDFD]) {
-		logmsg(LOG_INFO, "VMM pid %d exited during the handshake", (int)s->pid);
-		session_end(srv, s, EXIT_VM_GONE);
+		gone_in_handshake(srv, s);
 		return;
 	}
 	if (n == JSON_PARTIAL && now < s->deadline)
@@ -2961,8 +2966,7 @@ static void
 closing_step(struct server *srv, struct session *s, int64_t now)
 {
 	if (s->ev[W_PIDFD]) {
-		logmsg(LOG_INFO, "VMM pid %d exited during the handshake", (int)s->pid);
-		session_end(srv, s, EXIT_VM_GONE);
+		gone_in_handshake(srv, s);
 	} else if (now >= s->deadline) {
 		fail_closed(srv, s, EXIT_HANDSHAKE);
 	}
@@ -3085,7 +3089,7 @@ idle_timeout(struct server *srv)
 static int
 wait_ms(const struct server *srv)
 {
-	int64_t end = srv->idle_end;
+	int64_t end = srv->idle_end, now = now_ms();
 
 	if (srv->paused && srv->paused < end)
 		end = srv->paused;
@@ -3096,7 +3100,7 @@ wait_ms(const struct server *srv)
 		if (s->state == S_SERVING && s->populating && s->nfaults == 0)
 			return 0;
 		if (s->state == S_SERVING)
-			t = s->nfaults ? now_ms() + 1 : INT64_MAX;
+			t = s->nfaults ? now + 1 : INT64_MAX;
 		end = t < end ? t : end;
 	}
 	return ms_until(end);
