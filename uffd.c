@@ -44,6 +44,7 @@
 #include <getopt.h>
 #include <limits.h>
 #include <poll.h>
+#include <pthread.h>
 #include <setjmp.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -55,6 +56,7 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/epoll.h>
+#include <sys/eventfd.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/signalfd.h>
@@ -74,6 +76,9 @@
 #endif
 #ifndef SO_PEERPIDFD
 #define SO_PEERPIDFD		77
+#endif
+#ifndef SECCOMP_FILTER_FLAG_TSYNC
+#define SECCOMP_FILTER_FLAG_TSYNC	1
 #endif
 #ifndef SYS_pidfd_send_signal
 #define SYS_pidfd_send_signal	424
@@ -99,6 +104,10 @@ enum { LOG_ERROR, LOG_WARN, LOG_INFO, LOG_DEBUG };
 enum { IO_DONE, IO_RETRY, IO_GONE, IO_ABSENT };
 
 #define MAX_MAPPINGS	1024
+#define MAX_THREADS	64
+#define DEFAULT_THREADS	2
+#define THREAD_STACK	(256 * 1024)
+#define DEFER_US	50		/* a thread's wait on a deferred fault */
 #define HANDSHAKE_MAX	(256 * 1024)
 #define FAULT_QUEUE	1024
 #define EVENT_BATCH	64
@@ -115,6 +124,7 @@ static struct {
 	int optimize;			/* runs, zero pages; off: one page a fault */
 	int populate_all;		/* --populate all */
 	long max_vms;			/* --max-vms; 0: no limit */
+	int threads;			/* --threads: serving threads */
 	const char *populate_path;	/* --populate FILE */
 	const char *record_path;	/* --record FILE */
 	int detach;			/* --detach once everything is in */
@@ -122,7 +132,7 @@ static struct {
 	long sock_uid, sock_gid;	/* socket owner; -1: keep */
 	long sock_mode;			/* -1: as created */
 } opt = { .log_level = LOG_INFO, .handshake_timeout = 5, .seccomp = 1,
-	.optimize = 1, .max_vms = 1,
+	.optimize = 1, .max_vms = 1, .threads = DEFAULT_THREADS,
 	.uid = -1, .gid = -1, .sock_uid = -1, .sock_gid = -1, .sock_mode = -1 };
 
 struct region {
@@ -214,7 +224,7 @@ struct chain {
 enum conn_state { S_HELLO, S_HANDSHAKE, S_SERVING, S_CLOSING, S_ENDED };
 
 /* What an epoll event points at: a session's fd, by W_*, or the server's. */
-enum { W_CONN, W_UFFD, W_PIDFD, W_LISTEN, W_SIGNAL };
+enum { W_CONN, W_UFFD, W_PIDFD, W_LISTEN, W_SIGNAL, W_NOTE };
 
 struct watch {
 	struct session *s;
@@ -236,11 +246,9 @@ struct session {
 	struct uffd_mapping *mappings;
 	struct region *regions;
 	size_t nregions;
-	struct fault *faults;		/* queued faults */
-	size_t nfaults, faults_cap;
+	struct lane *lanes;		/* one a serving thread, then population's */
+	int nlanes;
 	struct stream streams[STREAMS];
-	uint64_t reading;		/* file offset last read in user space */
-	int writing;			/* and whether it is a write */
 	uint64_t stream_clock;
 	int populating;			/* --populate all, not finished */
 	int pop_failed;			/* population stopped on an error */
@@ -251,7 +259,28 @@ struct session {
 	int record_fd;			/* --record FILE */
 	uint64_t *order;		/* file offsets in the order installed */
 	size_t norder;
-	struct counters n;
+	struct counters n;		/* updated atomically: see count */
+	pthread_mutex_t turn;		/* a reader waiting holds off installs */
+	pthread_rwlock_t rw;		/* shared: installing; exclusive: reading */
+	pthread_mutex_t mu;		/* the streams, the record */
+	int users;			/* threads inside (atomic) */
+	int open;			/* threads may enter (atomic) */
+	int outcome;			/* a thread's ending: 1 gone, < 0 fatal */
+	int threaded;			/* its uffd is in the threads' set */
+	char handshake[HANDSHAKE_MAX];
+};
+
+/*
+ * A thread's part in serving one VM: the faults it read and has not served
+ * yet, what it is reading, its 2 MiB buffer, its last failure. With
+ * --threads 1 a session has one lane and the loop is its only thread.
+ */
+struct lane {
+	struct session *s;
+	struct fault *faults;		/* read, not served yet */
+	size_t nfaults, faults_cap;
+	uint64_t reading;		/* file offset last read in user space */
+	int writing;			/* and whether it is a write */
 	uint64_t suspect_dst;		/* see pool_exhausted */
 	int64_t suspect_ms;
 	struct {			/* the last UFFDIO call that failed */
@@ -259,9 +288,60 @@ struct session {
 		uint64_t dst, len;
 	} failed;
 	char *bounce;			/* a 2 MiB page of several layers */
+	int populates;			/* --populate runs in this lane */
+	int held;			/* installing: rw held shared */
 	struct uffd_msg msgs[EVENT_BATCH];
-	char handshake[HANDSHAKE_MAX];
 };
+
+/* Counters are added to from every serving thread, and read while they
+ * are (SIGUSR1, the population's log lines). */
+static void
+count(uint64_t *c, uint64_t v)
+{
+	__atomic_fetch_add(c, v, __ATOMIC_RELAXED);
+}
+
+static uint64_t
+counted(const uint64_t *c)
+{
+	return __atomic_load_n(c, __ATOMIC_RELAXED);
+}
+
+/*
+ * The removed pages' lock (see "Threads" at the top): installs hold rw
+ * shared, reading the uffd holds it exclusive. A reader waits in turn,
+ * which new installs pass through, so a stream of installs cannot starve
+ * it (musl's rwlock prefers readers).
+ */
+static void
+install_lock(struct lane *l)
+{
+	pthread_mutex_lock(&l->s->turn);
+	pthread_rwlock_rdlock(&l->s->rw);
+	pthread_mutex_unlock(&l->s->turn);
+	l->held = 1;
+}
+
+static void
+install_unlock(struct lane *l)
+{
+	l->held = 0;
+	pthread_rwlock_unlock(&l->s->rw);
+}
+
+static void
+reader_lock(struct session *s)
+{
+	pthread_mutex_lock(&s->turn);
+	pthread_rwlock_wrlock(&s->rw);
+	pthread_mutex_unlock(&s->turn);
+}
+
+static void
+reader_unlock(struct session *s)
+{
+	pthread_rwlock_unlock(&s->rw);
+}
 
 static void __attribute__((format(printf, 2, 3)))
 logmsg(int level, const char *fmt, ...)
@@ -482,37 +562,38 @@ chain_close(struct chain *c)
  */
 
 static int
-uffdio_failed(struct session *s, const char *op, uint64_t dst, uint64_t len,
+uffdio_failed(struct lane *l, const char *op, uint64_t dst, uint64_t len,
     int err)
 {
-	s->failed.op = op;
-	s->failed.dst = dst;
-	s->failed.len = len;
+	l->failed.op = op;
+	l->failed.dst = dst;
+	l->failed.len = len;
 	return -err;
 }
 
 static void
-log_failure(struct session *s, int level, int rc)
+log_failure(struct lane *l, int level, int rc)
 {
-	logmsg(level, "%s(dst=0x%llx, len=%llu): %s%s", s->failed.op,
-	    (unsigned long long)s->failed.dst, (unsigned long long)s->failed.len,
-	    strerror(-rc), rc == -ENOMEM && s->failed.len >= PAGE_2M ?
+	logmsg(level, "%s(dst=0x%llx, len=%llu): %s%s", l->failed.op,
+	    (unsigned long long)l->failed.dst, (unsigned long long)l->failed.len,
+	    strerror(-rc), rc == -ENOMEM && l->failed.len >= PAGE_2M ?
 	    " (hugetlb pool exhausted? see /proc/sys/vm/nr_hugepages)" : "");
 }
 
 static int
-uffdio_wake(struct session *s, uint64_t start, uint64_t len)
+uffdio_wake(struct lane *l, uint64_t start, uint64_t len)
 {
+	struct session *s = l->s;
 	struct uffdio_range r = { start, len };
 
-	s->n.syscalls++;
+	count(&s->n.syscalls, 1);
 	if (ioctl(s->uffd, (int)UFFDIO_WAKE, &r) == 0)
 		return IO_DONE;
 	if (errno == ESRCH)
 		return IO_GONE;
 	if (errno == ENOENT)
 		return IO_DONE;
-	return uffdio_failed(s, "UFFDIO_WAKE", start, len, errno);
+	return uffdio_failed(l, "UFFDIO_WAKE", start, len, errno);
 }
 
 /*
@@ -522,14 +603,15 @@ uffdio_wake(struct session *s, uint64_t start, uint64_t len)
  * decides what it means (see install_split).
  */
 static int
-uffdio_result(struct session *s, int err, uint64_t dst, uint64_t len,
+uffdio_result(struct lane *l, int err, uint64_t dst, uint64_t len,
     const char *what)
 {
+	struct session *s = l->s;
 	switch (err) {
 	case EEXIST:
 		/* Already present: wake in case a waiter raced the copy. */
-		s->n.already_present++;
-		return uffdio_wake(s, dst, len);
+		count(&s->n.already_present, 1);
+		return uffdio_wake(l, dst, len);
 	case EAGAIN:
 		return IO_RETRY;
 	case ENOENT:
@@ -537,26 +619,27 @@ uffdio_result(struct session *s, int err, uint64_t dst, uint64_t len,
 	case ESRCH:
 		return IO_GONE;
 	default:
-		return uffdio_failed(s, what, dst, len, err);
+		return uffdio_failed(l, what, dst, len, err);
 	}
 }
 
 /* *done accumulates the bytes installed, also when the result is retry. */
 static int
-uffdio_copy(struct session *s, uint64_t dst, const char *src, uint64_t len,
+uffdio_copy(struct lane *l, uint64_t dst, const char *src, uint64_t len,
     uint64_t *done)
 {
+	struct session *s = l->s;
 	struct uffdio_copy c;
 
 	for (;;) {
 		c = (struct uffdio_copy){ .dst = dst, .src = (uintptr_t)src, .len = len };
-		s->n.syscalls++;
+		count(&s->n.syscalls, 1);
 		if (ioctl(s->uffd, (int)UFFDIO_COPY, &c) == 0) {
 			*done += len;
 			return IO_DONE;
 		}
 		if (c.copy <= 0)
-			return uffdio_result(s, errno, dst, len, "UFFDIO_COPY");
+			return uffdio_result(l, errno, dst, len, "UFFDIO_COPY");
 		*done += (uint64_t)c.copy;
 		dst += (uint64_t)c.copy;
 		src += c.copy;
@@ -565,19 +648,20 @@ uffdio_copy(struct session *s, uint64_t dst, const char *src, uint64_t len,
 }
 
 static int
-uffdio_zeropage(struct session *s, uint64_t dst, uint64_t len, uint64_t *done)
+uffdio_zeropage(struct lane *l, uint64_t dst, uint64_t len, uint64_t *done)
 {
+	struct session *s = l->s;
 	struct uffdio_zeropage z;
 
 	for (;;) {
 		z = (struct uffdio_zeropage){ .range = { dst, len } };
-		s->n.syscalls++;
+		count(&s->n.syscalls, 1);
 		if (ioctl(s->uffd, (int)UFFDIO_ZEROPAGE, &z) == 0) {
 			*done += len;
 			return IO_DONE;
 		}
 		if (z.zeropage <= 0)
-			return uffdio_result(s, errno, dst, len, "UFFDIO_ZEROPAGE");
+			return uffdio_result(l, errno, dst, len, "UFFDIO_ZEROPAGE");
 		*done += (uint64_t)z.zeropage;
 		dst += (uint64_t)z.zeropage;
 		len -= (uint64_t)z.zeropage;
@@ -603,28 +687,31 @@ find_region(struct session *s, uint64_t addr)
 	return NULL;
 }
 
+/* Atomic: serving threads set bits of the same word at once. */
 static int
 bit_test(const uint64_t *map, uint64_t i)
 {
-	return (map[i / 64] >> (i % 64)) & 1;
+	return (__atomic_load_n(&map[i / 64], __ATOMIC_RELAXED) >> (i % 64)) & 1;
 }
 
 static void
 bit_set(uint64_t *map, uint64_t i)
 {
-	map[i / 64] |= (uint64_t)1 << (i % 64);
+	__atomic_fetch_or(&map[i / 64], (uint64_t)1 << (i % 64), __ATOMIC_RELAXED);
 }
 
 static void
 bit_clear(uint64_t *map, uint64_t i)
 {
-	map[i / 64] &= ~((uint64_t)1 << (i % 64));
+	__atomic_fetch_and(&map[i / 64], ~((uint64_t)1 << (i % 64)),
+	    __ATOMIC_RELAXED);
 }
 
 /* Explains an EFAULT from a copy: the usual cause is a truncated file. */
 static void
-check_memfile(struct session *s)
+check_memfile(struct lane *l)
 {
+	struct session *s = l->s;
 	const struct chain *c = s->chain;
 	struct stat st;
 
@@ -640,10 +727,11 @@ check_memfile(struct session *s)
  * Reading the mapped file in user space (to find all-zero pages) faults
  * with SIGBUS if the file was truncated; the kernel's own copies get EFAULT
  * instead. The guard turns the signal into an error. The jump buffer is
- * global because a signal handler can reach nothing else.
+ * global because a signal handler can reach nothing else, and the
+ * thread's own: SIGBUS goes to the thread that read.
  */
-static sigjmp_buf bus_jmp;
-static volatile sig_atomic_t bus_armed;
+static _Thread_local sigjmp_buf bus_jmp;
+static _Thread_local volatile sig_atomic_t bus_armed;
 
 static void
 on_sigbus(int sig)
@@ -678,8 +766,9 @@ enum { KIND_DATA, KIND_ZERO, KIND_REMOVED, KIND_SKIP };
  * benchmark's snapshot, 180 ioctls per 2 MiB instead of one).
  */
 static int
-page_kind(struct session *s, struct region *r, uint64_t idx)
+page_kind(struct lane *l, struct region *r, uint64_t idx)
 {
+	struct session *s = l->s;
 	uint64_t one = PAGE_4K;
 
 	if (bit_test(r->removed, idx))
@@ -688,10 +777,10 @@ page_kind(struct session *s, struct region *r, uint64_t idx)
 		return KIND_DATA;
 	if (bit_test(r->hole, idx) || bit_test(r->zero, idx))
 		return KIND_ZERO;
-	if (r->page_size != PAGE_4K || s->writing)
+	if (r->page_size != PAGE_4K || l->writing)
 		return KIND_DATA;
-	s->reading = r->offset + idx * PAGE_4K;
-	if (!is_zero(layer_src(s->chain, s->reading, &one), PAGE_4K))
+	l->reading = r->offset + idx * PAGE_4K;
+	if (!is_zero(layer_src(s->chain, l->reading, &one), PAGE_4K))
 		return KIND_DATA;
 	bit_set(r->zero, idx);
 	return KIND_ZERO;
@@ -707,17 +796,18 @@ page_kind(struct session *s, struct region *r, uint64_t idx)
  * stream that faults inside a hole goes on through it (see serve_window).
  */
 static int
-may_prefetch(const struct session *s, const struct region *r, int kind)
+may_prefetch(struct lane *l, const struct region *r, int kind)
 {
 	return kind == KIND_DATA ||
-	    (kind == KIND_ZERO && r->page_size == PAGE_4K && !s->writing);
+	    (kind == KIND_ZERO && r->page_size == PAGE_4K && !l->writing);
 }
 
 /*
  * Sequential detection. A fault at the page a stream expects next doubles
  * that stream's window; any other fault starts a clean stream of one page
  * in place of the least recently used, so random access never installs
- * pages the guest did not ask for. Chosen once per fault.
+ * pages the guest did not ask for. Chosen once per fault, under mu: the
+ * streams are the session's, whichever thread serves the fault.
  */
 static void
 choose_window(struct session *s, struct region *r, uint64_t page,
@@ -732,6 +822,7 @@ choose_window(struct session *s, struct region *r, uint64_t page,
 		f->window = 1;
 		return;
 	}
+	pthread_mutex_lock(&s->mu);
 	for (size_t i = 0; i < STREAMS; i++)
 		if (s->streams[i].next == page) {
 			st = &s->streams[i];
@@ -746,6 +837,7 @@ found:
 	st->used = ++s->stream_clock;
 	f->stream = st;
 	f->window = st->window < left ? st->window : left;
+	pthread_mutex_unlock(&s->mu);
 }
 
 /* --record: each page installed for a fault, once, in order. */
@@ -754,11 +846,13 @@ record_pages(struct session *s, struct region *r, uint64_t idx, uint64_t n)
 {
 	if (s->order == NULL)
 		return;
+	pthread_mutex_lock(&s->mu);
 	for (uint64_t i = idx; i < idx + n; i++)
 		if (!bit_test(r->recorded, i)) {
 			bit_set(r->recorded, i);
 			s->order[s->norder++] = r->offset + i * r->page_size;
 		}
+	pthread_mutex_unlock(&s->mu);
 }
 
 /*
@@ -775,30 +869,32 @@ record_pages(struct session *s, struct region *r, uint64_t idx, uint64_t n)
 #define SUSPECT_MS	20
 
 static int
-pool_exhausted(struct session *s, struct region *r, uint64_t idx)
+pool_exhausted(struct lane *l, struct region *r, uint64_t idx)
 {
+	struct session *s = l->s;
 	uint64_t dst = r->base + idx * r->page_size;
 
-	s->n.already_present--;		/* uffdio_result counted it */
-	if (s->suspect_dst != dst) {
-		s->suspect_dst = dst;
-		s->suspect_ms = now_ms();
+	count(&s->n.already_present, (uint64_t)-1);		/* uffdio_result counted it */
+	if (l->suspect_dst != dst) {
+		l->suspect_dst = dst;
+		l->suspect_ms = now_ms();
 	}
-	if (now_ms() - s->suspect_ms < SUSPECT_MS)
+	if (now_ms() - l->suspect_ms < SUSPECT_MS)
 		return IO_RETRY;
-	return uffdio_failed(s, "UFFDIO_COPY", dst, r->page_size, ENOMEM);
+	return uffdio_failed(l, "UFFDIO_COPY", dst, r->page_size, ENOMEM);
 }
 
 /* Maps the source of len bytes at file offset off, layer by layer. */
 static void
-map_source(struct session *s, uint64_t off, uint64_t len)
+map_source(struct lane *l, uint64_t off, uint64_t len)
 {
+	struct session *s = l->s;
 	for (uint64_t at = 0, seg; at < len; at += seg) {
 		const char *src;
 
 		seg = len - at;
 		src = layer_src(s->chain, off + at, &seg);
-		s->n.syscalls++;
+		count(&s->n.syscalls, 1);
 		madvise((void *)src, seg, MADV_POPULATE_READ);
 	}
 }
@@ -809,28 +905,29 @@ map_source(struct session *s, uint64_t off, uint64_t len)
  * buffer; NULL when that cannot be had.
  */
 static const char *
-assemble(struct session *s, uint64_t off)
+assemble(struct lane *l, uint64_t off)
 {
+	struct session *s = l->s;
 	void *b;
 
-	if (s->bounce == NULL) {
+	if (l->bounce == NULL) {
 		b = mmap(NULL, PAGE_2M, PROT_READ | PROT_WRITE,
 		    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 		if (b == MAP_FAILED)
 			return NULL;
-		s->bounce = b;
+		l->bounce = b;
 	}
 	for (uint64_t at = 0; at < PAGE_2M; at += PAGE_4K) {
-		uint8_t l = s->chain->map[(off + at) / PAGE_4K];
+		uint8_t n = s->chain->map[(off + at) / PAGE_4K];
 
-		s->reading = off + at;
-		if (l == 0)
-			memset(s->bounce + at, 0, PAGE_4K);
+		l->reading = off + at;
+		if (n == 0)
+			memset(l->bounce + at, 0, PAGE_4K);
 		else
-			memcpy(s->bounce + at, s->chain->layer[l - 1].mem + off + at,
+			memcpy(l->bounce + at, s->chain->layer[n - 1].mem + off + at,
 			    PAGE_4K);
 	}
-	return s->bounce;
+	return l->bounce;
 }
 
 /*
@@ -841,9 +938,10 @@ assemble(struct session *s, uint64_t off)
  * first (the zero source is, from the start).
  */
 static int
-copy_data(struct session *s, struct region *r, uint64_t idx, uint64_t len,
+copy_data(struct lane *l, struct region *r, uint64_t idx, uint64_t len,
     uint64_t *done)
 {
+	struct session *s = l->s;
 	uint64_t dst = r->base + idx * r->page_size, off = r->offset + idx * r->page_size;
 	uint64_t seg, d;
 	const char *src;
@@ -853,16 +951,16 @@ copy_data(struct session *s, struct region *r, uint64_t idx, uint64_t len,
 		seg = len - *done;
 		src = layer_src(s->chain, off + *done, &seg);
 		seg -= seg % r->page_size;
-		if (seg == 0 && (src = assemble(s, off + *done)) == NULL)
-			return uffdio_failed(s, "mmap(bounce)", dst + *done, PAGE_2M,
+		if (seg == 0 && (src = assemble(l, off + *done)) == NULL)
+			return uffdio_failed(l, "mmap(bounce)", dst + *done, PAGE_2M,
 			    ENOMEM);
 		seg = seg ? seg : r->page_size;
-		if (r->page_size != PAGE_4K && src != s->bounce) {
-			s->n.syscalls++;
+		if (r->page_size != PAGE_4K && src != l->bounce) {
+			count(&s->n.syscalls, 1);
 			madvise((void *)src, seg, MADV_POPULATE_READ);
 		}
 		d = 0;
-		rc = uffdio_copy(s, dst + *done, src, seg, &d);
+		rc = uffdio_copy(l, dst + *done, src, seg, &d);
 		if (d < seg) {
 			*done += d;
 			break;
@@ -873,42 +971,43 @@ copy_data(struct session *s, struct region *r, uint64_t idx, uint64_t len,
 
 /* Installs n pages of one kind at page index idx; *got counts pages done. */
 static int
-install_run(struct session *s, struct region *r, uint64_t idx, uint64_t n,
+install_run(struct lane *l, struct region *r, uint64_t idx, uint64_t n,
     int kind, uint64_t *got)
 {
+	struct session *s = l->s;
 	uint64_t dst = r->base + idx * r->page_size, len = n * r->page_size;
 	uint64_t done = 0;
 	int rc;
 
 	/* A write to the shared zero page would fault again to copy it: for a
 	 * write fault, zeros are copied in instead. */
-	int mapped = kind != KIND_DATA && r->page_size == PAGE_4K && !s->writing;
+	int mapped = kind != KIND_DATA && r->page_size == PAGE_4K && !l->writing;
 
 	if (kind != KIND_DATA && !mapped && len > ZERO_SRC)
 		len = ZERO_SRC;		/* the run is cut to the zero source */
 	if (kind == KIND_DATA)
-		rc = copy_data(s, r, idx, len, &done);
+		rc = copy_data(l, r, idx, len, &done);
 	else if (mapped)
-		rc = uffdio_zeropage(s, dst, len, &done);
+		rc = uffdio_zeropage(l, dst, len, &done);
 	else
-		rc = uffdio_copy(s, dst, s->zeros, len, &done);
+		rc = uffdio_copy(l, dst, s->zeros, len, &done);
 	*got = done / r->page_size;
 	for (uint64_t i = idx; i < idx + *got; i++)
 		bit_set(r->present, i);
-	if (s->suspect_dst - dst < done)
-		s->suspect_dst = 0;	/* in after all: a new refusal starts over */
+	if (l->suspect_dst - dst < done)
+		l->suspect_dst = 0;	/* in after all: a new refusal starts over */
 	if (rc == IO_DONE && done < len && r->page_size != PAGE_4K &&
 	    !bit_test(r->present, idx + *got))
-		rc = pool_exhausted(s, r, idx + *got);
+		rc = pool_exhausted(l, r, idx + *got);
 	if (kind == KIND_DATA) {
-		s->n.pages_copied += *got;
-		s->n.bytes_copied += done;
+		count(&s->n.pages_copied, *got);
+		count(&s->n.bytes_copied, done);
 	} else {
-		*(kind == KIND_ZERO ? &s->n.zero_data_pages : &s->n.zero_pages) += *got;
-		s->n.zero_mapped += mapped && kind == KIND_ZERO ? *got : 0;
+		count(kind == KIND_ZERO ? &s->n.zero_data_pages : &s->n.zero_pages, *got);
+		count(&s->n.zero_mapped, mapped && kind == KIND_ZERO ? *got : 0);
 	}
 	if (rc == -EFAULT)
-		check_memfile(s);
+		check_memfile(l);
 	return rc;
 }
 
@@ -920,7 +1019,7 @@ install_run(struct session *s, struct region *r, uint64_t idx, uint64_t n,
  * otherwise means a page already present, or an error, stopped the run.
  */
 static int
-install_split(struct session *s, struct region *r, uint64_t idx, uint64_t n,
+install_split(struct lane *l, struct region *r, uint64_t idx, uint64_t n,
     int kind, uint64_t *got)
 {
 	uint64_t part = n, g;
@@ -928,14 +1027,14 @@ install_split(struct session *s, struct region *r, uint64_t idx, uint64_t n,
 
 	*got = 0;
 	for (;;) {
-		rc = install_run(s, r, idx + *got, part, kind, &g);
+		rc = install_run(l, r, idx + *got, part, kind, &g);
 		*got += g;
 		split |= rc == IO_ABSENT;
 		/* Copied zeros go ahead only as far as the faulting page's
 		 * own VMA: the next may be an unplugged slot's PROT_NONE. */
 		if (*got == n || !(rc == IO_ABSENT ? part > 1 :
 		    rc == IO_DONE && g == part) || (split && *got > 0 &&
-		    !may_prefetch(s, r, kind)))
+		    !may_prefetch(l, r, kind)))
 			return rc;
 		/* A VMA can change between two calls: never reach past n. */
 		part = rc == IO_ABSENT ? part / 2 : n;
@@ -955,9 +1054,10 @@ install_split(struct session *s, struct region *r, uint64_t idx, uint64_t n,
  * only.
  */
 static int
-serve_window(struct session *s, struct region *r, uint64_t idx, uint64_t n,
+serve_window(struct lane *l, struct region *r, uint64_t idx, uint64_t n,
     struct stream *st)
 {
+	struct session *s = l->s;
 	uint64_t at = 0, len, got;
 	int kind, next = KIND_DATA, rc;
 
@@ -966,32 +1066,34 @@ serve_window(struct session *s, struct region *r, uint64_t idx, uint64_t n,
 	 * once one MADV_POPULATE_READ (Linux 5.14) has mapped the whole run
 	 * (2 MiB copies, 1 GiB). On reads, whose zero pages split the window
 	 * into short runs anyway, it measured slower. */
-	if (n > 1 && s->writing && r->page_size == PAGE_4K)
-		map_source(s, r->offset + idx * r->page_size, n * r->page_size);
-	kind = page_kind(s, r, idx);
+	if (n > 1 && l->writing && r->page_size == PAGE_4K)
+		map_source(l, r->offset + idx * r->page_size, n * r->page_size);
+	kind = page_kind(l, r, idx);
 	for (;;) {
 		for (len = 1; at + len < n && kind != KIND_REMOVED; len++)
-			if ((next = page_kind(s, r, idx + at + len)) != kind)
+			if ((next = page_kind(l, r, idx + at + len)) != kind)
 				break;
-		rc = install_split(s, r, idx + at, len, kind, &got);
+		rc = install_split(l, r, idx + at, len, kind, &got);
 		if (at == 0 && got == 0)
 			return rc;
 		at += got;
 		if (rc != IO_DONE || got < len) {
 			if (rc < 0)
-				log_failure(s, LOG_DEBUG, rc);
+				log_failure(l, LOG_DEBUG, rc);
 			break;
 		}
 		if (at == n)
 			break;
 		/* The run ended at a change of kind, or after the faulting
 		 * page when the guest removed it. */
-		kind = kind == KIND_REMOVED ? page_kind(s, r, idx + at) : next;
-		if (!may_prefetch(s, r, kind))
+		kind = kind == KIND_REMOVED ? page_kind(l, r, idx + at) : next;
+		if (!may_prefetch(l, r, kind))
 			break;
 	}
-	s->n.prefetched += at - 1;
+	count(&s->n.prefetched, at - 1);
+	pthread_mutex_lock(&s->mu);
 	st->next = r->base + (idx + at) * r->page_size;
+	pthread_mutex_unlock(&s->mu);
 	record_pages(s, r, idx, at);
 	return IO_DONE;
 }
@@ -1003,8 +1105,9 @@ serve_window(struct session *s, struct region *r, uint64_t idx, uint64_t n,
  * for it here and the fault is dropped.
  */
 static int
-serve_fault(struct session *s, struct fault *f)
+serve_fault(struct lane *l, struct fault *f)
 {
+	struct session *s = l->s;
 	struct region *r = find_region(s, f->addr);
 	uint64_t page;
 	int rc;
@@ -1017,18 +1120,18 @@ serve_fault(struct session *s, struct fault *f)
 	page = f->addr & ~(r->page_size - 1);
 	if (f->stream == NULL)
 		choose_window(s, r, page, f);
-	s->writing = (f->flags & UFFD_PAGEFAULT_FLAG_WRITE) != 0;
-	rc = serve_window(s, r, (page - r->base) / r->page_size, f->window,
+	l->writing = (f->flags & UFFD_PAGEFAULT_FLAG_WRITE) != 0;
+	rc = serve_window(l, r, (page - r->base) / r->page_size, f->window,
 	    f->stream);
 	if (rc == IO_ABSENT) {
 		/* Unregistering wakes the range's waiters; munmap does not,
 		 * and a vCPU would wait forever: woken, it faults again and
 		 * meets what the VMM made of the range. */
-		s->n.unregistered++;
-		return uffdio_wake(s, page, r->page_size);
+		count(&s->n.unregistered, 1);
+		return uffdio_wake(l, page, r->page_size);
 	}
 	if (rc < 0)
-		log_failure(s, LOG_ERROR, rc);
+		log_failure(l, LOG_ERROR, rc);
 	return rc;
 }
 
@@ -1036,7 +1139,7 @@ serve_fault(struct session *s, struct fault *f)
 static void
 apply_remove(struct session *s, uint64_t start, uint64_t end)
 {
-	s->n.remove_events++;
+	count(&s->n.remove_events, 1);
 	for (size_t i = 0; i < s->nregions; i++) {
 		struct region *r = &s->regions[i];
 		uint64_t lo = start > r->base ? start : r->base;
@@ -1052,7 +1155,7 @@ apply_remove(struct session *s, uint64_t start, uint64_t end)
 			bit_clear(r->present, p);
 		}
 		if (last > first)
-			s->n.pages_removed += last - first;
+			count(&s->n.pages_removed, last - first);
 	}
 }
 
@@ -1062,31 +1165,32 @@ apply_remove(struct session *s, uint64_t start, uint64_t end)
  * stop for want of room: an unread REMOVE fails every copy with EAGAIN.
  */
 static int
-queue_fault(struct session *s, const struct uffd_msg *m, uint64_t now)
+queue_fault(struct lane *l, const struct uffd_msg *m, uint64_t now)
 {
-	if (s->nfaults == s->faults_cap) {
-		struct fault *f = realloc(s->faults, 2 * s->faults_cap * sizeof(*f));
+	if (l->nfaults == l->faults_cap) {
+		struct fault *f = realloc(l->faults, 2 * l->faults_cap * sizeof(*f));
 
 		if (f == NULL) {
 			logmsg(LOG_ERROR, "growing the fault queue past %zu: %s",
-			    s->faults_cap, strerror(ENOMEM));
+			    l->faults_cap, strerror(ENOMEM));
 			return -ENOMEM;
 		}
-		s->faults = f;
-		s->faults_cap *= 2;
+		l->faults = f;
+		l->faults_cap *= 2;
 	}
-	s->faults[s->nfaults++] = (struct fault){ .addr = m->arg.pagefault.address,
+	l->faults[l->nfaults++] = (struct fault){ .addr = m->arg.pagefault.address,
 	    .flags = m->arg.pagefault.flags, .read_ns = now };
 	return 0;
 }
 
 static int
-handle_event(struct session *s, const struct uffd_msg *m, uint64_t now)
+handle_event(struct lane *l, const struct uffd_msg *m, uint64_t now)
 {
+	struct session *s = l->s;
 	switch (m->event) {
 	case UFFD_EVENT_PAGEFAULT:
-		s->n.faults++;
-		return queue_fault(s, m, now);
+		count(&s->n.faults, 1);
+		return queue_fault(l, m, now);
 	case UFFD_EVENT_REMOVE:
 		apply_remove(s, m->arg.remove.start, m->arg.remove.end);
 		return 0;
@@ -1102,14 +1206,15 @@ handle_event(struct session *s, const struct uffd_msg *m, uint64_t now)
  * which says the same without one more syscall.
  */
 static int
-read_events(struct session *s)
+drain_uffd(struct lane *l)
 {
+	struct session *s = l->s;
 	for (;;) {
-		ssize_t n = read(s->uffd, s->msgs, sizeof(s->msgs));
+		ssize_t n = read(s->uffd, l->msgs, sizeof(l->msgs));
 		uint64_t now = now_ns();
 		int rc;
 
-		s->n.syscalls++;
+		count(&s->n.syscalls, 1);
 		if (n < 0 && errno == EINTR)
 			continue;
 		if (n < 0 && errno == EAGAIN)
@@ -1124,11 +1229,24 @@ read_events(struct session *s)
 			return -EPROTO;
 		}
 		for (ssize_t i = 0; i < n / (ssize_t)sizeof(struct uffd_msg); i++)
-			if ((rc = handle_event(s, &s->msgs[i], now)) < 0)
+			if ((rc = handle_event(l, &l->msgs[i], now)) < 0)
 				return rc;
-		if ((size_t)n < sizeof(s->msgs))
+		if ((size_t)n < sizeof(l->msgs))
 			return 0;
 	}
+}
+
+/* Exclusive: a REMOVE read here lets its madvise go on, so it must be in
+ * the bitmap before any other install starts (see "Threads"). */
+static int
+read_events(struct lane *l)
+{
+	int rc;
+
+	reader_lock(l->s);
+	rc = drain_uffd(l);
+	reader_unlock(l->s);
+	return rc;
 }
 
 static void
@@ -1141,7 +1259,7 @@ record_service(struct session *s, uint64_t read_ns)
 		us >>= 1;
 		k++;
 	}
-	s->n.service_us_log2[k]++;
+	count(&s->n.service_us_log2[k], 1);
 }
 
 /*
@@ -1149,23 +1267,27 @@ record_service(struct session *s, uint64_t read_ns)
  * REMOVE is pending every copy would fail the same way.
  */
 static int
-serve_pending(struct session *s)
+serve_pending(struct lane *l)
 {
+	struct session *s = l->s;
 	size_t i;
 	int rc = IO_DONE;
 
-	for (i = 0; i < s->nfaults; i++) {
-		if ((rc = serve_fault(s, &s->faults[i])) != IO_DONE)
+	for (i = 0; i < l->nfaults; i++) {
+		install_lock(l);
+		rc = serve_fault(l, &l->faults[i]);
+		install_unlock(l);
+		if (rc != IO_DONE)
 			break;
-		record_service(s, s->faults[i].read_ns);
+		record_service(s, l->faults[i].read_ns);
 	}
 	if (rc != IO_RETRY) {
-		s->nfaults = 0;
+		l->nfaults = 0;
 		return rc;
 	}
-	s->n.deferred += s->nfaults - i;
-	memmove(s->faults, s->faults + i, (s->nfaults - i) * sizeof(*s->faults));
-	s->nfaults -= i;
+	count(&s->n.deferred, l->nfaults - i);
+	memmove(l->faults, l->faults + i, (l->nfaults - i) * sizeof(*l->faults));
+	l->nfaults -= i;
 	return rc;
 }
 
@@ -1256,13 +1378,14 @@ region_at_offset(struct session *s, uint64_t off)
  * installed as zeros.
  */
 static int
-populate_kind(struct session *s, struct region *r, uint64_t idx)
+populate_kind(struct lane *l, struct region *r, uint64_t idx)
 {
+	struct session *s = l->s;
 	if (bit_test(r->removed, idx))
 		return KIND_SKIP;
 	if (s->pop_list == NULL && bit_test(r->hole, idx))
 		return KIND_SKIP;
-	return page_kind(s, r, idx);
+	return page_kind(l, r, idx);
 }
 
 /*
@@ -1271,26 +1394,27 @@ populate_kind(struct session *s, struct region *r, uint64_t idx)
  * is a page that is not registered (ENOENT on the page alone).
  */
 static int
-populate_run(struct session *s, struct region *r, uint64_t idx, uint64_t len,
+populate_run(struct lane *l, struct region *r, uint64_t idx, uint64_t len,
     int kind, uint64_t *advance, uint64_t *budget)
 {
+	struct session *s = l->s;
 	uint64_t got;
 	int rc;
 
 	*advance = len;
 	if (kind == KIND_SKIP) {
-		s->n.populate_skipped += len;
+		count(&s->n.populate_skipped, len);
 		return IO_DONE;
 	}
-	rc = install_split(s, r, idx, len, kind, &got);
-	s->n.populated += got;
+	rc = install_split(l, r, idx, len, kind, &got);
+	count(&s->n.populated, got);
 	*budget = *budget > len * r->page_size ? *budget - len * r->page_size : 0;
 	switch (rc) {
 	case IO_DONE:
 		*advance = got < len ? got + 1 : len;
 		return IO_DONE;
 	case IO_ABSENT:
-		s->n.populate_absent++;
+		count(&s->n.populate_absent, 1);
 		*advance = got + 1;
 		return IO_DONE;
 	default:
@@ -1301,8 +1425,9 @@ populate_run(struct session *s, struct region *r, uint64_t idx, uint64_t len,
 
 /* One step through the --populate list; adjacent entries make one run. */
 static int
-populate_list_step(struct session *s)
+populate_list_step(struct lane *l)
 {
+	struct session *s = l->s;
 	uint64_t budget = POPULATE_STEP;
 	int rc = IO_DONE;
 
@@ -1317,13 +1442,13 @@ populate_list_step(struct session *s)
 		}
 		idx = (off - r->offset) / r->page_size;
 		npages = r->size / r->page_size;
-		kind = populate_kind(s, r, idx);
+		kind = populate_kind(l, r, idx);
 		while (s->pop_pos + len < s->pop_n && idx + len < npages &&
 		    len * r->page_size < budget &&
 		    s->pop_list[s->pop_pos + len] == off + len * r->page_size &&
-		    populate_kind(s, r, idx + len) == kind)
+		    populate_kind(l, r, idx + len) == kind)
 			len++;
-		rc = populate_run(s, r, idx, len, kind, &len, &budget);
+		rc = populate_run(l, r, idx, len, kind, &len, &budget);
 		s->pop_pos += len;
 	}
 	return rc;
@@ -1335,8 +1460,9 @@ populate_list_step(struct session *s)
  * first.
  */
 static int
-populate_step(struct session *s)
+populate_step(struct lane *l)
 {
+	struct session *s = l->s;
 	uint64_t budget = POPULATE_STEP;
 	int rc = IO_DONE;
 
@@ -1350,11 +1476,11 @@ populate_step(struct session *s)
 			s->pop_idx = 0;
 			continue;
 		}
-		kind = populate_kind(s, r, idx);
+		kind = populate_kind(l, r, idx);
 		for (len = 1; idx + len < npages && len < budget / r->page_size + 1 &&
-		    populate_kind(s, r, idx + len) == kind; len++)
+		    populate_kind(l, r, idx + len) == kind; len++)
 			;
-		rc = populate_run(s, r, idx, len, kind, &len, &budget);
+		rc = populate_run(l, r, idx, len, kind, &len, &budget);
 		s->pop_idx += len;
 	}
 	return rc;
@@ -1368,12 +1494,13 @@ populate_step(struct session *s)
  * must still be read, or its madvise caller would wait forever.
  */
 static int
-detach(struct session *s)
+detach(struct lane *l)
 {
+	struct session *s = l->s;
 	for (size_t i = 0; i < s->nregions; i++) {
 		struct uffdio_range r = { s->regions[i].base, s->regions[i].size };
 
-		s->n.syscalls++;
+		count(&s->n.syscalls, 1);
 		if (ioctl(s->uffd, (int)UFFDIO_UNREGISTER, &r) < 0 && errno != ENOENT) {
 			logmsg(LOG_ERROR, "UFFDIO_UNREGISTER(0x%llx, %llu): %s",
 			    (unsigned long long)r.start, (unsigned long long)r.len,
@@ -1381,13 +1508,13 @@ detach(struct session *s)
 			return errno == ESRCH ? 0 : -errno;
 		}
 	}
-	while (read(s->uffd, s->msgs, sizeof(s->msgs)) > 0)
+	while (read(s->uffd, l->msgs, sizeof(l->msgs)) > 0)
 		;
 	logmsg(LOG_INFO, "every page with data is present (%llu removed or "
 	    "in holes read as zero, %llu not registered): unregistered, the "
 	    "VM runs on without a handler",
-	    (unsigned long long)s->n.populate_skipped,
-	    (unsigned long long)s->n.populate_absent);
+	    (unsigned long long)counted(&s->n.populate_skipped),
+	    (unsigned long long)counted(&s->n.populate_absent));
 	return 0;
 }
 
@@ -1397,18 +1524,22 @@ detach(struct session *s)
  * VM is served on demand, and --detach no longer lets it go.
  */
 static int
-populate(struct session *s)
+populate(struct lane *l)
 {
+	struct session *s = l->s;
 	int rc;
 
-	if (!s->populating || s->nfaults > 0)
+	if (!l->populates || !s->populating || l->nfaults > 0)
 		return 0;
-	s->writing = 0;
-	rc = s->pop_list ? populate_list_step(s) : populate_step(s);
+	l->writing = 0;
+	/* Held from the pages' kinds to their copies (see "Threads"). */
+	install_lock(l);
+	rc = s->pop_list ? populate_list_step(l) : populate_step(l);
+	install_unlock(l);
 	if (rc < 0) {
-		log_failure(s, LOG_WARN, rc);
+		log_failure(l, LOG_WARN, rc);
 		logmsg(LOG_WARN, "population stopped after %llu pages; faults are "
-		    "still served%s", (unsigned long long)s->n.populated,
+		    "still served%s", (unsigned long long)counted(&s->n.populated),
 		    opt.detach ? ", and the handler stays (--detach)" : "");
 		s->populating = 0;
 		s->pop_failed = 1;
@@ -1420,7 +1551,7 @@ populate(struct session *s)
 		return 0;
 	s->populating = 0;
 	logmsg(LOG_INFO, "populated %llu pages in %llu ms",
-	    (unsigned long long)s->n.populated,
+	    (unsigned long long)counted(&s->n.populated),
 	    (unsigned long long)((now_ns() - s->pop_start) / 1000000));
 	return 0;
 }
@@ -1431,8 +1562,9 @@ populate(struct session *s)
  * IO_GONE, a negative errno, or 0.
  */
 static int __attribute__((noinline))
-guarded_install(struct session *s)
+guarded_install(struct lane *l)
 {
+	struct session *s = l->s;
 	sigset_t bus;
 	int rc;
 
@@ -1445,14 +1577,16 @@ guarded_install(struct session *s)
 		sigaddset(&bus, SIGBUS);
 		sigprocmask(SIG_UNBLOCK, &bus, NULL);
 		bus_armed = 0;
-		check_memfile(s);
+		if (l->held)
+			install_unlock(l);
+		check_memfile(l);
 		logmsg(LOG_ERROR, "reading %s at offset %llu: SIGBUS",
-		    layer_path(s->chain, s->reading), (unsigned long long)s->reading);
+		    layer_path(s->chain, l->reading), (unsigned long long)l->reading);
 		return -ENXIO;
 	}
 	bus_armed = 1;
-	if ((rc = serve_pending(s)) >= 0 && rc != IO_GONE)
-		rc = populate(s);
+	if ((rc = serve_pending(l)) >= 0 && rc != IO_GONE)
+		rc = populate(l);
 	bus_armed = 0;
 	return rc;
 }
@@ -1471,25 +1605,31 @@ serve_start(struct session *s)
  * population go on without it.
  */
 static int
-serve_round(struct session *s, uint32_t uffd_events)
+serve_round(struct lane *l, uint32_t uffd_events)
 {
+	struct session *s = l->s;
 	int rc = 0;
 
 	if (uffd_events & EPOLLERR) {
 		logmsg(LOG_ERROR, "epoll(uffd): error condition 0x%x", uffd_events);
 		return -EIO;
 	}
-	s->n.syscalls++;		/* the wait that woke it */
+	count(&s->n.syscalls, 1);		/* the wait that woke it */
 	if (uffd_events)
-		rc = read_events(s);
-	if (rc < 0 || (rc = guarded_install(s)) < 0)
+		rc = read_events(l);
+	if (rc < 0 || (rc = guarded_install(l)) < 0)
 		return rc;
 	if (rc == IO_GONE) {
 		logmsg(LOG_INFO, "VMM's address space is gone (ESRCH)");
 		return 1;
 	}
-	if (opt.detach && !s->populating && !s->pop_failed && s->nfaults == 0)
-		return (rc = detach(s)) < 0 ? rc : 1;
+	if (opt.detach && l->populates && !s->populating && !s->pop_failed &&
+	    l->nfaults == 0) {
+		reader_lock(s);
+		rc = detach(l);
+		reader_unlock(s);
+		return rc < 0 ? rc : 1;
+	}
 	return 0;
 }
 
@@ -1760,6 +1900,10 @@ static const long allowed_syscalls[] = {
 	SYS_rt_sigreturn, SYS_rt_sigprocmask, SYS_clock_gettime, SYS_lseek,
 	SYS_newfstatat, SYS_kill, SYS_pidfd_send_signal, SYS_getpid, SYS_gettid,
 	SYS_tgkill, SYS_restart_syscall, SYS_epoll_pwait, SYS_epoll_ctl,
+	SYS_futex, SYS_clock_nanosleep, SYS_sched_yield,
+#ifdef SYS_nanosleep
+	SYS_nanosleep,
+#endif
 #ifdef SYS_epoll_wait
 	SYS_epoll_wait,
 #endif
@@ -1769,8 +1913,8 @@ static const long allowed_syscalls[] = {
 #ifdef SYS_fstat
 	SYS_fstat,
 #endif
-#ifdef __SANITIZE_ADDRESS__
-	/* The sanitizer runtime's leak check at exit, in the test build only. */
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+	/* The sanitizer runtimes' own calls, in the test builds only. */
 	SYS_clone, SYS_clone3, SYS_ptrace, SYS_wait4, SYS_prctl, SYS_openat,
 	SYS_getdents64, SYS_readlinkat, SYS_sched_yield, SYS_sigaltstack,
 	SYS_rt_sigaction, SYS_mprotect, SYS_futex, SYS_set_robust_list,
@@ -1788,11 +1932,20 @@ static const long allowed_syscalls[] = {
 };
 
 /* Accepting, the handshake, the pidfd, refusing, the spare descriptors,
- * the socket's removal (lstat first: musl's on x86_64), and the second
- * filter. */
+ * the socket's removal (lstat first: musl's on x86_64), the second filter,
+ * and starting the serving threads (clone3, rseq, set_robust_list: glibc's,
+ * in the test builds). */
 static const long accepting_syscalls[] = {
 	SYS_accept4, SYS_recvmsg, SYS_getsockopt, SYS_pidfd_open, SYS_fcntl,
-	SYS_shutdown, SYS_unlinkat, SYS_seccomp,
+	SYS_shutdown, SYS_unlinkat, SYS_seccomp, SYS_clone, SYS_mprotect,
+	SYS_epoll_create1, SYS_eventfd2,
+#ifdef SYS_clone3
+	SYS_clone3,
+#endif
+#ifdef SYS_rseq
+	SYS_rseq,
+#endif
+	SYS_set_robust_list,
 #ifdef SYS_lstat
 	SYS_lstat,
 #endif
@@ -1841,11 +1994,13 @@ seccomp_confine(int accepting)
 	}
 	f[n++] = RET(SECCOMP_RET_ERRNO | EPERM);
 	prog.len = (unsigned short)n;
-	/* The second filter through seccomp(2), which the first allows; the
-	 * first through prctl, which valgrind knows. */
+	/* The first through prctl, which valgrind knows, before the serving
+	 * threads start: they inherit it. The second through seccomp(2), which
+	 * the first allows, with TSYNC: on every thread at once. */
 	if (accepting ? prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 ||
 	    prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog) < 0 :
-	    syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &prog) < 0) {
+	    syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER,
+	    opt.threads > 1 ? SECCOMP_FILTER_FLAG_TSYNC : 0, &prog) != 0) {
 		logmsg(LOG_ERROR, "installing the seccomp filter: %s", strerror(errno));
 		return -errno;
 	}
@@ -1889,11 +2044,34 @@ session_new(int conn, const struct chain *chain)
 	s->chain = chain;
 	s->uffd = s->pidfd = s->record_fd = -1;
 	s->mappings = calloc(MAX_MAPPINGS, sizeof(*s->mappings));
-	s->faults = calloc(FAULT_QUEUE, sizeof(*s->faults));
-	s->faults_cap = FAULT_QUEUE;
+	pthread_mutex_init(&s->turn, NULL);
+	pthread_rwlock_init(&s->rw, NULL);
+	pthread_mutex_init(&s->mu, NULL);
 	for (int i = 0; i < 3; i++)
 		s->w[i] = (struct watch){ s, i };
 	return s;
+}
+
+/* A lane for each serving thread and population's last; with --threads 1,
+ * the loop's one. */
+static int
+lanes_open(struct session *s)
+{
+	int n = opt.threads > 1 ? opt.threads + 1 : 1;
+
+	if ((s->lanes = calloc((size_t)n, sizeof(*s->lanes))) == NULL)
+		return -ENOMEM;
+	s->nlanes = n;
+	for (int i = 0; i < n; i++) {
+		struct lane *l = &s->lanes[i];
+
+		l->s = s;
+		l->populates = i == n - 1;
+		l->faults_cap = FAULT_QUEUE;
+		if ((l->faults = calloc(FAULT_QUEUE, sizeof(*l->faults))) == NULL)
+			return -ENOMEM;
+	}
+	return 0;
 }
 
 static int
@@ -1915,7 +2093,7 @@ session_open(struct session *s)
 	socklen_t l = sizeof(cr);
 	int fd = -1;
 
-	if (s->mappings == NULL || s->faults == NULL)
+	if (s->mappings == NULL)
 		return -ENOMEM;
 	if (getsockopt(s->conn, SOL_SOCKET, SO_PEERCRED, &cr, &l) == 0)
 		s->pid = cr.pid;
@@ -1971,8 +2149,11 @@ session_close(struct session *s)
 	closefd(&s->conn);
 	closefd(&s->uffd);
 	closefd(&s->pidfd);
-	if (s->bounce != NULL)
-		munmap(s->bounce, PAGE_2M);
+	for (int i = 0; i < s->nlanes; i++) {
+		if (s->lanes[i].bounce != NULL)
+			munmap(s->lanes[i].bounce, PAGE_2M);
+		free(s->lanes[i].faults);
+	}
 	if (s->zeros != NULL)
 		munmap((void *)s->zeros, ZERO_SRC);
 	for (size_t i = 0; i < s->nregions; i++) {
@@ -1984,21 +2165,41 @@ session_close(struct session *s)
 	}
 	free(s->regions);
 	free(s->mappings);
-	free(s->faults);
+	free(s->lanes);
 	free(s->order);
 	s->zeros = NULL;
-	s->bounce = NULL;
 	s->regions = NULL;
 	s->mappings = NULL;
-	s->faults = NULL;
+	s->lanes = NULL;
 	s->order = NULL;
-	s->nregions = s->nfaults = 0;
+	s->nregions = 0;
+	s->nlanes = 0;
+}
+
+static void
+session_free(struct session *s)
+{
+	session_close(s);
+	pthread_mutex_destroy(&s->turn);
+	pthread_rwlock_destroy(&s->rw);
+	pthread_mutex_destroy(&s->mu);
+	free(s);
+}
+
+/* The counters as they stand, while threads may be adding to them. */
+static const struct counters *
+counters_read(const struct session *s, struct counters *c)
+{
+	for (size_t i = 0; i < sizeof(*c) / sizeof(uint64_t); i++)
+		((uint64_t *)c)[i] = counted((const uint64_t *)&s->n + i);
+	return c;
 }
 
 static void
 print_counters(const struct session *s, int code)
 {
-	const struct counters *c = &s->n;
+	struct counters now;
+	const struct counters *c = counters_read(s, &now);
 	const struct {
 		const char *name;
 		uint64_t value;
@@ -2237,6 +2438,8 @@ usage(FILE *f)
 "                               limit; default 1)\n"
 "      --detach                 with --populate all: once every page is in,\n"
 "                               unregister and exit 0; the VM runs on alone\n"
+"      --threads N              serve faults from N threads, population from\n"
+"                               one more (default 2; 1: one thread does all)\n"
 "  -h, --help                   print this help and exit\n"
 "  -V, --version                print the version and exit\n"
 "\n"
@@ -2246,6 +2449,23 @@ usage(FILE *f)
 "4 handshake rejected (VMM killed); 5 SIGTERM, SIGINT, SIGHUP or SIGQUIT\n"
 "(every VMM killed). With several VMs: the gravest of 5, 1, 4, 0.\n"
 "On exit one JSON line of counters is written to standard output.\n");
+}
+
+static int
+parse_threads(const char *arg)
+{
+	char *end;
+	long v;
+
+	errno = 0;
+	v = strtol(arg, &end, 10);
+	if (errno || end == arg || *end != '\0' || v < 1 || v > MAX_THREADS) {
+		fprintf(stderr, "uffd-handler: --threads: '%s' is not a number from "
+		    "1 to %d\n", arg, MAX_THREADS);
+		return -1;
+	}
+	opt.threads = (int)v;
+	return 0;
 }
 
 static int
@@ -2330,7 +2550,7 @@ parse_level(const char *arg)
 
 enum { OPT_ACCEPT = 256, OPT_HANDSHAKE, OPT_OWNER, OPT_MODE, OPT_UID, OPT_GID,
 	OPT_NO_SECCOMP, OPT_NO_OPTIMIZE, OPT_POPULATE, OPT_DETACH, OPT_RECORD,
-	OPT_MAX_VMS };
+	OPT_MAX_VMS, OPT_THREADS };
 
 static int
 set_flag(int c, char *arg)
@@ -2391,6 +2611,8 @@ set_option(int c, char *arg, const char *as_given)
 		return parse_id(arg, "--gid", &opt.gid, '\0');
 	case OPT_MAX_VMS:
 		return parse_id(arg, "--max-vms", &opt.max_vms, '\0');
+	case OPT_THREADS:
+		return parse_threads(arg);
 	case 'h':
 		usage(stdout);
 		return 1;
@@ -2428,6 +2650,7 @@ parse_options(int argc, char **argv)
 		{ "detach", no_argument, NULL, OPT_DETACH },
 		{ "record", required_argument, NULL, OPT_RECORD },
 		{ "max-vms", required_argument, NULL, OPT_MAX_VMS },
+		{ "threads", required_argument, NULL, OPT_THREADS },
 		{ "help", no_argument, NULL, 'h' },
 		{ "version", no_argument, NULL, 'V' },
 		{ NULL, 0, NULL, 0 },
@@ -2519,7 +2742,34 @@ struct server {
 	int64_t idle_end;		/* --accept-timeout; INT64_MAX: off */
 	int tight;			/* the serving-only filter is on */
 	struct stat sock_st;		/* SOCKET, as this handler made it */
-	struct watch wl, ws;
+	struct watch wl, ws, wn;
+	/* --threads 2 or more: see "Threads". */
+	int wepfd;			/* the serving threads' set: the uffds */
+	int stopfd;			/* in it, readable once they must stop */
+	int notefd;			/* in the loop's: a thread ended a session */
+	int note_ev, stop;
+	struct thread *threads;
+	int nthreads;			/* started */
+	pthread_t pop_tid;		/* population's, when --populate */
+	int pop_started;
+	pthread_mutex_t popmu;		/* popq, stop */
+	pthread_cond_t popcv;
+	struct session **popq;		/* sessions populating */
+	size_t npop, popcap;
+	struct grave *graves;		/* ended, not yet freed */
+	size_t ngraves, gravecap;
+};
+
+struct thread {
+	struct server *srv;
+	int id;				/* its lane in every session */
+	uint64_t epoch;			/* odd while waiting for events */
+	pthread_t tid;
+};
+
+struct grave {
+	struct session *s;
+	uint64_t epoch[MAX_THREADS];	/* the threads' when it ended */
 };
 
 static int
@@ -2542,6 +2792,313 @@ unwatch(struct server *srv, int fd)
 {
 	if (fd >= 0)
 		epoll_ctl(srv->epfd, EPOLL_CTL_DEL, fd, NULL);
+}
+
+/*
+ * Threads (--threads 2 or more). Each serving thread waits on the set of
+ * serving uffds, reads the events of one that is ready into its own lane
+ * and serves the faults it read; population has a thread of its own. The
+ * loop keeps the rest: handshakes, pidfds, signals, ending sessions, which
+ * a thread asks for through notefd (session_outcome).
+ *
+ * A session ends only with no thread inside it (users, open). Its uffd
+ * leaves the set first, but a thread may hold an event for it already, so
+ * the struct itself is freed only once every thread has been back to its
+ * wait since (epoch, odd while waiting): until then it lies in a grave.
+ */
+static int
+session_enter(struct session *s)
+{
+	__atomic_fetch_add(&s->users, 1, __ATOMIC_SEQ_CST);
+	if (__atomic_load_n(&s->open, __ATOMIC_SEQ_CST))
+		return 1;
+	__atomic_fetch_sub(&s->users, 1, __ATOMIC_SEQ_CST);
+	return 0;
+}
+
+static void
+session_leave(struct session *s)
+{
+	__atomic_fetch_sub(&s->users, 1, __ATOMIC_SEQ_CST);
+}
+
+/* The first ending a thread finds for a session (1 gone, < 0 fatal),
+ * for the loop to act on. */
+static void
+session_outcome(struct server *srv, struct session *s, int rc)
+{
+	uint64_t one = 1;
+	int none = 0;
+
+	if (__atomic_compare_exchange_n(&s->outcome, &none, rc < 0 ? rc : 1, 0,
+	    __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+		(void)!write(srv->notefd, &one, sizeof(one));
+}
+
+static void
+pause_us(long us)
+{
+	struct timespec ts = { 0, us * 1000 };
+
+	nanosleep(&ts, NULL);
+}
+
+/*
+ * The events read, then the faults deferred by EAGAIN, until none is left:
+ * the REMOVE that caused it is read on the next round, and its madvise
+ * caller resumes within microseconds.
+ */
+static void
+serve_turn(struct server *srv, struct session *s, int id, uint32_t events)
+{
+	struct lane *l = &s->lanes[id];
+	int rc;
+
+	if (!session_enter(s))
+		return;
+	while ((rc = serve_round(l, events)) == 0 && l->nfaults > 0 &&
+	    __atomic_load_n(&s->open, __ATOMIC_SEQ_CST)) {
+		events = EPOLLIN;
+		pause_us(DEFER_US);
+	}
+	if (rc != 0)
+		session_outcome(srv, s, rc);
+	session_leave(s);
+}
+
+static void *
+serving_thread(void *arg)
+{
+	struct thread *t = arg;
+	struct epoll_event e;
+	int n;
+
+	for (;;) {
+		__atomic_fetch_add(&t->epoch, 1, __ATOMIC_SEQ_CST);
+		n = epoll_wait(t->srv->wepfd, &e, 1, -1);
+		__atomic_fetch_add(&t->epoch, 1, __ATOMIC_SEQ_CST);
+		if (__atomic_load_n(&t->srv->stop, __ATOMIC_SEQ_CST))
+			return NULL;
+		if (n == 1 && e.data.ptr != NULL)
+			serve_turn(t->srv, e.data.ptr, t->id, e.events);
+	}
+}
+
+static void
+pop_remove(struct server *srv, struct session *s)
+{
+	pthread_mutex_lock(&srv->popmu);
+	for (size_t i = 0; i < srv->npop; i++)
+		if (srv->popq[i] == s)
+			srv->popq[i--] = srv->popq[--srv->npop];
+	pthread_mutex_unlock(&srv->popmu);
+}
+
+static int
+pop_add(struct server *srv, struct session *s)
+{
+	int rc = 0;
+
+	pthread_mutex_lock(&srv->popmu);
+	if (srv->npop == srv->popcap) {
+		size_t cap = srv->popcap ? 2 * srv->popcap : 16;
+		struct session **q = realloc(srv->popq, cap * sizeof(*q));
+
+		if (q == NULL)
+			rc = -ENOMEM;
+		else {
+			srv->popq = q;
+			srv->popcap = cap;
+		}
+	}
+	if (rc == 0) {
+		srv->popq[srv->npop++] = s;
+		pthread_cond_signal(&srv->popcv);
+	}
+	pthread_mutex_unlock(&srv->popmu);
+	return rc;
+}
+
+/* Population: a step of each populating session in turn. Its copies go
+ * on beside the faults', which never wait behind more than one run. */
+static void *
+population_thread(void *arg)
+{
+	struct server *srv = arg;
+	struct session *s;
+	size_t next = 0;
+	int rc;
+
+	for (;;) {
+		pthread_mutex_lock(&srv->popmu);
+		while (srv->npop == 0 && !__atomic_load_n(&srv->stop, __ATOMIC_SEQ_CST))
+			pthread_cond_wait(&srv->popcv, &srv->popmu);
+		if (__atomic_load_n(&srv->stop, __ATOMIC_SEQ_CST)) {
+			pthread_mutex_unlock(&srv->popmu);
+			return NULL;
+		}
+		s = srv->popq[next++ % srv->npop];
+		rc = session_enter(s);
+		pthread_mutex_unlock(&srv->popmu);
+		if (!rc)
+			continue;
+		rc = serve_round(&s->lanes[s->nlanes - 1], 0);
+		if (rc != 0)
+			session_outcome(srv, s, rc);
+		if (rc != 0 || !s->populating)
+			pop_remove(srv, s);
+		session_leave(s);
+	}
+}
+
+/* Before a session's fds and memory go: no thread inside, none to come. */
+static void
+quiesce(struct server *srv, struct session *s)
+{
+	pop_remove(srv, s);
+	__atomic_store_n(&s->open, 0, __ATOMIC_SEQ_CST);
+	epoll_ctl(srv->wepfd, EPOLL_CTL_DEL, s->uffd, NULL);
+	while (__atomic_load_n(&s->users, __ATOMIC_SEQ_CST) > 0)
+		pause_us(DEFER_US);
+}
+
+/* Hands a session that starts serving to the threads. */
+static int
+publish(struct server *srv, struct session *s)
+{
+	struct epoll_event e = { .events = EPOLLIN, .data.ptr = s };
+
+	s->threaded = 1;
+	__atomic_store_n(&s->open, 1, __ATOMIC_SEQ_CST);
+	if (epoll_ctl(srv->wepfd, EPOLL_CTL_ADD, s->uffd, &e) < 0) {
+		logmsg(LOG_ERROR, "epoll_ctl(ADD, uffd %d): %s", s->uffd,
+		    strerror(errno));
+		return -errno;
+	}
+	return s->populating ? pop_add(srv, s) : 0;
+}
+
+static int
+grave_ready(const struct server *srv, const struct grave *g)
+{
+	for (int i = 0; i < srv->nthreads; i++) {
+		uint64_t e = __atomic_load_n(&srv->threads[i].epoch, __ATOMIC_SEQ_CST);
+
+		if (e < g->epoch[i] + (g->epoch[i] & 1 ? 2 : 1))
+			return 0;
+	}
+	return 1;
+}
+
+/* An ended session of the threads' is freed once none can hold it; kept
+ * (a leak, not a use after free) if there is no room to wait. */
+static void
+bury(struct server *srv, struct session *s)
+{
+	struct grave *g;
+
+	if (srv->ngraves == srv->gravecap) {
+		size_t cap = srv->gravecap ? 2 * srv->gravecap : 16;
+
+		if ((g = realloc(srv->graves, cap * sizeof(*g))) == NULL)
+			return;
+		srv->graves = g;
+		srv->gravecap = cap;
+	}
+	g = &srv->graves[srv->ngraves++];
+	g->s = s;
+	for (int i = 0; i < srv->nthreads; i++)
+		g->epoch[i] = __atomic_load_n(&srv->threads[i].epoch, __ATOMIC_SEQ_CST);
+}
+
+static void
+sweep_graves(struct server *srv, int all)
+{
+	size_t kept = 0;
+
+	for (size_t i = 0; i < srv->ngraves; i++)
+		if (all || grave_ready(srv, &srv->graves[i]))
+			session_free(srv->graves[i].s);
+		else
+			srv->graves[kept++] = srv->graves[i];
+	srv->ngraves = kept;
+}
+
+static int
+start_thread(pthread_t *tid, void *(*fn)(void *), void *arg)
+{
+	pthread_attr_t a;
+	int rc;
+
+	pthread_attr_init(&a);
+	pthread_attr_setstacksize(&a, THREAD_STACK);
+	rc = pthread_create(tid, &a, fn, arg);
+	pthread_attr_destroy(&a);
+	if (rc != 0)
+		logmsg(LOG_ERROR, "pthread_create: %s", strerror(rc));
+	return -rc;
+}
+
+/* Under the first seccomp filter, which they inherit, and with every
+ * signal blocked, as the signalfd needs. */
+static int
+threads_start(struct server *srv)
+{
+	struct epoll_event e = { .events = EPOLLIN, .data.ptr = NULL };
+
+	if (opt.threads < 2)
+		return 0;
+	srv->wn = (struct watch){ NULL, W_NOTE };
+	if ((srv->wepfd = epoll_create1(EPOLL_CLOEXEC)) < 0 ||
+	    (srv->stopfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) < 0 ||
+	    (srv->notefd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) < 0 ||
+	    epoll_ctl(srv->wepfd, EPOLL_CTL_ADD, srv->stopfd, &e) < 0 ||
+	    watch(srv, srv->notefd, &srv->wn) < 0 ||
+	    (srv->threads = calloc((size_t)opt.threads, sizeof(*srv->threads))) == NULL) {
+		logmsg(LOG_ERROR, "setting up the serving threads: %s", strerror(errno));
+		return -1;
+	}
+	for (int i = 0; i < opt.threads; i++) {
+		srv->threads[i] = (struct thread){ srv, i, 0, 0 };
+		if (start_thread(&srv->threads[i].tid, serving_thread,
+		    &srv->threads[i]) < 0)
+			return -1;
+		srv->nthreads++;
+	}
+	if ((opt.populate_all || opt.populate_path) &&
+	    start_thread(&srv->pop_tid, population_thread, srv) < 0)
+		return -1;
+	srv->pop_started = opt.populate_all || opt.populate_path;
+	return 0;
+}
+
+/* Safe to call twice, and with the threads half started. */
+static void
+threads_stop(struct server *srv)
+{
+	uint64_t one = 1;
+
+	pthread_mutex_lock(&srv->popmu);
+	__atomic_store_n(&srv->stop, 1, __ATOMIC_SEQ_CST);
+	pthread_cond_broadcast(&srv->popcv);
+	pthread_mutex_unlock(&srv->popmu);
+	if (srv->stopfd >= 0)
+		(void)!write(srv->stopfd, &one, sizeof(one));
+	for (int i = 0; i < srv->nthreads; i++)
+		pthread_join(srv->threads[i].tid, NULL);
+	if (srv->pop_started)
+		pthread_join(srv->pop_tid, NULL);
+	srv->nthreads = srv->pop_started = 0;
+	sweep_graves(srv, 1);
+	free(srv->graves);
+	free(srv->threads);
+	free(srv->popq);
+	srv->graves = NULL;
+	srv->threads = NULL;
+	srv->popq = NULL;
+	closefd(&srv->wepfd);
+	closefd(&srv->stopfd);
+	closefd(&srv->notefd);
 }
 
 /*
@@ -2570,6 +3127,8 @@ session_end(struct server *srv, struct session *s, int code)
 {
 	if (s->state == S_ENDED)
 		return;
+	if (s->threaded)
+		quiesce(srv, s);
 	unwatch(srv, s->conn);
 	unwatch(srv, s->uffd);
 	unwatch(srv, s->pidfd);
@@ -2845,8 +3404,7 @@ add_peer(struct server *srv, int conn, int64_t now)
 		unwatch(srv, conn);
 		unwatch(srv, s->pidfd);
 		s->conn = -1;
-		session_close(s);
-		free(s);
+		session_free(s);
 		refused(srv, conn, out_of_fds(-rc) ? no_fds : strerror(-rc));
 		return;
 	}
@@ -2919,11 +3477,13 @@ start_serving(struct server *srv, struct session *s)
 	int rc;
 
 	unwatch(srv, s->conn);
-	if ((rc = watch(srv, s->uffd, &s->w[W_UFFD])) < 0)
+	if ((rc = lanes_open(s)) < 0) {
+		logmsg(LOG_ERROR, "setting up the session: %s", strerror(-rc));
 		return rc;
+	}
 	s->state = S_SERVING;
 	serve_start(s);
-	return 0;
+	return opt.threads > 1 ? publish(srv, s) : watch(srv, s->uffd, &s->w[W_UFFD]);
 }
 
 /* The handshake as far as it has arrived, and its deadline. */
@@ -2982,9 +3542,17 @@ serving_step(struct server *srv, struct session *s)
 		session_end(srv, s, EXIT_VM_GONE);
 		return;
 	}
-	if (!s->ev[W_UFFD] && s->nfaults == 0 && !s->populating)
+	if (s->threaded) {
+		rc = __atomic_load_n(&s->outcome, __ATOMIC_SEQ_CST);
+		if (rc < 0)
+			fail_closed(srv, s, EXIT_FATAL);
+		else if (rc > 0)
+			session_end(srv, s, EXIT_VM_GONE);
 		return;
-	if ((rc = serve_round(s, s->ev[W_UFFD])) < 0)
+	}
+	if (!s->ev[W_UFFD] && s->lanes[0].nfaults == 0 && !s->populating)
+		return;
+	if ((rc = serve_round(&s->lanes[0], s->ev[W_UFFD])) < 0)
 		fail_closed(srv, s, EXIT_FATAL);
 	else if (rc > 0)
 		session_end(srv, s, EXIT_VM_GONE);
@@ -3024,10 +3592,13 @@ reap_sessions(struct server *srv)
 	for (size_t i = 0; i < srv->n; i++) {
 		if (srv->s[i]->state != S_ENDED)
 			srv->s[kept++] = srv->s[i];
+		else if (srv->s[i]->threaded)
+			bury(srv, srv->s[i]);
 		else
-			free(srv->s[i]);
+			session_free(srv->s[i]);
 	}
 	srv->n = kept;
+	sweep_graves(srv, 0);
 }
 
 /* Kills every VMM, closes every other peer, removes the socket. */
@@ -3097,10 +3668,12 @@ wait_ms(const struct server *srv)
 		const struct session *s = srv->s[i];
 		int64_t t = s->deadline;
 
-		if (s->state == S_SERVING && s->populating && s->nfaults == 0)
+		if (s->state == S_SERVING && s->threaded)
+			continue;
+		if (s->state == S_SERVING && s->populating && s->lanes[0].nfaults == 0)
 			return 0;
 		if (s->state == S_SERVING)
-			t = s->nfaults ? now + 1 : INT64_MAX;
+			t = s->lanes[0].nfaults ? now + 1 : INT64_MAX;
 		end = t < end ? t : end;
 	}
 	return ms_until(end);
@@ -3132,6 +3705,8 @@ dispatch(struct server *srv, const struct epoll_event *e)
 		srv->listen_ev = 1;
 	else if (w->what == W_SIGNAL)
 		srv->signal_ev = 1;
+	else if (w->what == W_NOTE)
+		srv->note_ev = 1;
 	else
 		w->s->ev[w->what] |= e->events;
 }
@@ -3167,10 +3742,15 @@ run(struct server *srv)
 			stop_all(srv, EXIT_SIGNAL);
 			return EXIT_SIGNAL;
 		}
+		if (srv->note_ev) {
+			uint64_t v;
+
+			(void)!read(srv->notefd, &v, sizeof(v));
+		}
 		resume_listener(srv, now);
 		if (srv->listen_ev)
 			accept_all(srv, now);
-		srv->listen_ev = srv->signal_ev = 0;
+		srv->listen_ev = srv->signal_ev = srv->note_ev = 0;
 		step_all(srv, now);
 		reap_sessions(srv);
 	}
@@ -3210,6 +3790,7 @@ static void
 server_close(struct server *srv)
 {
 	stop_all(srv, EXIT_FATAL);
+	threads_stop(srv);
 	free(srv->s);
 	srv->s = NULL;
 	srv->cap = 0;
@@ -3274,7 +3855,8 @@ main(int argc, char **argv)
 {
 	struct server srv = { .epfd = -1, .lfd = -1, .sigfd = -1,
 	    .reserve = { -1, -1 }, .in = { .record_fd = -1 },
-	    .idle_end = INT64_MAX };
+	    .idle_end = INT64_MAX, .wepfd = -1, .stopfd = -1, .notefd = -1,
+	    .popmu = PTHREAD_MUTEX_INITIALIZER, .popcv = PTHREAD_COND_INITIALIZER };
 	int rc, code = EXIT_SETUP;
 
 	if ((rc = parse_options(argc, argv)) != 0)
@@ -3286,7 +3868,7 @@ main(int argc, char **argv)
 	else if ((rc = open_record(&srv.in)) < 0)
 		code = rc == -EINVAL ? EXIT_USAGE : EXIT_SETUP;
 	else if (drop_privileges() < 0 || server_init(&srv) < 0 ||
-	    (opt.seccomp && seccomp_confine(1) < 0))
+	    (opt.seccomp && seccomp_confine(1) < 0) || threads_start(&srv) < 0)
 		code = EXIT_SETUP;
 	else {
 		logmsg(LOG_INFO, "listening on %s for %s", opt.socket_path,

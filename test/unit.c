@@ -41,6 +41,7 @@ static struct {
 	struct chain c;			/* of that one layer, all data */
 	struct region r;
 	struct session s;
+	struct lane l;			/* the session's one */
 } U;
 
 static int __attribute__((format(printf, 1, 2)))
@@ -88,8 +89,12 @@ setup(void)
 	memset(U.c.map, 1, NPAGES);
 	U.s = (struct session){ .conn = -1, .uffd = U.uffd, .pidfd = -1,
 	    .chain = &U.c, .record_fd = -1, .regions = &U.r,
-	    .nregions = 1, .faults = calloc(FAULT_QUEUE, sizeof(struct fault)),
-	    .faults_cap = FAULT_QUEUE };
+	    .nregions = 1, .lanes = &U.l, .nlanes = 1 };
+	U.l = (struct lane){ .s = &U.s, .populates = 1, .faults_cap = FAULT_QUEUE,
+	    .faults = calloc(FAULT_QUEUE, sizeof(struct fault)) };
+	pthread_mutex_init(&U.s.turn, NULL);
+	pthread_rwlock_init(&U.s.rw, NULL);
+	pthread_mutex_init(&U.s.mu, NULL);
 	U.s.zeros = mmap(NULL, ZERO_SRC, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS,
 	    -1, 0);
 	return U.s.zeros == MAP_FAILED ? fail("mmap(zeros)") : 0;
@@ -109,7 +114,7 @@ fault_at(uint64_t page, uint64_t flags, struct fault *f)
 {
 	*f = (struct fault){ .addr = (uintptr_t)U.mem + page * PAGE_4K,
 	    .flags = flags };
-	return serve_fault(&U.s, f);
+	return serve_fault(&U.l, f);
 }
 
 /* A thread whose madvise stays blocked until the handler reads its REMOVE. */
@@ -134,7 +139,7 @@ hold_remove(pthread_t *t)
 static int
 release_remove(pthread_t t)
 {
-	int rc = read_events(&U.s);
+	int rc = read_events(&U.l);
 
 	pthread_join(t, NULL);
 	return rc < 0 ? fail("read_events: %d", rc) : 0;
@@ -158,7 +163,7 @@ retried_fault_keeps_window(void)
 		return 1;
 	f1 = (struct fault){ .addr = (uintptr_t)U.mem + PAGE_4K };
 	for (int i = 0; i < 5; i++)
-		if ((rc = serve_fault(&U.s, &f1)) != IO_RETRY)
+		if ((rc = serve_fault(&U.l, &f1)) != IO_RETRY)
 			return fail("retry %d: %d, expected IO_RETRY", i, rc);
 	if (f1.window != 2 || f1.stream->window != 2)
 		return fail("after 5 retries the window is %llu (stream %llu), "
@@ -166,7 +171,7 @@ retried_fault_keeps_window(void)
 		    (unsigned long long)f1.stream->window);
 	if (release_remove(t))
 		return 1;
-	while ((rc = serve_fault(&U.s, &f1)) == IO_RETRY)
+	while ((rc = serve_fault(&U.l, &f1)) == IO_RETRY)
 		usleep(100);
 	if (rc != IO_DONE || U.s.n.prefetched != 1 || present(3))
 		return fail("served %d with %llu prefetched, page 3 %s", rc,
@@ -259,12 +264,12 @@ enoent_wakes_waiter(void)
 	pthread_t t;
 
 	pthread_create(&t, NULL, read_page, U.mem + 10 * PAGE_4K);
-	if (poll(&p, 1, 5000) != 1 || read_events(&U.s) < 0 || U.s.nfaults != 1)
+	if (poll(&p, 1, 5000) != 1 || read_events(&U.l) < 0 || U.l.nfaults != 1)
 		return fail("the fault never arrived");
 	if (mmap(U.mem + 8 * PAGE_4K, 8 * PAGE_4K, PROT_READ | PROT_WRITE,
 	    MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) == MAP_FAILED)
 		return fail("mmap(MAP_FIXED): %s", strerror(errno));
-	if (serve_pending(&U.s) != IO_DONE || U.s.n.unregistered != 1)
+	if (serve_pending(&U.l) != IO_DONE || U.s.n.unregistered != 1)
 		return fail("the fault was not dropped as unregistered");
 	clock_gettime(CLOCK_REALTIME, &by);
 	by.tv_sec += 2;
@@ -340,8 +345,8 @@ zero_source_covers_run(void)
 
 	if (big == MAP_FAILED || ioctl(U.uffd, UFFDIO_REGISTER, &reg) < 0)
 		return fail("UFFDIO_REGISTER: %s", strerror(errno));
-	U.s.writing = 1;
-	rc = install_run(&U.s, &r, 0, n, KIND_REMOVED, &got);
+	U.l.writing = 1;
+	rc = install_run(&U.l, &r, 0, n, KIND_REMOVED, &got);
 	if (rc != IO_DONE || got == 0)
 		return fail("install_run: %d, %llu pages", rc, (unsigned long long)got);
 	for (uint64_t i = 0; i < got * PAGE_4K; i++)
