@@ -2,8 +2,9 @@
 # build.sh - builds uffd-handler and runs its tests and demo.
 #
 #   ./build.sh [release]  build/uffd-handler: static musl binary, stripped
-#   ./build.sh test       also a sanitizer build and the test programs, then
-#                         the whole suite (test/run; extra args pick cases)
+#   ./build.sh test       also the sanitizer builds (ASan+UBSan, TSan) and
+#                         the test programs, then the whole suite (test/run;
+#                         extra args pick cases)
 #   ./build.sh aarch64    build/aarch64/uffd-handler, the same for Graviton
 #   ./build.sh fuzz       build/fuzz/handshake, the libFuzzer target
 #   ./build.sh demo       restore a sample snapshot through the handler
@@ -76,6 +77,14 @@ sanitized() {
 		-fno-sanitize-recover=all -o build/san/uffd-handler $SRC
 }
 
+# The same sources with ThreadSanitizer: the suite runs its threaded cases
+# against it too (the "tsan/" pass), and a data race fails them.
+tsan() {
+	mkdir -p build/tsan
+	cc $WARN -O1 -g -fno-omit-frame-pointer -fsanitize=thread \
+		-o build/tsan/uffd-handler $SRC
+}
+
 # The test VMM (KVM, threads, linux headers) and the runner, with glibc.
 test_programs() {
 	mkdir -p build/test
@@ -112,7 +121,7 @@ demo() {
 
 case "${1:-release}" in
 release)	release ;;
-test)		release; aarch64 optional; sanitized; test_programs; fuzz; shift
+test)		release; aarch64 optional; sanitized; tsan; test_programs; fuzz; shift
 		build/test/run "$@" ;;
 aarch64)	aarch64 ;;
 fuzz)		fuzz ;;

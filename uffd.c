@@ -31,6 +31,24 @@
  * rounds of the loop, --populate installs pages the VM has not asked for
  * yet, and --detach lets the VM go once every page is in.
  *
+ * Threads. With --threads N (2 by default), N threads serve faults and,
+ * with --populate, one more populates. Each serving thread waits on the
+ * set of serving uffds, reads the events of one that is ready into a lane
+ * of its own and serves the faults it read while the others serve theirs;
+ * the loop keeps accepting, handshakes, pidfds, signals and endings. The
+ * hazard is a REMOVE: its madvise caller resumes as soon as read() hands
+ * the event out, so a copy another thread decided on before the bitmap
+ * said "removed", or one still inside the kernel, could land after the
+ * madvise has zapped the page: snapshot bytes in a page the guest gave
+ * back. So each session has a lock that every install holds shared, from
+ * deciding what its pages hold to the end of its UFFDIO calls, and that
+ * reading the uffd holds exclusive until every REMOVE read is in the
+ * bitmap. No copy is under way while events are read, and none starts
+ * before the REMOVEs read are applied. A waiting reader holds off new
+ * installs, so it waits for those under way only, one run each (2 MiB at
+ * most; a population step is one run of up to 2 MiB). --threads 1 is the
+ * loop alone, reading and serving in turn.
+ *
  * Failing closed. Firecracker keeps its own copy of the uffd, so a handler
  * that stops serving freezes the guest forever, silently. A peer that has
  * sent a byte is a VMM that registered its memory: every fatal error after
@@ -160,6 +178,7 @@ struct fault {
 	uint64_t addr;
 	uint64_t flags;
 	uint64_t read_ns;
+	uint64_t removes;		/* the session's, when it was read */
 	struct stream *stream;
 	uint64_t window;
 };
@@ -250,6 +269,7 @@ struct session {
 	int nlanes;
 	struct stream streams[STREAMS];
 	uint64_t stream_clock;
+	uint64_t removes;		/* REMOVE events applied so far */
 	int populating;			/* --populate all, not finished */
 	int pop_failed;			/* population stopped on an error */
 	size_t pop_region;		/* where population goes on */
@@ -1118,6 +1138,14 @@ serve_fault(struct lane *l, struct fault *f)
 		return -EFAULT;
 	}
 	page = f->addr & ~(r->page_size - 1);
+	/* Removed since the fault was read: another install of the page may
+	 * have let its vCPU go before the REMOVE (a second vCPU's copy, or one
+	 * already present), and zeros now would fill a page the guest gave
+	 * back. A wake is enough: a vCPU still waiting faults again, and that
+	 * fault, read after the REMOVE, is served as removed. */
+	if (f->removes != s->removes &&
+	    bit_test(r->removed, (page - r->base) / r->page_size))
+		return uffdio_wake(l, page, r->page_size);
 	if (f->stream == NULL)
 		choose_window(s, r, page, f);
 	l->writing = (f->flags & UFFD_PAGEFAULT_FLAG_WRITE) != 0;
@@ -1140,6 +1168,7 @@ static void
 apply_remove(struct session *s, uint64_t start, uint64_t end)
 {
 	count(&s->n.remove_events, 1);
+	s->removes++;
 	for (size_t i = 0; i < s->nregions; i++) {
 		struct region *r = &s->regions[i];
 		uint64_t lo = start > r->base ? start : r->base;
@@ -1179,7 +1208,8 @@ queue_fault(struct lane *l, const struct uffd_msg *m, uint64_t now)
 		l->faults_cap *= 2;
 	}
 	l->faults[l->nfaults++] = (struct fault){ .addr = m->arg.pagefault.address,
-	    .flags = m->arg.pagefault.flags, .read_ns = now };
+	    .flags = m->arg.pagefault.flags, .read_ns = now,
+	    .removes = l->s->removes };
 	return 0;
 }
 
@@ -2851,11 +2881,12 @@ pause_us(long us)
 static void
 serve_turn(struct server *srv, struct session *s, int id, uint32_t events)
 {
-	struct lane *l = &s->lanes[id];
+	struct lane *l;
 	int rc;
 
 	if (!session_enter(s))
 		return;
+	l = &s->lanes[id];
 	while ((rc = serve_round(l, events)) == 0 && l->nfaults > 0 &&
 	    __atomic_load_n(&s->open, __ATOMIC_SEQ_CST)) {
 		events = EPOLLIN;

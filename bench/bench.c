@@ -2,8 +2,9 @@
  * bench - uffd-handler against the kernel's File backend and the copy
  * limit, side by side in one run (./build.sh bench).
  *
- *   bench [-r REPS] [-o DIR] [-H HANDLER] [WORKLOAD...]
- *                     (WORKLOAD "many": --max-vms; "chain": diff layers)
+ *   bench [-r REPS] [-o DIR] [-H HANDLER] [-t N] [WORKLOAD...]
+ *                     (WORKLOAD "many": --max-vms; "chain": diff layers;
+ *                     "threads": --threads 1 against --threads N, 2 unless -t)
  *
  * -H runs another build of the handler (default build/uffd-handler), to
  * compare two versions on the same machine.
@@ -86,6 +87,18 @@ enum { CH_CHAIN, CH_MERGED, CH_MERGE, CH_MAP, CH_BASE, NCH };
 static double chain_ms[2][NCH][MAXREP], chain_med[2][NCH];
 static int reps = 3;
 
+/* The threads experiment: the same runs with --threads 1 (the one loop)
+ * and with --threads N, alternating within each repetition. */
+static int threads_exp;
+static const char *hthreads;		/* the handler's --threads; NULL: its default */
+static const char *threads_n = "2";
+enum { TH_SEQREAD, TH_SEQWRITE, TH_RAND2, TH_WS10, TH_WS10_REC, TH_MANY1,
+	TH_MANY4, TH_MANY16, NTH };
+static const char *const th_names[NTH] = { "seqread total ms",
+	"seqwrite total ms", "rand2 us per page", "ws10 on demand ms",
+	"ws10 --populate FILE ms", "1 VM MiB/s", "4 VMs MiB/s", "16 VMs MiB/s" };
+static double th_v[2][NTH][MAXREP], th_med[2][NTH];
+
 static const char *
 layout(const struct workload *w)
 {
@@ -147,6 +160,10 @@ handler_argv(int b, char **argv, const char *sock, const char *snap, char *buf,
 	int n = 0;
 
 	argv[n++] = (char *)handler;
+	if (hthreads) {
+		argv[n++] = "--threads";
+		argv[n++] = (char *)hthreads;
+	}
 	if (b == UFFD0)
 		argv[n++] = "--no-optimize";
 	if (b == UFFD_ALL || b == UFFD_DETACH)
@@ -192,16 +209,15 @@ cpu_ms(const struct rusage *ru)
 }
 
 static int
-run_one(struct workload *w, int b, int rep)
+run_into(struct workload *w, int b, double *m)
 {
 	char snap[256], sock[256], path[256], threads[8], line[4096], hline[4096];
-	char opt[300], *hargv[8];
+	char opt[300], *hargv[10];
 	char *argv[] = { (char *)vmm, "bench", b >= UFFD ? sock : "-", snap,
 		"--regions", (char *)layout(w), "--backend",
 		b >= UFFD ? "uffd" : (char *)backends[b], "--workload",
 		(char *)w->vmm_workload, "--threads", threads, NULL };
 	struct rusage ru = { 0 };
-	double *m = w->m[b][rep];
 	pid_t h = 0, v;
 	int st = 0;
 
@@ -237,6 +253,12 @@ run_one(struct workload *w, int b, int rep)
 	m[FAULTS] = b >= UFFD ? field(hline, "faults") : -1;
 	m[SYSCALLS] = b >= UFFD ? field(hline, "syscalls") : -1;
 	return 0;
+}
+
+static int
+run_one(struct workload *w, int b, int rep)
+{
+	return run_into(w, b, w->m[b][rep]);
 }
 
 static int
@@ -401,7 +423,8 @@ run_many(int n)
 	char snap[256], sock[256], limit[16];
 	char *argv[] = { (char *)vmm, "bench", sock, snap, "--regions", "128,64,64",
 		"--workload", "seqread", "--threads", "1", NULL };
-	char *hargv[] = { (char *)handler, "--max-vms", limit, sock, snap, NULL };
+	char *hargv[] = { (char *)handler, "--max-vms", limit, sock, snap, NULL,
+		NULL, NULL };
 	pid_t h, v[16];
 	struct timespec t0, t1;
 	int ok = 1, st;
@@ -409,6 +432,12 @@ run_many(int n)
 	snprintf(snap, sizeof(snap), "%s/half.mem", dir);
 	snprintf(sock, sizeof(sock), "%s/many.sock", dir);
 	snprintf(limit, sizeof(limit), "%d", n);
+	if (hthreads) {
+		hargv[3] = "--threads";
+		hargv[4] = (char *)hthreads;
+		hargv[5] = sock;
+		hargv[6] = snap;
+	}
 	h = start_handler(hargv, sock);
 	clock_gettime(CLOCK_MONOTONIC, &t0);
 	for (int i = 0; i < n; i++)
@@ -563,6 +592,60 @@ print_chain(void)
 	}
 }
 
+static struct workload *
+workload(const char *name)
+{
+	for (int i = 0; i < NW; i++)
+		if (strcmp(work[i].name, name) == 0)
+			return &work[i];
+	return NULL;
+}
+
+/* One repetition of the threads experiment; which mode goes first
+ * alternates from one repetition to the next. */
+static int
+run_threads(int r)
+{
+	static const int wl[] = { TH_SEQREAD, TH_SEQWRITE, TH_RAND2, TH_WS10,
+		TH_WS10_REC };
+	static const char *const wname[] = { "seqread", "seqwrite", "rand2", "ws10",
+		"ws10" };
+	double m[NM];
+
+	for (int k = 0; k < 2; k++) {
+		int mode = (k + r) % 2;
+
+		hthreads = mode ? threads_n : "1";
+		for (int i = 0; i < 5; i++) {
+			fprintf(stderr, "\rbench: run %d/%d, threads %s %-8s   ", r + 1,
+			    reps, hthreads, wname[i]);
+			if (run_into(workload(wname[i]), wl[i] == TH_WS10_REC ?
+			    UFFD_REC : UFFD, m) < 0)
+				return -1;
+			th_v[mode][wl[i]][r] = wl[i] == TH_RAND2 ? m[PER_PAGE] : m[TOTAL];
+		}
+		for (int i = 0; i < 3; i++)
+			if ((th_v[mode][TH_MANY1 + i][r] = run_many(many_counts[i])) < 0)
+				return -1;
+	}
+	hthreads = NULL;
+	return 0;
+}
+
+static void
+print_threads(void)
+{
+	printf("\nthreads: --threads 1 against --threads %s, side by side "
+	    "(medians):\n", threads_n);
+	for (int i = 0; i < NTH; i++)
+		printf("  %-24s %10.2f %10.2f   (N/1 %.2fx)\n", th_names[i],
+		    th_med[0][i], th_med[1][i], ratio(th_med[1][i], th_med[0][i]));
+	printf("  ws10 --populate FILE against on demand: %.2fx sooner with "
+	    "--threads 1, %.2fx with --threads %s\n",
+	    ratio(th_med[0][TH_WS10], th_med[0][TH_WS10_REC]),
+	    ratio(th_med[1][TH_WS10], th_med[1][TH_WS10_REC]), threads_n);
+}
+
 /* The table the README carries: medians, and the ratios the targets use. */
 static void
 print_table(const char *mach)
@@ -635,21 +718,24 @@ main(int argc, char **argv)
 	char mach[512];
 	int c;
 
-	while ((c = getopt(argc, argv, "r:o:H:")) != -1) {
+	while ((c = getopt(argc, argv, "r:o:H:t:")) != -1) {
 		if (c == 'r' && atoi(optarg) > 0 && atoi(optarg) <= MAXREP)
 			reps = atoi(optarg);
 		else if (c == 'o')
 			dir = optarg;
 		else if (c == 'H')
 			handler = optarg;
+		else if (c == 't' && atoi(optarg) > 0)
+			threads_n = optarg;
 		else {
 			fprintf(stderr, "usage: bench [-r REPS (1-%d)] [-o DIR] "
-			    "[-H HANDLER] [WORKLOAD...]\n", MAXREP);
+			    "[-H HANDLER] [-t N] [WORKLOAD...]\n", MAXREP);
 			return 2;
 		}
 	}
 	many = selected("many", argv + optind, argc - optind);
 	chain = selected("chain", argv + optind, argc - optind);
+	threads_exp = selected("threads", argv + optind, argc - optind);
 	for (int i = 0; i < NW; i++) {
 		work[i].selected = selected(work[i].name, argv + optind, argc - optind);
 		if (work[i].selected && strcmp(work[i].name, "kvm") == 0 &&
@@ -664,10 +750,8 @@ main(int argc, char **argv)
 	if (make_snapshots() != 0 || (chain && make_chain() != 0))
 		return 1;
 	machine(mach, sizeof(mach));
-	for (int i = 0; i < NW; i++)
-		if (work[i].selected && strcmp(work[i].name, "ws10") == 0 &&
-		    record_ws10() != 0)
-			return 1;
+	if ((workload("ws10")->selected || threads_exp) && record_ws10() != 0)
+		return 1;
 	for (int r = 0; r < reps; r++)
 		for (int i = 0; i < NW; i++)
 			for (int b = 0; work[i].selected && b < NB; b++) {
@@ -690,7 +774,15 @@ main(int argc, char **argv)
 		if (run_chain(r) < 0)
 			return 1;
 	}
+	for (int r = 0; threads_exp && r < reps; r++)
+		if (run_threads(r) < 0)
+			return 1;
 	fprintf(stderr, "\n");
+	for (int m = 0; threads_exp && m < 2; m++)
+		for (int k = 0; k < NTH; k++) {
+			qsort(th_v[m][k], (size_t)reps, sizeof(double), cmp_double);
+			th_med[m][k] = th_v[m][k][reps / 2];
+		}
 	for (int a = 0; chain && a < 2; a++)
 		for (int k = 0; k < NCH; k++) {
 			qsort(chain_ms[a][k], (size_t)reps, sizeof(double), cmp_double);
@@ -710,6 +802,8 @@ main(int argc, char **argv)
 		print_many();
 	if (chain)
 		print_chain();
+	if (threads_exp)
+		print_threads();
 	printf("\nwrote %s/results.json and %s/results.svg\n", dir, dir);
 	return 0;
 }

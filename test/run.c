@@ -33,6 +33,8 @@ enum { PASS, FAIL, SKIP };
 
 static struct {
 	const char *handler, *release, *vmm, *unit;
+	const char *tsan;		/* the ThreadSanitizer build */
+	const char *prefix;		/* of every name: "tsan/" in its pass */
 	char dir[64];
 	char snap[128];			/* 8,4,4 MiB */
 	char big[128];			/* 32,16,16 MiB */
@@ -42,7 +44,7 @@ static struct {
 	long huge_old;			/* nr_hugepages to restore, or -1 */
 	int signal;			/* what send_signal sends */
 	int seq;
-} T = { .huge_old = -1 };
+} T = { .huge_old = -1, .prefix = "" };
 
 static int __attribute__((format(printf, 1, 2)))
 fail(const char *fmt, ...)
@@ -2687,6 +2689,45 @@ stress(const void *arg)
 	return PASS;
 }
 
+/*
+ * The oracle against a handler of 1 or 4 serving threads, 4 vCPUs taking
+ * faults: removes race faults and writes, and with --populate all the
+ * population thread's copies too (it goes on while the VM runs).
+ */
+struct stress_case {
+	const char *threads;
+	int huge, populate;
+};
+
+static const struct stress_case st_one = { "1", 0, 0 }, st_four = { "4", 0, 0 },
+	st_four_huge = { "4", 1, 0 }, st_four_pop = { "4", 0, 1 },
+	st_four_pop_huge = { "4", 1, 1 };
+
+static int
+stress_threads(const void *arg)
+{
+	const struct stress_case *c = arg;
+	const char *env = getenv("UFFD_STRESS_SECONDS");
+	char secs[16];
+	struct pair p = { .snap = T.big, .hargs = { "--threads", c->threads,
+	    c->populate ? "--populate" : NULL, "all", NULL }, .vargs = {
+	    "--regions", "32,16,16", "--stress", secs, "--threads", "4",
+	    c->huge ? "--huge" : NULL, NULL } };
+	int rc;
+
+	snprintf(secs, sizeof(secs), "%d", env && atoi(env) > 0 ? atoi(env) : 5);
+	if (c->huge && huge_reserve(36) < 0)
+		return skip("cannot reserve 36 hugetlb pages of 2 MiB");
+	p.vmm_ms = (atoi(secs) + 60) * 1000;
+	if ((rc = restored(&p)) != PASS)
+		return rc;
+	if (c->populate && counter(&p, "populated") == 0)
+		return pair_fail(&p, "nothing was populated");
+	if (counter(&p, "deferred") < (c->huge ? 5 : 100))
+		return pair_fail(&p, "too few deferrals: EAGAIN barely ran");
+	return PASS;
+}
+
 /* The same oracle in two VMs served by one handler at once. */
 static int
 stress_two_vms(const void *arg)
@@ -2956,7 +2997,8 @@ static const char *const m_access[] = { "seq", "rand", "ws10" };
 static const char *const m_op[] = { "read", "write" };
 static const char *const m_balloon[] = { "none", "after", "during" };
 static const char *const m_mode[] = { "default", "no_optimize",
-	"populate_all", "populate_file", "max_vms_2" };
+	"populate_all", "populate_file", "max_vms_2", "threads_1",
+	"threads_1_populate_all", "threads_4_populate_file", "threads_4_max_vms_2" };
 static const char *const m_regions[] = { "r1", "r3" };
 static const char *const m_layout[] = { "one", "split", "hotplug" };
 
@@ -2966,7 +3008,9 @@ static const char *const m_layout[] = { "one", "split", "hotplug" };
 #define MATRIX_JOBS	4
 #define MATRIX_HUGE	(MATRIX_JOBS * 2 * 8)	/* jobs x VMs x 16 MiB */
 
-enum { M_NO_OPTIMIZE = 1, M_POPULATE_ALL, M_POPULATE_FILE, M_MAX_VMS_2 };
+enum { M_NO_OPTIMIZE = 1, M_POPULATE_ALL, M_POPULATE_FILE, M_MAX_VMS_2,
+	M_THREADS_1, M_THREADS_1_POPULATE_ALL, M_THREADS_4_POPULATE_FILE,
+	M_THREADS_4_MAX_VMS_2 };
 
 struct cell {
 	size_t page, access, op, balloon, mode, regions, layout;
@@ -2997,7 +3041,8 @@ cell_name(size_t i, char *buf, size_t cap)
 	struct cell c;
 
 	cell_of(i, &c);
-	snprintf(buf, cap, "matrix_%s_%s_%s_balloon_%s_%s_%s_%s", m_page[c.page],
+	snprintf(buf, cap, "%smatrix_%s_%s_%s_balloon_%s_%s_%s_%s", T.prefix,
+	    m_page[c.page],
 	    m_access[c.access], m_op[c.op], m_balloon[c.balloon], m_mode[c.mode],
 	    m_regions[c.regions], m_layout[c.layout]);
 }
@@ -3040,13 +3085,27 @@ cell_hargs(const struct cell *c, const char **h)
 {
 	int n = 0;
 
-	if (c->mode == M_NO_OPTIMIZE)
+	size_t m = c->mode;
+
+	if (m == M_NO_OPTIMIZE)
 		h[n++] = "--no-optimize";
-	if (c->mode == M_POPULATE_ALL || c->mode == M_POPULATE_FILE) {
-		h[n++] = "--populate";
-		h[n++] = c->mode == M_POPULATE_ALL ? "all" : M.list[c->page];
+	if (m == M_THREADS_1 || m == M_THREADS_1_POPULATE_ALL) {
+		h[n++] = "--threads";
+		h[n++] = "1";
 	}
-	if (c->mode == M_MAX_VMS_2) {
+	if (m == M_THREADS_4_POPULATE_FILE || m == M_THREADS_4_MAX_VMS_2) {
+		h[n++] = "--threads";
+		h[n++] = "4";
+	}
+	if (m == M_POPULATE_ALL || m == M_THREADS_1_POPULATE_ALL) {
+		h[n++] = "--populate";
+		h[n++] = "all";
+	}
+	if (m == M_POPULATE_FILE || m == M_THREADS_4_POPULATE_FILE) {
+		h[n++] = "--populate";
+		h[n++] = M.list[c->page];
+	}
+	if (m == M_MAX_VMS_2 || m == M_THREADS_4_MAX_VMS_2) {
 		h[n++] = "--max-vms";
 		h[n++] = "2";
 	}
@@ -3086,7 +3145,7 @@ matrix_cell(size_t i)
 	p.vmm_ms = 20000;	/* each cell takes well under a second */
 	cell_vargs(&c, p.vargs);
 	cell_hargs(&c, p.hargs);
-	if (c.mode == M_MAX_VMS_2)
+	if (c.mode == M_MAX_VMS_2 || c.mode == M_THREADS_4_MAX_VMS_2)
 		rc = cell_two_vms(&p);
 	else
 		run_pair(&p);
@@ -3190,6 +3249,22 @@ matrix_reap(struct job *job, size_t *running, int *counts)
 	job[j] = job[--*running];
 }
 
+/*
+ * The ThreadSanitizer pass: the cases again against the TSan build, which
+ * exits 66 at the first data race, and the matrix cells that run the most
+ * threads (--threads 4) or population beside faults. Not the 30 s stress
+ * case: stress_threads_* are its threaded forms.
+ */
+static int
+in_tsan_pass(const char *name)
+{
+	if (T.prefix[0] == '\0')
+		return 1;
+	if (strncmp(name, "tsan/matrix_", 12) == 0)
+		return strstr(name, "_threads_4_") || strstr(name, "_populate_all_");
+	return strcmp(name, "tsan/stress_faults_removes_oracle") != 0;
+}
+
 /* Runs the selected cells, MATRIX_JOBS at a time; counts[] gets results. */
 static void
 run_matrix(char **pats, int npats, int *counts)
@@ -3286,6 +3361,10 @@ static const struct tcase cases[] = {
 	{ "unit_zeros_stop_at_vma", unit, "zeros_stop_at_vma" },
 	{ "unit_error_ahead_ends_window", unit, "error_ahead_ends_window" },
 	{ "unit_zero_source_covers_run", unit, "zero_source_covers_run" },
+	{ "unit_stale_fault_after_remove", unit, "stale_fault_after_remove" },
+	{ "unit_remove_read_waits_for_installs", unit,
+	    "remove_read_waits_for_installs" },
+	{ "unit_reader_holds_off_installs", unit, "reader_holds_off_installs" },
 	{ "cli_help_version", cli_help_version, NULL },
 	{ "cli_usage_errors", cli_usage_errors, NULL },
 	{ "cli_option_conflicts", cli_option_conflicts, NULL },
@@ -3380,6 +3459,11 @@ static const struct tcase cases[] = {
 	{ "stress_faults_removes_oracle", stress, NULL },
 	{ "stress_hugetlb_oracle", stress, "--huge" },
 	{ "stress_two_vms_one_handler", stress_two_vms, NULL },
+	{ "stress_threads_1", stress_threads, &st_one },
+	{ "stress_threads_4", stress_threads, &st_four },
+	{ "stress_threads_4_hugetlb", stress_threads, &st_four_huge },
+	{ "stress_threads_4_populate_all", stress_threads, &st_four_pop },
+	{ "stress_threads_4_populate_all_hugetlb", stress_threads, &st_four_pop_huge },
 	{ "fuzz_handshake_short", fuzz_short, NULL },
 	{ "sigterm_kills_vmm", sigterm, &sig_term },
 	{ "sighup_kills_vmm", sigterm, &sig_hup },
@@ -3402,7 +3486,7 @@ static const struct tcase cases[] = {
 static int
 absolute(const char **path, int slot)
 {
-	static char buf[5][4096];
+	static char buf[6][4096];
 
 	if (realpath(*path, buf[slot]) == NULL)
 		return -1;
@@ -3413,6 +3497,8 @@ absolute(const char **path, int slot)
 static int
 selected(const char *name, char **pats, int npats)
 {
+	if (!in_tsan_pass(name))
+		return 0;
 	if (npats == 0)
 		return 1;
 	for (int i = 0; i < npats; i++)
@@ -3439,6 +3525,50 @@ setup(void)
 	return system(cmd) == 0 ? 0 : -1;
 }
 
+static void
+run_cases(char **pats, int npats, int *counts)
+{
+	char name[200];
+
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		int64_t t0 = now_ms();
+		int rc;
+
+		snprintf(name, sizeof(name), "%s%s", T.prefix, cases[i].name);
+		if (!selected(name, pats, npats))
+			continue;
+		T.why[0] = '\0';
+		rc = cases[i].fn(cases[i].arg);
+		huge_restore();
+		counts[rc]++;
+		if (rc == PASS)
+			printf("PASS %s (%" PRId64 " ms)\n", name, now_ms() - t0);
+		else
+			printf("%s %s: %s\n", rc == FAIL ? "FAIL" : "SKIP", name, T.why);
+	}
+}
+
+/* Everything selected again, as "tsan/NAME", against the TSan build. */
+static void
+run_tsan(char **pats, int npats, int *counts)
+{
+	const char *handler = T.handler;
+
+	if (access(T.tsan, X_OK) != 0) {
+		printf("SKIP tsan: %s is not built (./build.sh test builds it)\n",
+		    T.tsan);
+		counts[SKIP]++;
+		return;
+	}
+	setenv("TSAN_OPTIONS", "halt_on_error=1 exitcode=66", 1);
+	T.handler = T.tsan;
+	T.prefix = "tsan/";
+	run_cases(pats, npats, counts);
+	run_matrix(pats, npats, counts);
+	T.prefix = "";
+	T.handler = handler;
+}
+
 int
 main(int argc, char **argv)
 {
@@ -3449,8 +3579,10 @@ main(int argc, char **argv)
 	T.release = "build/uffd-handler";
 	T.vmm = "build/test/vmm";
 	T.unit = "build/test/unit";
+	T.tsan = "build/tsan/uffd-handler";
 	T.fuzz = "build/fuzz/handshake";
 	absolute(&T.fuzz, 3);
+	absolute(&T.tsan, 5);
 	while ((c = getopt(argc, argv, "lH:R:V:")) != -1) {
 		switch (c) {
 		case 'l': list = 1; break;
@@ -3480,23 +3612,9 @@ main(int argc, char **argv)
 		return 2;
 	}
 	setvbuf(stdout, NULL, _IOLBF, 0);
-	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
-		int64_t t0 = now_ms();
-		int rc;
-
-		if (!selected(cases[i].name, argv + optind, argc - optind))
-			continue;
-		T.why[0] = '\0';
-		rc = cases[i].fn(cases[i].arg);
-		huge_restore();
-		counts[rc]++;
-		if (rc == PASS)
-			printf("PASS %s (%" PRId64 " ms)\n", cases[i].name, now_ms() - t0);
-		else
-			printf("%s %s: %s\n", rc == FAIL ? "FAIL" : "SKIP",
-			    cases[i].name, T.why);
-	}
+	run_cases(argv + optind, argc - optind, counts);
 	run_matrix(argv + optind, argc - optind, counts);
+	run_tsan(argv + optind, argc - optind, counts);
 	snprintf(cmd, sizeof(cmd), "rm -rf %s", T.dir);
 	if (counts[FAIL] == 0 && system(cmd) != 0)
 		fprintf(stderr, "run: could not remove %s\n", T.dir);

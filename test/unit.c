@@ -443,6 +443,107 @@ kernel_hugetlb_exhausted_is_eexist(void)
 	return 0;
 }
 
+/*
+ * A fault read before a REMOVE of its page, served after it: another
+ * install (a second vCPU's fault, population) had let its vCPU go, then
+ * the guest gave the page back. Zeros now would fill a page the guest no
+ * longer has; the fault gets a wake only.
+ */
+static int
+stale_fault_after_remove(void)
+{
+	struct fault f = { .addr = (uintptr_t)U.mem + 5 * PAGE_4K,
+	    .removes = U.s.removes };
+	uint64_t done = 0;
+	pthread_t t;
+
+	if (uffdio_copy(&U.l, (uintptr_t)U.mem + 5 * PAGE_4K, U.src, PAGE_4K,
+	    &done) != IO_DONE || !present(5))
+		return fail("the other install failed");
+	pthread_create(&t, NULL, remove_page, U.mem + 5 * PAGE_4K);
+	usleep(50000);
+	if (read_events(&U.l) < 0)
+		return fail("read_events failed");
+	pthread_join(t, NULL);
+	if (present(5) || !bit_test(U.r.removed, 5))
+		return fail("the REMOVE did not take the page");
+	if (serve_fault(&U.l, &f) != IO_DONE)
+		return fail("the stale fault was not done with");
+	return present(5) ? fail("the stale fault filled the removed page") : 0;
+}
+
+/*
+ * Threads: reading the uffd waits for every install under way. A REMOVE
+ * read during another thread's copy would let its madvise zap the page
+ * before that copy lands: snapshot data in a page the guest gave back. So
+ * while a lane installs, the madvise caller stays blocked.
+ */
+static void *
+read_uffd(void *arg)
+{
+	(void)arg;
+	read_events(&U.l);
+	return NULL;
+}
+
+static int
+remove_read_waits_for_installs(void)
+{
+	struct lane other = { .s = &U.s };
+	pthread_t t, r;
+	int early;
+
+	install_lock(&other);
+	if (hold_remove(&t))
+		return 1;
+	pthread_create(&r, NULL, read_uffd, NULL);
+	usleep(100000);
+	early = pthread_tryjoin_np(t, NULL) == 0;
+	install_unlock(&other);
+	pthread_join(r, NULL);
+	if (!early)
+		pthread_join(t, NULL);
+	if (early)
+		return fail("the REMOVE was read while another thread installed");
+	if (!bit_test(U.r.removed, NPAGES - 1))
+		return fail("the REMOVE was not applied");
+	return 0;
+}
+
+/* A reader waiting holds off new installs (musl's rwlock would let a
+ * stream of them starve it), and lets them go once it has read. */
+static void *
+install_once(void *arg)
+{
+	struct lane l = { .s = &U.s };
+
+	install_lock(&l);
+	*(int *)arg = 1;
+	install_unlock(&l);
+	return NULL;
+}
+
+static int
+reader_holds_off_installs(void)
+{
+	struct lane first = { .s = &U.s };
+	pthread_t r, i;
+	int in = 0, early;
+
+	install_lock(&first);
+	pthread_create(&r, NULL, read_uffd, NULL);
+	usleep(50000);
+	pthread_create(&i, NULL, install_once, &in);
+	usleep(50000);
+	early = __atomic_load_n(&in, __ATOMIC_SEQ_CST);
+	install_unlock(&first);
+	pthread_join(r, NULL);
+	pthread_join(i, NULL);
+	if (early)
+		return fail("an install went ahead of a waiting reader");
+	return in ? 0 : fail("the install never went ahead");
+}
+
 static const struct {
 	const char *name;
 	int (*fn)(void);
@@ -458,6 +559,9 @@ static const struct {
 	{ "zeros_stop_at_vma", zeros_stop_at_vma },
 	{ "error_ahead_ends_window", error_ahead_ends_window },
 	{ "zero_source_covers_run", zero_source_covers_run },
+	{ "stale_fault_after_remove", stale_fault_after_remove },
+	{ "remove_read_waits_for_installs", remove_read_waits_for_installs },
+	{ "reader_holds_off_installs", reader_holds_off_installs },
 };
 
 int
