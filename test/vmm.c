@@ -1668,18 +1668,20 @@ bench(void)
 
 	if ((fd = open(o.file, O_RDONLY | O_CLOEXEC)) < 0)
 		die("open(%s): %s", o.file, strerror(errno));
-	if (strcmp(o.backend, "file") == 0) {
+	if (strcmp(o.backend, "file") == 0)
 		map_file_private(fd);
-	} else {
+	else
 		map_regions();
-		if (strcmp(o.backend, "uffd") == 0)
-			sock = handshake(create_uffd());
-	}
 	if (strcmp(w, "kvm") != 0) {
 		pages = page_list(w, &n);
 		if ((lat = calloc(n, sizeof(*lat))) == NULL)
 			die("calloc: %s", strerror(ENOMEM));
 	}
+	/* The pages are chosen first: the guest runs the moment the handler
+	 * has the uffd, as a restore with resume_vm does, and population
+	 * gets no head start. */
+	if (strcmp(o.backend, "uffd") == 0)
+		sock = handshake(create_uffd());
 	anon0 = status_kb("RssAnon:");
 	ns = now_ns();
 	if (strcmp(o.backend, "copy") == 0)
