@@ -270,12 +270,13 @@ struct session {
 	struct stream streams[STREAMS];
 	uint64_t stream_clock;
 	uint64_t removes;		/* REMOVE events applied so far */
-	int populating;			/* --populate all, not finished */
-	int pop_failed;			/* population stopped on an error */
-	size_t pop_region;		/* where population goes on */
-	uint64_t pop_idx, pop_start;
+	int populating;			/* not finished (atomic) */
+	int pop_failed;			/* stopped on an error (atomic) */
+	uint64_t pop_start;
+	uint64_t pop_chunks;		/* steps in all, see populate */
+	uint64_t pop_next, pop_done;	/* claimed, finished (atomic) */
 	const uint64_t *pop_list;	/* --populate FILE */
-	size_t pop_n, pop_pos;
+	size_t pop_n;
 	int record_fd;			/* --record FILE */
 	uint64_t *order;		/* file offsets in the order installed */
 	size_t norder;
@@ -309,6 +310,9 @@ struct lane {
 	} failed;
 	char *bounce;			/* a 2 MiB page of several layers */
 	int populates;			/* --populate runs in this lane */
+	int dontwake;			/* its copies wake nobody: see lanes_open */
+	uint64_t chunk, chunk_at;	/* its population step, and how far */
+	int finished;			/* it finished the last step */
 	int held;			/* installing: rw held shared */
 	struct uffd_msg msgs[EVENT_BATCH];
 };
@@ -652,7 +656,8 @@ uffdio_copy(struct lane *l, uint64_t dst, const char *src, uint64_t len,
 	struct uffdio_copy c;
 
 	for (;;) {
-		c = (struct uffdio_copy){ .dst = dst, .src = (uintptr_t)src, .len = len };
+		c = (struct uffdio_copy){ .dst = dst, .src = (uintptr_t)src, .len = len,
+		    .mode = l->dontwake ? UFFDIO_COPY_MODE_DONTWAKE : 0 };
 		count(&s->n.syscalls, 1);
 		if (ioctl(s->uffd, (int)UFFDIO_COPY, &c) == 0) {
 			*done += len;
@@ -1425,7 +1430,7 @@ populate_kind(struct lane *l, struct region *r, uint64_t idx)
  */
 static int
 populate_run(struct lane *l, struct region *r, uint64_t idx, uint64_t len,
-    int kind, uint64_t *advance, uint64_t *budget)
+    int kind, uint64_t *advance)
 {
 	struct session *s = l->s;
 	uint64_t got;
@@ -1438,7 +1443,6 @@ populate_run(struct lane *l, struct region *r, uint64_t idx, uint64_t len,
 	}
 	rc = install_split(l, r, idx, len, kind, &got);
 	count(&s->n.populated, got);
-	*budget = *budget > len * r->page_size ? *budget - len * r->page_size : 0;
 	switch (rc) {
 	case IO_DONE:
 		*advance = got < len ? got + 1 : len;
@@ -1453,67 +1457,110 @@ populate_run(struct lane *l, struct region *r, uint64_t idx, uint64_t len,
 	}
 }
 
-/* One step through the --populate list; adjacent entries make one run. */
+/*
+ * Population goes in steps of POPULATE_STEP bytes: of the guest's regions
+ * in order with --populate all, of the list's pages with --populate FILE.
+ * A lane claims the next step and takes it to its end; with several
+ * population threads each claims its own, so they never overlap.
+ */
+static uint64_t
+pop_per_step(const struct session *s)
+{
+	uint64_t ps = s->regions[0].page_size;
+
+	return POPULATE_STEP > ps ? POPULATE_STEP / ps : 1;
+}
+
+static uint64_t
+pop_steps(const struct session *s)
+{
+	uint64_t total = 0, per = pop_per_step(s);
+
+	if (s->pop_list != NULL)
+		return (s->pop_n + per - 1) / per;
+	for (size_t i = 0; i < s->nregions; i++)
+		total += s->regions[i].size;
+	return (total + POPULATE_STEP - 1) / POPULATE_STEP;
+}
+
+/* The claimed step of the --populate list; adjacent entries make one run. */
 static int
 populate_list_step(struct lane *l)
 {
 	struct session *s = l->s;
-	uint64_t budget = POPULATE_STEP;
+	uint64_t per = pop_per_step(s), end = (l->chunk + 1) * per;
 	int rc = IO_DONE;
 
-	while (rc == IO_DONE && budget > 0 && s->pop_pos < s->pop_n) {
-		uint64_t off = s->pop_list[s->pop_pos], idx, len = 1, npages;
+	end = end < s->pop_n ? end : s->pop_n;
+	while (rc == IO_DONE && l->chunk_at < end) {
+		uint64_t off = s->pop_list[l->chunk_at], idx, len = 1, npages;
 		struct region *r = region_at_offset(s, off);
 		int kind;
 
 		if (r == NULL || (off - r->offset) % r->page_size) {
-			s->pop_pos++;
+			l->chunk_at++;
 			continue;
 		}
 		idx = (off - r->offset) / r->page_size;
 		npages = r->size / r->page_size;
 		kind = populate_kind(l, r, idx);
-		while (s->pop_pos + len < s->pop_n && idx + len < npages &&
-		    len * r->page_size < budget &&
-		    s->pop_list[s->pop_pos + len] == off + len * r->page_size &&
+		while (l->chunk_at + len < end && idx + len < npages &&
+		    s->pop_list[l->chunk_at + len] == off + len * r->page_size &&
 		    populate_kind(l, r, idx + len) == kind)
 			len++;
-		rc = populate_run(l, r, idx, len, kind, &len, &budget);
-		s->pop_pos += len;
+		rc = populate_run(l, r, idx, len, kind, &len);
+		l->chunk_at += len;
 	}
 	return rc;
 }
 
-/*
- * --populate all: every page is installed right after the handshake, in
- * runs of up to 2 MiB between rounds of the loop, so faults always go
- * first.
- */
+/* The claimed step of --populate all: POPULATE_STEP bytes of the regions
+ * laid end to end, so a step may end one region and begin the next. */
 static int
 populate_step(struct lane *l)
 {
 	struct session *s = l->s;
-	uint64_t budget = POPULATE_STEP;
+	uint64_t end = (l->chunk + 1) * POPULATE_STEP, start = 0;
 	int rc = IO_DONE;
 
-	while (rc == IO_DONE && budget > 0 && s->pop_region < s->nregions) {
-		struct region *r = &s->regions[s->pop_region];
-		uint64_t npages = r->size / r->page_size, idx = s->pop_idx, len;
+	for (size_t i = 0; rc == IO_DONE && i < s->nregions; i++) {
+		struct region *r = &s->regions[i];
+		uint64_t ps = r->page_size, stop = end - start < r->size ?
+		    (end - start) / ps : r->size / ps, idx, len;
 		int kind;
 
-		if (idx >= npages) {
-			s->pop_region++;
-			s->pop_idx = 0;
-			continue;
+		while (rc == IO_DONE && l->chunk_at >= start &&
+		    l->chunk_at < start + r->size && l->chunk_at < end) {
+			idx = (l->chunk_at - start) / ps;
+			kind = populate_kind(l, r, idx);
+			for (len = 1; idx + len < stop &&
+			    populate_kind(l, r, idx + len) == kind; len++)
+				;
+			rc = populate_run(l, r, idx, len, kind, &len);
+			l->chunk_at += len * ps;
 		}
-		kind = populate_kind(l, r, idx);
-		for (len = 1; idx + len < npages && len < budget / r->page_size + 1 &&
-		    populate_kind(l, r, idx + len) == kind; len++)
-			;
-		rc = populate_run(l, r, idx, len, kind, &len, &budget);
-		s->pop_idx += len;
+		start += r->size;
 	}
 	return rc;
+}
+
+/* A step to take: the one this lane left unfinished (EAGAIN), or the
+ * next unclaimed. 0 when none is left. */
+static int
+pop_claim(struct lane *l)
+{
+	struct session *s = l->s;
+
+	if (l->chunk != UINT64_MAX)
+		return 1;
+	l->chunk = __atomic_fetch_add(&s->pop_next, 1, __ATOMIC_SEQ_CST);
+	if (l->chunk >= s->pop_chunks) {
+		l->chunk = UINT64_MAX;
+		return 0;
+	}
+	l->chunk_at = s->pop_list ? l->chunk * pop_per_step(s) :
+	    l->chunk * POPULATE_STEP;
+	return 1;
 }
 
 /*
@@ -1548,6 +1595,12 @@ detach(struct lane *l)
 	return 0;
 }
 
+static int
+pop_on(const struct session *s)
+{
+	return __atomic_load_n(&s->populating, __ATOMIC_SEQ_CST);
+}
+
 /*
  * One population step when no fault waits; clears populating when done.
  * A failure there is a page nobody asked for yet: population stops, the
@@ -1559,7 +1612,7 @@ populate(struct lane *l)
 	struct session *s = l->s;
 	int rc;
 
-	if (!l->populates || !s->populating || l->nfaults > 0)
+	if (!l->populates || !pop_on(s) || l->nfaults > 0 || !pop_claim(l))
 		return 0;
 	l->writing = 0;
 	/* Held from the pages' kinds to their copies (see "Threads"). */
@@ -1571,15 +1624,17 @@ populate(struct lane *l)
 		logmsg(LOG_WARN, "population stopped after %llu pages; faults are "
 		    "still served%s", (unsigned long long)counted(&s->n.populated),
 		    opt.detach ? ", and the handler stays (--detach)" : "");
-		s->populating = 0;
-		s->pop_failed = 1;
+		__atomic_store_n(&s->pop_failed, 1, __ATOMIC_SEQ_CST);
+		__atomic_store_n(&s->populating, 0, __ATOMIC_SEQ_CST);
 		return 0;
 	}
-	if (rc == IO_GONE)
-		return rc;
-	if (s->pop_list ? s->pop_pos < s->pop_n : s->pop_region < s->nregions)
+	if (rc != IO_DONE)
+		return rc == IO_GONE ? rc : 0;	/* retry: the step stays ours */
+	l->chunk = UINT64_MAX;
+	if (__atomic_add_fetch(&s->pop_done, 1, __ATOMIC_SEQ_CST) < s->pop_chunks)
 		return 0;
-	s->populating = 0;
+	l->finished = 1;
+	__atomic_store_n(&s->populating, 0, __ATOMIC_SEQ_CST);
 	logmsg(LOG_INFO, "populated %llu pages in %llu ms",
 	    (unsigned long long)counted(&s->n.populated),
 	    (unsigned long long)((now_ns() - s->pop_start) / 1000000));
@@ -1625,6 +1680,7 @@ static void
 serve_start(struct session *s)
 {
 	s->populating = opt.populate_all || s->pop_list != NULL;
+	s->pop_chunks = s->populating ? pop_steps(s) : 0;
 	s->pop_start = now_ns();
 }
 
@@ -1653,8 +1709,8 @@ serve_round(struct lane *l, uint32_t uffd_events)
 		logmsg(LOG_INFO, "VMM's address space is gone (ESRCH)");
 		return 1;
 	}
-	if (opt.detach && l->populates && !s->populating && !s->pop_failed &&
-	    l->nfaults == 0) {
+	if (opt.detach && l->finished && l->nfaults == 0 &&
+	    !__atomic_load_n(&s->pop_failed, __ATOMIC_SEQ_CST)) {
 		reader_lock(s);
 		rc = detach(l);
 		reader_unlock(s);
@@ -2082,12 +2138,12 @@ session_new(int conn, const struct chain *chain)
 	return s;
 }
 
-/* A lane for each serving thread and population's last; with --threads 1,
- * the loop's one. */
+/* A lane for each serving thread, then one for each population thread;
+ * with --threads 1, the loop's one. */
 static int
 lanes_open(struct session *s)
 {
-	int n = opt.threads > 1 ? opt.threads + 1 : 1;
+	int n = opt.threads > 1 ? 2 * opt.threads : 1;
 
 	if ((s->lanes = calloc((size_t)n, sizeof(*s->lanes))) == NULL)
 		return -ENOMEM;
@@ -2096,7 +2152,15 @@ lanes_open(struct session *s)
 		struct lane *l = &s->lanes[i];
 
 		l->s = s;
-		l->populates = i == n - 1;
+		l->populates = n == 1 || i >= opt.threads;
+		l->chunk = UINT64_MAX;
+		/* A population thread's copy need not wake anyone: a vCPU
+		 * that waits on its page has a fault queued, and a serving
+		 * thread answers every fault it reads with a wake (its own
+		 * copy's, EEXIST's, or a plain one). Waking costs a lock on
+		 * the uffd's wait queues for every copy: the replay of a
+		 * working set measured 180 ms with it, 100 ms without. */
+		l->dontwake = n > 1 && l->populates;
 		l->faults_cap = FAULT_QUEUE;
 		if ((l->faults = calloc(FAULT_QUEUE, sizeof(*l->faults))) == NULL)
 			return -ENOMEM;
@@ -2780,8 +2844,8 @@ struct server {
 	int note_ev, stop;
 	struct thread *threads;
 	int nthreads;			/* started */
-	pthread_t pop_tid;		/* population's, when --populate */
-	int pop_started;
+	struct thread *pops;		/* population's, when --populate */
+	int npops;			/* started */
 	pthread_mutex_t popmu;		/* popq, stop */
 	pthread_cond_t popcv;
 	struct session **popq;		/* sessions populating */
@@ -2944,18 +3008,19 @@ pop_add(struct server *srv, struct session *s)
 	}
 	if (rc == 0) {
 		srv->popq[srv->npop++] = s;
-		pthread_cond_signal(&srv->popcv);
+		pthread_cond_broadcast(&srv->popcv);
 	}
 	pthread_mutex_unlock(&srv->popmu);
 	return rc;
 }
 
 /* Population: a step of each populating session in turn. Its copies go
- * on beside the faults', which never wait behind more than one run. */
+ * on beside the faults', which never wait behind more than one step. */
 static void *
 population_thread(void *arg)
 {
-	struct server *srv = arg;
+	struct thread *t = arg;
+	struct server *srv = t->srv;
 	struct session *s;
 	size_t next = 0;
 	int rc;
@@ -2973,10 +3038,10 @@ population_thread(void *arg)
 		pthread_mutex_unlock(&srv->popmu);
 		if (!rc)
 			continue;
-		rc = serve_round(&s->lanes[s->nlanes - 1], 0);
+		rc = serve_round(&s->lanes[t->id], 0);
 		if (rc != 0)
 			session_outcome(srv, s, rc);
-		if (rc != 0 || !s->populating)
+		if (rc != 0 || !pop_on(s))
 			pop_remove(srv, s);
 		session_leave(s);
 	}
@@ -3096,10 +3161,17 @@ threads_start(struct server *srv)
 			return -1;
 		srv->nthreads++;
 	}
-	if ((opt.populate_all || opt.populate_path) &&
-	    start_thread(&srv->pop_tid, population_thread, srv) < 0)
+	if (!opt.populate_all && !opt.populate_path)
+		return 0;
+	if ((srv->pops = calloc((size_t)opt.threads, sizeof(*srv->pops))) == NULL)
 		return -1;
-	srv->pop_started = opt.populate_all || opt.populate_path;
+	for (int i = 0; i < opt.threads; i++) {
+		srv->pops[i] = (struct thread){ srv, opt.threads + i, 0, 0 };
+		if (start_thread(&srv->pops[i].tid, population_thread,
+		    &srv->pops[i]) < 0)
+			return -1;
+		srv->npops++;
+	}
 	return 0;
 }
 
@@ -3117,15 +3189,17 @@ threads_stop(struct server *srv)
 		(void)!write(srv->stopfd, &one, sizeof(one));
 	for (int i = 0; i < srv->nthreads; i++)
 		pthread_join(srv->threads[i].tid, NULL);
-	if (srv->pop_started)
-		pthread_join(srv->pop_tid, NULL);
-	srv->nthreads = srv->pop_started = 0;
+	for (int i = 0; i < srv->npops; i++)
+		pthread_join(srv->pops[i].tid, NULL);
+	srv->nthreads = srv->npops = 0;
 	sweep_graves(srv, 1);
 	free(srv->graves);
 	free(srv->threads);
+	free(srv->pops);
 	free(srv->popq);
 	srv->graves = NULL;
 	srv->threads = NULL;
+	srv->pops = NULL;
 	srv->popq = NULL;
 	closefd(&srv->wepfd);
 	closefd(&srv->stopfd);

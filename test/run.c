@@ -11,6 +11,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <dirent.h>
 #include <fnmatch.h>
 #include <inttypes.h>
 #include <signal.h>
@@ -212,6 +213,7 @@ struct pair {
 	char sock[160];
 	struct stat sock_st;		/* the socket once the handler listens */
 	char status[4096];		/* /proc/PID/status, if read_status ran */
+	int tasks, tasks_2;		/* its threads, those with 2 filters */
 };
 
 static void
@@ -2797,8 +2799,26 @@ read_status(struct pair *p)
 {
 	char path[64];
 
+	char task[4096];
+	struct dirent *e;
+	DIR *d;
+
 	snprintf(path, sizeof(path), "/proc/%d/status", (int)p->h.pid);
 	read_text(path, p->status, sizeof(p->status));
+	snprintf(path, sizeof(path), "/proc/%d/task", (int)p->h.pid);
+	if ((d = opendir(path)) == NULL)
+		return;
+	while ((e = readdir(d)) != NULL) {
+		char tpath[400];
+
+		if (e->d_name[0] == '.')
+			continue;
+		snprintf(tpath, sizeof(tpath), "%s/%s/status", path, e->d_name);
+		read_text(tpath, task, sizeof(task));
+		p->tasks++;
+		p->tasks_2 += strstr(task, "Seccomp_filters:\t2\n") != NULL;
+	}
+	closedir(d);
 }
 
 /* The handler confines itself from the start, and once the VMM's
@@ -2818,8 +2838,18 @@ seccomp_status(const void *arg)
 	if (!strstr(p.status, want))
 		return pair_fail(&p, arg ? "confined despite --no-seccomp" :
 		    "not confined");
-	return arg || strstr(p.status, "Seccomp_filters:\t2\n") ? PASS :
-	    pair_fail(&p, "no second filter while serving");
+	if (!arg && !strstr(p.status, "Seccomp_filters:\t2\n"))
+		return pair_fail(&p, "no second filter while serving");
+	/* The loop and its two serving threads (the default), every one
+	 * under both filters. */
+	if (!arg && (p.tasks != 3 || p.tasks_2 != 3)) {
+		char what[128];
+
+		snprintf(what, sizeof(what), "%d threads, %d of them under the "
+		    "second filter; expected 3 and 3", p.tasks, p.tasks_2);
+		return pair_fail(&p, what);
+	}
+	return PASS;
 }
 
 /*

@@ -90,7 +90,8 @@ setup(void)
 	U.s = (struct session){ .conn = -1, .uffd = U.uffd, .pidfd = -1,
 	    .chain = &U.c, .record_fd = -1, .regions = &U.r,
 	    .nregions = 1, .lanes = &U.l, .nlanes = 1 };
-	U.l = (struct lane){ .s = &U.s, .populates = 1, .faults_cap = FAULT_QUEUE,
+	U.l = (struct lane){ .s = &U.s, .populates = 1, .chunk = UINT64_MAX,
+	    .faults_cap = FAULT_QUEUE,
 	    .faults = calloc(FAULT_QUEUE, sizeof(struct fault)) };
 	pthread_mutex_init(&U.s.turn, NULL);
 	pthread_rwlock_init(&U.s.rw, NULL);
