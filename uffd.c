@@ -13,41 +13,44 @@
  * socket's SO_PEERPIDFD, or opened from its SO_PEERCRED pid.
  *
  * The loop. One epoll set over the listening socket, a signalfd and, for
- * each connection, its socket during the handshake, then its uffd, and the
- * peer's pidfd. Handshakes are read as they arrive, so a peer that sends
- * nothing holds up no other VM; each VM is a session of its own (--max-vms
- * serves many from one process). When a uffd is readable, every queued
- * event is read until none is left: REMOVE events (the balloon, or free
- * page reporting, discarding guest pages) are applied at once to a
- * per-region bitmap, faults are queued. Only then are faults served, so a fault that was queued before a REMOVE it causally followed
- * still sees the pages as removed. Removed pages are served as zeros, others
+ * each connection, its socket during the handshake, then the peer's pidfd
+ * (and its uffd, with --threads 1). Handshakes are read as they arrive, so
+ * a peer that sends nothing holds up no other VM; each VM is a session of
+ * its own (--max-vms serves many from one process). When a uffd is
+ * readable, every queued event is read until none is left: REMOVE events
+ * (the balloon, or free page reporting, discarding guest pages) are
+ * applied at once to a per-region bitmap, faults are queued. Only then are
+ * faults served, so a fault that was queued before a REMOVE it causally
+ * followed still sees the pages as removed. Removed pages are served as zeros, others
  * with UFFDIO_COPY from the memory file, mapped read-only. While any REMOVE
  * is unread, the kernel answers every copy with EAGAIN: the fault stays
  * queued and the uffd is read again.
  *
  * The fast path. Faults that follow each other through memory are served in
  * runs that double up to 2 MiB; random faults get their page alone. Pages
- * that are all zero in the snapshot map the shared zero page. Between
- * rounds of the loop, --populate installs pages the VM has not asked for
- * yet, and --detach lets the VM go once every page is in.
+ * that are all zero in the snapshot map the shared zero page. --populate
+ * installs pages the VM has not asked for yet (between rounds of the loop,
+ * or on threads of its own), and --detach lets the VM go once every page
+ * is in.
  *
  * Threads. With --threads N (2 by default), N threads serve faults and,
- * with --populate, one more populates. Each serving thread waits on the
- * set of serving uffds, reads the events of one that is ready into a lane
- * of its own and serves the faults it read while the others serve theirs;
- * the loop keeps accepting, handshakes, pidfds, signals and endings. The
- * hazard is a REMOVE: its madvise caller resumes as soon as read() hands
- * the event out, so a copy another thread decided on before the bitmap
- * said "removed", or one still inside the kernel, could land after the
- * madvise has zapped the page: snapshot bytes in a page the guest gave
- * back. So each session has a lock that every install holds shared, from
- * deciding what its pages hold to the end of its UFFDIO calls, and that
- * reading the uffd holds exclusive until every REMOVE read is in the
- * bitmap. No copy is under way while events are read, and none starts
- * before the REMOVEs read are applied. A waiting reader holds off new
- * installs, so it waits for those under way only, one run each (2 MiB at
- * most; a population step is one run of up to 2 MiB). --threads 1 is the
- * loop alone, reading and serving in turn.
+ * with --populate, N more populate. A ready uffd goes to one serving
+ * thread (EPOLLONESHOT), which reads its events into a lane of its own and
+ * serves the faults it read; it gives the uffd back when its turn ends, or
+ * at once if it read a burst. The loop keeps accepting, handshakes,
+ * pidfds, signals and endings. The hazard is a REMOVE: its madvise caller
+ * resumes as soon as read() hands the event out, so a copy another thread
+ * decided on before the bitmap said "removed", or one still inside the
+ * kernel, could land after the madvise has zapped the page: snapshot bytes
+ * in a page the guest gave back. So each session has a lock that every
+ * install holds shared, from deciding what its pages hold to the end of
+ * its UFFDIO calls, and that reading the uffd holds exclusive until every
+ * REMOVE read is in the bitmap. A waiting reader holds off new installs,
+ * so it waits only for those under way, one window or population step
+ * (2 MiB) each. And a fault read before a REMOVE of its page but served
+ * after it is only woken: its vCPU may have gone on already (another
+ * thread installed the page), and zeros would refill a page given back.
+ * --threads 1 is the loop alone, reading and serving in turn.
  *
  * Failing closed. Firecracker keeps its own copy of the uffd, so a handler
  * that stops serving freezes the guest forever, silently. A peer that has
@@ -633,6 +636,7 @@ uffdio_result(struct lane *l, int err, uint64_t dst, uint64_t len,
     const char *what)
 {
 	struct session *s = l->s;
+
 	switch (err) {
 	case EEXIST:
 		/* Already present: wake in case a waiter raced the copy. */
@@ -916,6 +920,7 @@ static void
 map_source(struct lane *l, uint64_t off, uint64_t len)
 {
 	struct session *s = l->s;
+
 	for (uint64_t at = 0, seg; at < len; at += seg) {
 		const char *src;
 
@@ -1224,6 +1229,7 @@ static int
 handle_event(struct lane *l, const struct uffd_msg *m, uint64_t now)
 {
 	struct session *s = l->s;
+
 	switch (m->event) {
 	case UFFD_EVENT_PAGEFAULT:
 		count(&s->n.faults, 1);
@@ -1246,6 +1252,7 @@ static int
 drain_uffd(struct lane *l)
 {
 	struct session *s = l->s;
+
 	for (;;) {
 		ssize_t n = read(s->uffd, l->msgs, sizeof(l->msgs));
 		uint64_t now = now_ns();
@@ -1444,6 +1451,7 @@ static int
 populate_kind(struct lane *l, struct region *r, uint64_t idx)
 {
 	struct session *s = l->s;
+
 	if (bit_test(r->removed, idx))
 		return KIND_SKIP;
 	if (s->pop_list == NULL && bit_test(r->hole, idx))
@@ -1602,6 +1610,7 @@ static int
 detach(struct lane *l)
 {
 	struct session *s = l->s;
+
 	for (size_t i = 0; i < s->nregions; i++) {
 		struct uffdio_range r = { s->regions[i].base, s->regions[i].size };
 

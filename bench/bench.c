@@ -352,6 +352,11 @@ write_json(const char *mach)
 		    a ? "," : "", chain_access[a], chain_med[a][CH_CHAIN],
 		    chain_med[a][CH_MERGED], chain_med[a][CH_BASE],
 		    chain_med[a][CH_MERGE], chain_med[a][CH_MAP]);
+	fprintf(f, "},\"threads\":{\"n\":%s", threads_n);
+	for (int m = 0; m < 2; m++)
+		for (int k = 0; k < NTH; k++)
+			fprintf(f, ",\"%s %s\":%.2f", m ? "N" : "1", th_names[k],
+			    th_med[m][k]);
 	fprintf(f, "}}\n");
 	fclose(f);
 }
