@@ -1610,6 +1610,7 @@ static int
 detach(struct lane *l)
 {
 	struct session *s = l->s;
+	int rc;
 
 	for (size_t i = 0; i < s->nregions; i++) {
 		struct uffdio_range r = { s->regions[i].base, s->regions[i].size };
@@ -1622,6 +1623,13 @@ detach(struct lane *l)
 			return errno == ESRCH ? 0 : -errno;
 		}
 	}
+	/* UNREGISTER wakes a range's waiters before it clears the VMA, and a
+	 * fault taken under the per-VMA lock can queue in between: it would
+	 * sleep forever. Once the VMAs are cleared no fault queues any more,
+	 * so one wake now reaches every one that did. */
+	for (size_t i = 0; i < s->nregions; i++)
+		if ((rc = uffdio_wake(l, s->regions[i].base, s->regions[i].size)) < 0)
+			log_failure(l, LOG_WARN, rc);
 	while (read(s->uffd, l->msgs, sizeof(l->msgs)) > 0)
 		;
 	logmsg(LOG_INFO, "every page with data is present (%llu removed or "

@@ -1039,6 +1039,31 @@ fault_path(const void *arg)
 }
 
 /*
+ * --detach while eight vCPUs fault, write and balloon: a fault that queued
+ * while UNREGISTER ran (after its wake, before the VMA was cleared) sleeps
+ * forever unless woken once more; the VMM then times out. Without that
+ * wake one run in about ten hung here, so the case runs fifteen.
+ */
+static int
+populate_detach_stress(const void *arg)
+{
+	(void)arg;
+	for (int i = 0; i < 15; i++) {
+		struct pair p = { .hargs = { "--threads", "4", "--populate", "all",
+		    "--detach", NULL }, .vargs = { "--stress", "1", "--threads", "8",
+		    NULL }, .vmm_ms = 15000 };
+
+		run_pair(&p);
+		if (!exited(&p.v, 0) || !exited(&p.h, 0))
+			return pair_fail(&p, "a VM hung or saw a wrong page after "
+			    "the handler detached");
+		if (!strstr(p.herr, "without a handler"))
+			return pair_fail(&p, "the handler did not detach");
+	}
+	return PASS;
+}
+
+/*
  * --populate all --detach: the handler installs every page, unregisters and
  * exits while the VM runs on; the VMM then reads every page and balloons.
  * A REMOVE left unanswered would hang it, and the case by its timeout.
@@ -3438,6 +3463,7 @@ static const struct tcase cases[] = {
 	{ "fault_path_runs_and_zero_pages", fault_path, NULL },
 	{ "fault_path_no_optimize_one_page", fault_path, "--no-optimize" },
 	{ "populate_all_detach_then_balloon", populate_detach, NULL },
+	{ "populate_all_detach_under_stress", populate_detach_stress, NULL },
 	{ "populate_all_with_faults_and_balloon", populate_with_faults, NULL },
 	{ "populate_all_detach_split", populate_detach_layout, pd_split },
 	{ "populate_all_detach_hotplug", populate_detach_layout, pd_hotplug },
