@@ -290,6 +290,7 @@ struct session {
 	int users;			/* threads inside (atomic) */
 	int open;			/* threads may enter (atomic) */
 	int outcome;			/* a thread's ending: 1 gone, < 0 fatal */
+	int logged;			/* LOGGED_*: said once, whichever thread */
 	int threaded;			/* its uffd is in the threads' set */
 	int wepfd;			/* that set, to arm it again in */
 	char handshake[HANDSHAKE_MAX];
@@ -321,6 +322,15 @@ struct lane {
 	int armed;			/* this turn gave the uffd back: see rearm */
 	struct uffd_msg msgs[EVENT_BATCH];
 };
+
+/* What a session's threads may each run into, logged by the first. */
+enum { LOGGED_SHRANK = 1, LOGGED_FATAL = 2, LOGGED_GONE = 4, LOGGED_POP = 8 };
+
+static int
+first_time(struct session *s, int what)
+{
+	return !(__atomic_fetch_or(&s->logged, what, __ATOMIC_SEQ_CST) & what);
+}
 
 /* Counters are added to from every serving thread, and read while they
  * are (SIGUSR1, the population's log lines). */
@@ -746,6 +756,8 @@ check_memfile(struct lane *l)
 	const struct chain *c = s->chain;
 	struct stat st;
 
+	if (!first_time(s, LOGGED_SHRANK))
+		return;
 	for (int i = 0; i < c->n; i++)
 		if (fstat(c->layer[i].fd, &st) == 0 && S_ISREG(st.st_mode) &&
 		    (uint64_t)st.st_size < c->size)
@@ -1171,7 +1183,8 @@ serve_fault(struct lane *l, struct fault *f)
 		return uffdio_wake(l, page, r->page_size);
 	}
 	if (rc < 0)
-		log_failure(l, LOG_ERROR, rc);
+		if (first_time(s, LOGGED_FATAL))
+			log_failure(l, LOG_ERROR, rc);
 	return rc;
 }
 
@@ -1664,11 +1677,14 @@ populate(struct lane *l)
 	install_lock(l);
 	rc = s->pop_list ? populate_list_step(l) : populate_step(l);
 	install_unlock(l);
-	if (rc < 0) {
+	if (rc < 0 && !__atomic_load_n(&s->outcome, __ATOMIC_SEQ_CST) &&
+	    first_time(s, LOGGED_POP)) {
 		log_failure(l, LOG_WARN, rc);
 		logmsg(LOG_WARN, "population stopped after %llu pages; faults are "
 		    "still served%s", (unsigned long long)counted(&s->n.populated),
 		    opt.detach ? ", and the handler stays (--detach)" : "");
+	}
+	if (rc < 0) {
 		__atomic_store_n(&s->pop_failed, 1, __ATOMIC_SEQ_CST);
 		__atomic_store_n(&s->populating, 0, __ATOMIC_SEQ_CST);
 		return 0;
@@ -1710,8 +1726,10 @@ guarded_install(struct lane *l)
 		if (l->held)
 			install_unlock(l);
 		check_memfile(l);
-		logmsg(LOG_ERROR, "reading %s at offset %llu: SIGBUS",
-		    layer_path(s->chain, l->reading), (unsigned long long)l->reading);
+		if (first_time(s, LOGGED_FATAL))
+			logmsg(LOG_ERROR, "reading %s at offset %llu: SIGBUS",
+			    layer_path(s->chain, l->reading),
+			    (unsigned long long)l->reading);
 		return -ENXIO;
 	}
 	bus_armed = 1;
@@ -1751,7 +1769,9 @@ serve_round(struct lane *l, uint32_t uffd_events)
 	if (rc < 0 || (rc = guarded_install(l)) < 0)
 		return rc;
 	if (rc == IO_GONE) {
-		logmsg(LOG_INFO, "VMM's address space is gone (ESRCH)");
+		if (first_time(s, LOGGED_GONE))
+			logmsg(LOG_INFO, "VMM pid %d: its address space is gone "
+			    "(ESRCH)", (int)s->pid);
 		return 1;
 	}
 	if (opt.detach && l->finished && l->nfaults == 0 &&

@@ -1712,14 +1712,18 @@ truncate_layer(struct pair *p)
 static int
 chain_layer_truncated(const void *arg)
 {
-	char cmd[512], logged[256];
-	char *diffs[] = { chain_diffs[0], chain_diffs[1], shrinking, NULL };
+	char cmd[512], logged[256], *diffs[4];
 	struct pair p = { .vargs = { "--delay", "500", NULL }, .during_ms = 200,
 	    .during = truncate_layer };
 
 	(void)arg;
 	if (chain_pair(&p, NULL) < 0)
 		return FAIL;
+	/* Only now are the fixture's names set. */
+	diffs[0] = chain_diffs[0];
+	diffs[1] = chain_diffs[1];
+	diffs[2] = shrinking;
+	diffs[3] = NULL;
 	p.diffs = diffs;
 	p.vargs[0] = "--delay";
 	p.vargs[1] = "500";
