@@ -2226,6 +2226,8 @@ lanes_open(struct session *s)
 		 * the uffd's wait queues for every copy: the replay of a
 		 * working set measured 180 ms with it, 100 ms without. */
 		l->dontwake = n > 1 && l->populates;
+		if (n > 1 && l->populates)
+			continue;	/* it reads no faults */
 		l->faults_cap = FAULT_QUEUE;
 		if ((l->faults = calloc(FAULT_QUEUE, sizeof(*l->faults))) == NULL)
 			return -ENOMEM;
@@ -2618,7 +2620,8 @@ parse_threads(const char *arg)
 
 	errno = 0;
 	v = strtol(arg, &end, 10);
-	if (errno || end == arg || *end != '\0' || v < 1 || v > MAX_THREADS) {
+	if (errno || arg[0] < '1' || arg[0] > '9' || *end != '\0' || v < 1 ||
+	    v > MAX_THREADS) {
 		fprintf(stderr, "uffd-handler: --threads: '%s' is not a number from "
 		    "1 to %d\n", arg, MAX_THREADS);
 		return -1;

@@ -812,6 +812,8 @@ cli_usage_errors(const void *arg)
 		{ "--bogus", "a", "b", NULL }, { "--log-level", "loud", "a", NULL },
 		{ "--handshake-timeout", "0", "a", NULL },
 		{ "--accept-timeout", "-1", "a", NULL },
+		{ "--threads", "0", "a", NULL }, { "--threads", "65", "a", NULL },
+		{ "--threads", "+4", "a", NULL }, { "--threads", "4x", "a", NULL },
 	};
 	struct proc p;
 	char err[2048];
@@ -822,7 +824,7 @@ cli_usage_errors(const void *arg)
 
 		for (int j = 0; j < 4 && cases[i][j]; j++)
 			args[j] = cases[i][j];
-		if (i == 2 || i == 4 || i == 5 || i == 6)
+		if (i >= 2 && i != 3)
 			args[3] = "b";
 		run_handler(args, 5000, &p, err, sizeof(err));
 		if (!exited(&p, 2) || strchr(err, '\n') != strrchr(err, '\n') ||
