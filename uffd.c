@@ -190,7 +190,7 @@ struct fault {
 #define MAX_RUN_4K	512		/* 2 MiB ahead at most */
 #define MAX_RUN_2M	4
 #define ZERO_SRC	(MAX_RUN_2M * PAGE_2M)	/* covers the longest run */
-#define POPULATE_STEP	(2ull << 20)	/* bytes installed between loop rounds */
+#define POPULATE_STEP	(2ull << 20)	/* a population step: see pop_steps */
 
 struct counters {
 	uint64_t faults, pages_copied, zero_pages, remove_events, pages_removed;
