@@ -46,8 +46,8 @@
  * install holds shared, from deciding what its pages hold to the end of
  * its UFFDIO calls, and that reading the uffd holds exclusive until every
  * REMOVE read is in the bitmap. A waiting reader holds off new installs,
- * so it waits only for those under way, one window or population step
- * (2 MiB) each. And a fault read before a REMOVE of its page but served
+ * so it waits only for those under way, one window (up to 2 MiB, or four
+ * hugetlb pages) or population step (2 MiB) each. And a fault read before a REMOVE of its page but served
  * after it is only woken: its vCPU may have gone on already (another
  * thread installed the page), and zeros would refill a page given back.
  * --threads 1 is the loop alone, reading and serving in turn.
