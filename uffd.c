@@ -1677,14 +1677,15 @@ populate(struct lane *l)
 	install_lock(l);
 	rc = s->pop_list ? populate_list_step(l) : populate_step(l);
 	install_unlock(l);
-	if (rc < 0 && !__atomic_load_n(&s->outcome, __ATOMIC_SEQ_CST) &&
-	    first_time(s, LOGGED_POP)) {
-		log_failure(l, LOG_WARN, rc);
-		logmsg(LOG_WARN, "population stopped after %llu pages; faults are "
-		    "still served%s", (unsigned long long)counted(&s->n.populated),
-		    opt.detach ? ", and the handler stays (--detach)" : "");
-	}
 	if (rc < 0) {
+		if (!__atomic_load_n(&s->outcome, __ATOMIC_SEQ_CST) &&
+		    first_time(s, LOGGED_POP)) {
+			log_failure(l, LOG_WARN, rc);
+			logmsg(LOG_WARN, "population stopped after %llu pages; "
+			    "faults are still served%s",
+			    (unsigned long long)counted(&s->n.populated), opt.detach ?
+			    ", and the handler stays (--detach)" : "");
+		}
 		__atomic_store_n(&s->pop_failed, 1, __ATOMIC_SEQ_CST);
 		__atomic_store_n(&s->populating, 0, __ATOMIC_SEQ_CST);
 		return 0;
@@ -3207,6 +3208,21 @@ start_thread(pthread_t *tid, void *(*fn)(void *), void *arg)
 	return -rc;
 }
 
+/* opt.threads threads into t, counted in *n as they start; their lanes
+ * are first, first + 1, ... */
+static int
+start_group(struct server *srv, struct thread *t, int *n, int first,
+    void *(*fn)(void *))
+{
+	for (int i = 0; i < opt.threads; i++) {
+		t[i] = (struct thread){ srv, first + i, 0, 0 };
+		if (start_thread(&t[i].tid, fn, &t[i]) < 0)
+			return -1;
+		(*n)++;
+	}
+	return 0;
+}
+
 /* Under the first seccomp filter, which they inherit, and with every
  * signal blocked, as the signalfd needs. */
 static int
@@ -3226,25 +3242,17 @@ threads_start(struct server *srv)
 		logmsg(LOG_ERROR, "setting up the serving threads: %s", strerror(errno));
 		return -1;
 	}
-	for (int i = 0; i < opt.threads; i++) {
-		srv->threads[i] = (struct thread){ srv, i, 0, 0 };
-		if (start_thread(&srv->threads[i].tid, serving_thread,
-		    &srv->threads[i]) < 0)
-			return -1;
-		srv->nthreads++;
-	}
+	if (start_group(srv, srv->threads, &srv->nthreads, 0, serving_thread) < 0)
+		return -1;
 	if (!opt.populate_all && !opt.populate_path)
 		return 0;
-	if ((srv->pops = calloc((size_t)opt.threads, sizeof(*srv->pops))) == NULL)
+	if ((srv->pops = calloc((size_t)opt.threads, sizeof(*srv->pops))) == NULL) {
+		logmsg(LOG_ERROR, "setting up the population threads: %s",
+		    strerror(ENOMEM));
 		return -1;
-	for (int i = 0; i < opt.threads; i++) {
-		srv->pops[i] = (struct thread){ srv, opt.threads + i, 0, 0 };
-		if (start_thread(&srv->pops[i].tid, population_thread,
-		    &srv->pops[i]) < 0)
-			return -1;
-		srv->npops++;
 	}
-	return 0;
+	return start_group(srv, srv->pops, &srv->npops, opt.threads,
+	    population_thread);
 }
 
 /* Safe to call twice, and with the threads half started. */
