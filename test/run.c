@@ -2710,20 +2710,30 @@ hugetlb_pool_exact(const void *arg)
 	return restored(&p);
 }
 
+/* A stress run's seconds into secs (UFFD_STRESS_SECONDS, else dflt), and
+ * the VMM's time limit that follows: a minute more. */
+static int
+stress_seconds(char *secs, size_t cap, int dflt)
+{
+	const char *env = getenv("UFFD_STRESS_SECONDS");
+	int s = env && atoi(env) > 0 ? atoi(env) : dflt;
+
+	snprintf(secs, cap, "%d", s);
+	return (s + 60) * 1000;
+}
+
 /* Random faults, writes and removes with an exact oracle; see vmm.c. */
 static int
 stress(const void *arg)
 {
-	const char *env = getenv("UFFD_STRESS_SECONDS");
 	char secs[16];
 	struct pair p = { .snap = T.big, .vargs = { "--regions", "32,16,16",
 	    "--stress", secs, arg, NULL } };
-	int s = env ? atoi(env) : arg ? 10 : 30, rc;
+	int rc;
 
-	snprintf(secs, sizeof(secs), "%d", s > 0 ? s : 30);
+	p.vmm_ms = stress_seconds(secs, sizeof(secs), arg ? 10 : 30);
 	if (arg && huge_reserve(36) < 0)
 		return skip("cannot reserve 36 hugetlb pages of 2 MiB");
-	p.vmm_ms = (atoi(secs) + 60) * 1000;
 	if ((rc = restored(&p)) != PASS)
 		return rc;
 	/* A 2 MiB copy takes long enough that a REMOVE rarely catches one. */
@@ -2750,7 +2760,6 @@ static int
 stress_threads(const void *arg)
 {
 	const struct stress_case *c = arg;
-	const char *env = getenv("UFFD_STRESS_SECONDS");
 	char secs[16];
 	struct pair p = { .snap = T.big, .hargs = { "--threads", c->threads,
 	    c->populate ? "--populate" : NULL, "all", NULL }, .vargs = {
@@ -2758,10 +2767,9 @@ stress_threads(const void *arg)
 	    c->huge ? "--huge" : NULL, NULL } };
 	int rc;
 
-	snprintf(secs, sizeof(secs), "%d", env && atoi(env) > 0 ? atoi(env) : 5);
+	p.vmm_ms = stress_seconds(secs, sizeof(secs), 5);
 	if (c->huge && huge_reserve(36) < 0)
 		return skip("cannot reserve 36 hugetlb pages of 2 MiB");
-	p.vmm_ms = (atoi(secs) + 60) * 1000;
 	if ((rc = restored(&p)) != PASS)
 		return rc;
 	if (c->populate && counter(&p, "populated") == 0)
@@ -2775,7 +2783,6 @@ stress_threads(const void *arg)
 static int
 stress_two_vms(const void *arg)
 {
-	const char *env = getenv("UFFD_STRESS_SECONDS");
 	char secs[16];
 	struct pair p = { .snap = T.big, .hargs = { "--max-vms", "2", NULL },
 	    .vargs = { "--regions", "32,16,16", "--stress", secs, "--threads",
@@ -2785,8 +2792,7 @@ stress_two_vms(const void *arg)
 	int rc;
 
 	(void)arg;
-	snprintf(secs, sizeof(secs), "%d", env && atoi(env) > 0 ? atoi(env) : 10);
-	p.vmm_ms = (atoi(secs) + 60) * 1000;
+	p.vmm_ms = stress_seconds(secs, sizeof(secs), 10);
 	if ((rc = cell_two_vms(&p)) != PASS)
 		return rc;
 	if (!exited(&p.v, 0) || !exited(&p.h, 0))
