@@ -78,6 +78,7 @@
 #include <sys/mman.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/file.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/signalfd.h>
@@ -2408,20 +2409,29 @@ bind_to(int fd, const char *path)
 	return bind(fd, (struct sockaddr *)&a, sizeof(a)) < 0 ? -errno : 0;
 }
 
+static int
+same_file(const struct stat *a, const struct stat *b)
+{
+	return a->st_dev == b->st_dev && a->st_ino == b->st_ino;
+}
+
 /*
  * A socket file nobody listens on is what a killed handler leaves behind.
  * The probe does not block: a live handler whose backlog is full answers
- * EAGAIN, a stale socket ECONNREFUSED.
+ * EAGAIN, a stale socket ECONNREFUSED. Only the file probed is removed:
+ * the path is looked at again after the probe.
  */
 static int
 replace_stale(const char *path)
 {
 	struct sockaddr_un a = { .sun_family = AF_UNIX };
-	struct stat st;
+	struct stat st, again;
 	int probe, rc;
 
-	if (lstat(path, &st) < 0)
+	if (lstat(path, &st) < 0) {
+		logmsg(LOG_ERROR, "lstat(%s): %s", path, strerror(errno));
 		return -errno;
+	}
 	if (!S_ISSOCK(st.st_mode)) {
 		logmsg(LOG_ERROR, "%s exists and is not a socket; not replacing it",
 		    path);
@@ -2429,8 +2439,11 @@ replace_stale(const char *path)
 	}
 	memcpy(a.sun_path, path, strlen(path));
 	if ((probe = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK,
-	    0)) < 0)
+	    0)) < 0) {
+		logmsg(LOG_ERROR, "socket(AF_UNIX) to probe %s: %s", path,
+		    strerror(errno));
 		return -errno;
+	}
 	rc = connect(probe, (const struct sockaddr *)&a, sizeof(a));
 	close(probe);
 	if (rc == 0 || errno == EAGAIN) {
@@ -2441,33 +2454,17 @@ replace_stale(const char *path)
 		logmsg(LOG_ERROR, "connect(%s): %s", path, strerror(errno));
 		return -errno;
 	}
+	if (lstat(path, &again) < 0 || !same_file(&st, &again)) {
+		logmsg(LOG_ERROR, "%s changed while it was probed; not replacing it",
+		    path);
+		return -EADDRINUSE;
+	}
 	if (unlink(path) < 0 && errno != ENOENT) {
 		logmsg(LOG_ERROR, "unlink(%s): %s", path, strerror(errno));
 		return -errno;
 	}
 	logmsg(LOG_INFO, "replaced stale socket %s", path);
 	return 0;
-}
-
-/* link() fails if the path exists: of two handlers replacing one stale
- * socket, one links and the other then finds it live. */
-static int
-link_socket(const char *tmp, const char *path)
-{
-	int rc;
-
-	for (int i = 0; i < 3; i++) {
-		if (link(tmp, path) == 0)
-			return 0;
-		if (errno != EEXIST) {
-			logmsg(LOG_ERROR, "link(%s, %s): %s", tmp, path, strerror(errno));
-			return -errno;
-		}
-		if ((rc = replace_stale(path)) < 0)
-			return rc;
-	}
-	logmsg(LOG_ERROR, "%s: taken again each time it was replaced", path);
-	return -EADDRINUSE;
 }
 
 /* The jailed VMM connects as the jail's uid and gid (--socket-owner). */
@@ -2488,48 +2485,95 @@ set_socket_access(const char *path)
 	return 0;
 }
 
+/*
+ * Handlers starting on one directory take turns: an exclusive flock(2) of
+ * SOCKET's directory is held from the first look at the path to listen(2).
+ * So no handler probes a socket another has bound but not yet listens on
+ * (it looks stale), nor removes one it has just made, whatever their pid
+ * namespaces. A handler that cannot open the directory goes on without
+ * the lock. -1 when there is none to release.
+ */
+#define DIR_LOCK_MS	5000
+
+static int
+lock_socket_dir(const char *path)
+{
+	char dir[sizeof(((struct sockaddr_un *)0)->sun_path)];
+	const char *slash = strrchr(path, '/');
+	int fd;
+
+	if (slash == NULL)
+		snprintf(dir, sizeof(dir), ".");
+	else
+		snprintf(dir, sizeof(dir), "%.*s", slash == path ? 1 :
+		    (int)(slash - path), path);
+	if ((fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) < 0) {
+		logmsg(LOG_DEBUG, "open(%s): %s; binding without its lock", dir,
+		    strerror(errno));
+		return -1;
+	}
+	for (int64_t end = now_ms() + DIR_LOCK_MS; flock(fd, LOCK_EX | LOCK_NB) < 0;) {
+		if (errno != EWOULDBLOCK || now_ms() >= end) {
+			logmsg(LOG_WARN, "flock(%s): %s; binding without the lock",
+			    dir, errno == EWOULDBLOCK ? "held too long" : strerror(errno));
+			break;
+		}
+		usleep(10000);
+	}
+	return fd;
+}
+
 /* --max-vms restores often start together; the kernel caps this at
  * net.core.somaxconn (4096 since Linux 5.4). */
 #define LISTEN_BACKLOG	4096
 
+/* Bound and listening at path, replacing a stale socket; logged. */
+static int
+bind_listen(int fd, const char *path)
+{
+	int rc = bind_to(fd, path);
+
+	if (rc == -EADDRINUSE) {
+		if ((rc = replace_stale(path)) < 0)
+			return rc;
+		rc = bind_to(fd, path);
+	}
+	if (rc == 0 && listen(fd, LISTEN_BACKLOG) < 0)
+		rc = -errno;
+	if (rc < 0)
+		logmsg(LOG_ERROR, "bind/listen(%s): %s", path, strerror(-rc));
+	return rc;
+}
+
 /*
- * The socket appears at its path only once it listens: it is bound to a
- * name of its own, listens, and is then linked to the path. So another
- * handler's probe never finds it bound but not yet listening, which looks
- * stale. A path too long for the second name is bound directly. own gets
- * the file, so that only this handler's is ever removed.
+ * The listening socket at path, under the directory's lock (see above).
+ * own gets the file, so that only this handler's is ever removed; once it
+ * is made, every failure removes it again.
  */
 static int
 listen_socket(const char *path, struct stat *own)
 {
-	char tmp[sizeof(((struct sockaddr_un *)0)->sun_path)];
-	int fd, rc, direct;
+	int fd, rc, dirfd;
 
-	if (strlen(path) >= sizeof(tmp)) {
+	if (strlen(path) >= sizeof(((struct sockaddr_un *)0)->sun_path)) {
 		logmsg(LOG_ERROR, "socket path %s is longer than %zu bytes", path,
-		    sizeof(tmp) - 1);
+		    sizeof(((struct sockaddr_un *)0)->sun_path) - 1);
 		return -ENAMETOOLONG;
 	}
-	direct = snprintf(tmp, sizeof(tmp), "%s.%d", path, (int)getpid()) >=
-	    (int)sizeof(tmp);
-	if ((fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0)) < 0)
+	if ((fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0)) < 0) {
+		logmsg(LOG_ERROR, "socket(AF_UNIX) for %s: %s", path, strerror(errno));
 		return -errno;
-	rc = bind_to(fd, direct ? path : tmp);
-	if (rc == -EADDRINUSE && direct && (rc = replace_stale(path)) == 0)
-		rc = bind_to(fd, path);
-	if (rc == 0 && listen(fd, LISTEN_BACKLOG) < 0)
+	}
+	dirfd = lock_socket_dir(path);
+	rc = bind_listen(fd, path);
+	if (rc == 0 && lstat(path, own) < 0) {
 		rc = -errno;
-	if (rc < 0 && rc != -EADDRINUSE)
-		logmsg(LOG_ERROR, "bind/listen(%s): %s", direct ? path : tmp,
-		    strerror(-rc));
-	if (rc == 0 && !direct)
-		rc = link_socket(tmp, path);
-	if (!direct)
-		unlink(tmp);
-	if (rc == 0 && lstat(path, own) < 0)
-		rc = -errno;
-	if (rc == 0)
-		rc = set_socket_access(path);
+		logmsg(LOG_ERROR, "lstat(%s): %s", path, strerror(errno));
+	} else if (rc == 0 && (rc = set_socket_access(path)) < 0) {
+		unlink(path);
+	}
+	if (dirfd >= 0)
+		close(dirfd);
 	if (rc < 0) {
 		close(fd);
 		return rc;
