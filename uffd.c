@@ -1882,13 +1882,14 @@ recv_handshake(struct session *s)
 			return JSON_PARTIAL;
 		if (got <= 0 && s->got == 0)
 			return -ENOTCONN;
+		/* A hang-up is logged by handshake_failed, which first gives
+		 * the VMM's pidfd the moment to show it died. */
 		if (got == 0)
-			logmsg(LOG_ERROR, "handshake rejected: VMM closed the socket "
-			    "after %zu bytes of an incomplete message", s->got);
-		else if (got < 0)
+			return -ECONNRESET;
+		if (got < 0) {
 			logmsg(LOG_ERROR, "recvmsg(handshake): %s", strerror((int)-got));
-		if (got <= 0)
-			return got == 0 ? -ECONNRESET : (int)got;
+			return (int)got;
+		}
 		s->got += (size_t)got;
 		n = json_parse_mappings(s->handshake, s->got, s->mappings,
 		    MAX_MAPPINGS, &je);
@@ -3675,8 +3676,17 @@ accept_all(struct server *srv, int64_t now)
 static void
 gone_in_handshake(struct server *srv, struct session *s)
 {
-	logmsg(LOG_INFO, "VMM pid %d exited during the handshake", (int)s->pid);
+	logmsg(LOG_INFO, "VMM pid %d exited during the handshake (%zu bytes "
+	    "received)", (int)s->pid, s->got);
 	session_end(srv, s, EXIT_VM_GONE);
+}
+
+static void
+hung_up_in_handshake(struct server *srv, struct session *s)
+{
+	logmsg(LOG_ERROR, "handshake rejected: VMM pid %d closed the socket "
+	    "after %zu bytes of an incomplete message", (int)s->pid, s->got);
+	fail_closed(srv, s, EXIT_HANDSHAKE);
 }
 
 /*
@@ -3687,12 +3697,14 @@ gone_in_handshake(struct server *srv, struct session *s)
 static void
 handshake_failed(struct server *srv, struct session *s, int rc, int64_t now)
 {
-	if (rc == -ECONNRESET && !s->ev[W_PIDFD] && s->pidfd >= 0) {
+	if (rc == -ECONNRESET && (s->ev[W_PIDFD] || vmm_gone(s))) {
+		gone_in_handshake(srv, s);
+	} else if (rc == -ECONNRESET && s->pidfd >= 0) {
 		unwatch(srv, s->conn);
 		s->state = S_CLOSING;
 		s->deadline = now + CLOSING_MS;
-	} else if (rc == -ECONNRESET && (s->ev[W_PIDFD] || vmm_gone(s))) {
-		gone_in_handshake(srv, s);
+	} else if (rc == -ECONNRESET) {
+		hung_up_in_handshake(srv, s);
 	} else {
 		/* Short of memory or descriptors the VMM was not at fault. */
 		fail_closed(srv, s, rc == -ENOMEM || out_of_fds(-rc) ?
@@ -3754,11 +3766,10 @@ handshake_step(struct server *srv, struct session *s, int64_t now)
 static void
 closing_step(struct server *srv, struct session *s, int64_t now)
 {
-	if (s->ev[W_PIDFD]) {
+	if (s->ev[W_PIDFD])
 		gone_in_handshake(srv, s);
-	} else if (now >= s->deadline) {
-		fail_closed(srv, s, EXIT_HANDSHAKE);
-	}
+	else if (now >= s->deadline)
+		hung_up_in_handshake(srv, s);
 }
 
 static void
