@@ -1753,7 +1753,7 @@ serve_start(struct session *s)
  * One round for a serving session: 1 when the VM went away (or was let go
  * with --detach), 0 to go on, a negative errno on a fatal error. The uffd
  * is read only when epoll said it is readable; deferred faults and
- * population go on without it.
+ * population go on without it. The caller counts the wait, if it waited.
  */
 static int
 serve_round(struct lane *l, uint32_t uffd_events)
@@ -1765,7 +1765,6 @@ serve_round(struct lane *l, uint32_t uffd_events)
 		logmsg(LOG_ERROR, "epoll(uffd): error condition 0x%x", uffd_events);
 		return -EIO;
 	}
-	count(&s->n.syscalls, 1);		/* the wait that woke it */
 	if (uffd_events)
 		rc = read_events(l);
 	if (rc < 0 || (rc = guarded_install(l)) < 0)
@@ -2964,6 +2963,7 @@ struct server {
 	pthread_cond_t popcv;
 	struct session **popq;		/* sessions populating */
 	size_t npop, popcap;
+	uint64_t popgen;		/* sessions added to popq so far */
 	struct grave *graves;		/* ended, not yet freed */
 	size_t ngraves, gravecap;
 };
@@ -3066,10 +3066,12 @@ serve_turn(struct server *srv, struct session *s, int id, uint32_t events)
 		return;
 	l = &s->lanes[id];
 	l->armed = 0;
+	count(&s->n.syscalls, 1);		/* the epoll_wait */
 	while ((rc = serve_round(l, events)) == 0 && l->nfaults > 0 &&
 	    __atomic_load_n(&s->open, __ATOMIC_SEQ_CST)) {
 		events = EPOLLIN;
 		pause_us(DEFER_US);
+		count(&s->n.syscalls, 1);
 	}
 	if (rc != 0)
 		session_outcome(srv, s, rc);
@@ -3125,31 +3127,51 @@ pop_add(struct server *srv, struct session *s)
 	}
 	if (rc == 0) {
 		srv->popq[srv->npop++] = s;
+		srv->popgen++;
 		pthread_cond_broadcast(&srv->popcv);
 	}
 	pthread_mutex_unlock(&srv->popmu);
 	return rc;
 }
 
-/* Population: a step of each populating session in turn. Its copies go
- * on beside the faults', which never wait behind more than one step. */
+/* Whether lane l has nothing left to populate: no step of its own, and
+ * every step claimed. Claims only ever run out, so that lasts. */
+static int
+pop_exhausted(const struct lane *l)
+{
+	return l->chunk == UINT64_MAX &&
+	    __atomic_load_n(&l->s->pop_next, __ATOMIC_SEQ_CST) >= l->s->pop_chunks;
+}
+
+/*
+ * Population: a step of each populating session in turn. Its copies go
+ * on beside the faults', which never wait behind more than one step. A
+ * thread with nothing left to claim in any session sleeps until a session
+ * comes (popgen), rather than spin while others finish their last steps.
+ */
 static void *
 population_thread(void *arg)
 {
 	struct thread *t = arg;
 	struct server *srv = t->srv;
 	struct session *s;
-	size_t next = 0;
+	size_t next = 0, dry = 0;
+	uint64_t idle_gen = UINT64_MAX;
 	int rc;
 
 	for (;;) {
 		pthread_mutex_lock(&srv->popmu);
-		while (srv->npop == 0 && !__atomic_load_n(&srv->stop, __ATOMIC_SEQ_CST))
+		if (dry >= srv->npop)
+			idle_gen = srv->popgen;
+		while ((srv->npop == 0 || idle_gen == srv->popgen) &&
+		    !__atomic_load_n(&srv->stop, __ATOMIC_SEQ_CST))
 			pthread_cond_wait(&srv->popcv, &srv->popmu);
 		if (__atomic_load_n(&srv->stop, __ATOMIC_SEQ_CST)) {
 			pthread_mutex_unlock(&srv->popmu);
 			return NULL;
 		}
+		if (idle_gen != srv->popgen)
+			dry = 0;
 		s = srv->popq[next++ % srv->npop];
 		rc = session_enter(s);
 		pthread_mutex_unlock(&srv->popmu);
@@ -3160,6 +3182,7 @@ population_thread(void *arg)
 			session_outcome(srv, s, rc);
 		if (rc != 0 || !pop_on(s))
 			pop_remove(srv, s);
+		dry = rc == 0 && pop_exhausted(&s->lanes[t->id]) ? dry + 1 : 0;
 		session_leave(s);
 	}
 }
@@ -3792,6 +3815,7 @@ serving_step(struct server *srv, struct session *s)
 	}
 	if (!s->ev[W_UFFD] && s->lanes[0].nfaults == 0 && !s->populating)
 		return;
+	count(&s->n.syscalls, 1);		/* the loop's epoll_wait */
 	if ((rc = serve_round(&s->lanes[0], s->ev[W_UFFD])) < 0)
 		fail_closed(srv, s, EXIT_FATAL);
 	else if (rc > 0)
