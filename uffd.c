@@ -429,6 +429,25 @@ ms_until(int64_t deadline)
 	return left <= 0 ? 0 : left > INT_MAX ? INT_MAX : (int)left;
 }
 
+/*
+ * A signal that came during setup, before the loop reads the signalfd: a
+ * stopping signal ends the start (-ECANCELED: exit 5); SIGUSR1 has no VM
+ * to report on yet.
+ */
+static int
+setup_interrupted(int sigfd)
+{
+	struct signalfd_siginfo si;
+
+	while (read(sigfd, &si, sizeof(si)) == (ssize_t)sizeof(si)) {
+		if (si.ssi_signo == SIGUSR1)
+			continue;
+		logmsg(LOG_WARN, "received %s during setup", strsignal((int)si.ssi_signo));
+		return -ECANCELED;
+	}
+	return 0;
+}
+
 /* The bytes at file offset off, and how many of *len (whole blocks) lie
  * in the same layer: the first block's, or holes in every layer, which
  * read as zero from any. */
@@ -482,16 +501,19 @@ map_layer(struct chain *c, int i)
 }
 
 static int
-chain_map(struct chain *c)
+chain_map(struct chain *c, int sigfd)
 {
 	uint64_t t0 = now_ns();
 	long extents;
+	int rc;
 
 	if ((c->map = calloc(c->size / PAGE_4K + 1, 1)) == NULL) {
 		logmsg(LOG_ERROR, "allocating the layer map: %s", strerror(ENOMEM));
 		return -ENOMEM;
 	}
 	for (int i = 0; i < c->n; i++) {
+		if ((rc = setup_interrupted(sigfd)) < 0)
+			return rc;
 		if ((extents = map_layer(c, i)) < 0) {
 			logmsg(LOG_ERROR, "lseek(%s, SEEK_DATA): %s", c->layer[i].path,
 			    strerror((int)-extents));
@@ -561,7 +583,7 @@ layer_open(struct chain *c, int i, const char *path)
 
 /* MEMFILE and the DIFFs, oldest first; 0 or a negative errno, logged. */
 static int
-chain_open(struct chain *c, char *const *paths, int n)
+chain_open(struct chain *c, char *const *paths, int n, int sigfd)
 {
 	int rc;
 
@@ -571,11 +593,12 @@ chain_open(struct chain *c, char *const *paths, int n)
 		return -E2BIG;
 	}
 	for (c->n = 0; c->n < n; c->n++)
-		if ((rc = layer_open(c, c->n, paths[c->n])) < 0) {
-			c->n++;
+		if ((rc = setup_interrupted(sigfd)) < 0 ||
+		    (rc = layer_open(c, c->n, paths[c->n])) < 0) {
+			c->n += rc != -ECANCELED;
 			return rc;
 		}
-	return chain_map(c);
+	return chain_map(c, sigfd);
 }
 
 /* Safe to call twice. */
@@ -1379,37 +1402,115 @@ serve_pending(struct lane *l)
  * --record FILE: the file offsets of the pages installed for faults, in the
  * order the VM first needed them, written when the session ends, one
  * decimal offset a line. --populate FILE installs such a list first.
+ *
+ * The file may be a FIFO, whose reader may stall. Writes never block: the
+ * fd is non-blocking, and between writes the wait is for the FIFO or a
+ * signal, at most RECORD_STALL_MS without progress. A stopping signal or a
+ * stalled reader ends the record, and the log says how much was lost.
  */
+#define RECORD_STALL_MS	1000
+
+/* A stopping signal waits in the signalfd (SIGUSR1 stops nothing). */
+static int
+stop_pending(void)
+{
+	sigset_t set;
+
+	return sigpending(&set) == 0 && (sigismember(&set, SIGTERM) ||
+	    sigismember(&set, SIGINT) || sigismember(&set, SIGHUP) ||
+	    sigismember(&set, SIGQUIT));
+}
+
+/* 0 once len bytes are out, or a negative errno: -ECANCELED for a signal,
+ * -ETIMEDOUT for a reader that took nothing for RECORD_STALL_MS. */
+static int
+record_out(int fd, int sigfd, const char *buf, size_t len)
+{
+	struct pollfd p[2] = { { fd, POLLOUT, 0 }, { sigfd, POLLIN, 0 } };
+	ssize_t n;
+
+	while (len > 0) {
+		if ((n = write(fd, buf, len)) > 0) {
+			buf += n;
+			len -= (size_t)n;
+			continue;
+		}
+		if (n < 0 && errno != EAGAIN && errno != EINTR)
+			return -errno;
+		if (poll(p, 2, RECORD_STALL_MS) == 0)
+			return -ETIMEDOUT;
+		if (p[1].revents && stop_pending())
+			return -ECANCELED;
+		if (p[1].revents)
+			p[1].fd = -1;	/* SIGUSR1: the loop prints after */
+	}
+	return 0;
+}
+
 static void
-write_record(struct session *s)
+write_record(struct session *s, int sigfd)
 {
 	char buf[65536];
-	size_t n = 0;
+	size_t n = 0, i, done = 0;
+	int rc = 0;
 
-	for (size_t i = 0; s->record_fd >= 0 && i <= s->norder; i++) {
+	if (s->record_fd < 0)
+		return;
+	for (i = 0; i <= s->norder && rc == 0; i++) {
 		if (i == s->norder || n > sizeof(buf) - 32) {
-			if (write(s->record_fd, buf, n) != (ssize_t)n) {
-				logmsg(LOG_ERROR, "writing %s: %s", opt.record_path,
-				    strerror(errno));
-				return;
-			}
+			rc = record_out(s->record_fd, sigfd, buf, n);
+			done = rc == 0 ? i : done;
 			n = 0;
 		}
 		if (i < s->norder)
 			n += (size_t)snprintf(buf + n, sizeof(buf) - n, "%llu\n",
 			    (unsigned long long)s->order[i]);
 	}
-	if (s->record_fd >= 0)
+	if (rc == 0)
 		logmsg(LOG_INFO, "recorded %zu pages in %s", s->norder, opt.record_path);
+	else
+		logmsg(LOG_ERROR, "writing %s: %s; %zu of %zu pages lost",
+		    opt.record_path, rc == -ETIMEDOUT ? "its reader took nothing "
+		    "for 1 s" : rc == -ECANCELED ? "a signal came" : strerror(-rc),
+		    s->norder - done, s->norder);
 }
 
-/* Reads a --populate list: page-aligned decimal file offsets, one a line. */
+/*
+ * One line of a --populate list: a page-aligned decimal file offset, digits
+ * only (no sign: strtoull would take "-4096" for 2^64-4096), ended by LF or
+ * CRLF. 1 for an offset, 0 for a blank line, -1 for anything else.
+ */
+static int
+list_entry(const char *line, uint64_t *off)
+{
+	size_t i = 0, len = strcspn(line, "\r\n");
+	uint64_t v = 0;
+
+	if (strcmp(line + len, "\r\n") != 0 && strcmp(line + len, "\n") != 0 &&
+	    line[len] != '\0')
+		return -1;
+	if (len == 0)
+		return 0;
+	for (; i < len && line[i] >= '0' && line[i] <= '9'; i++) {
+		if (v > (UINT64_MAX - (uint64_t)(line[i] - '0')) / 10)
+			return -1;
+		v = v * 10 + (uint64_t)(line[i] - '0');
+	}
+	if (i < len || v % PAGE_4K)
+		return -1;
+	*off = v;
+	return 1;
+}
+
+/* Reads a --populate list, one entry a line (see list_entry). */
 static int
 load_list(const char *path, uint64_t **list, size_t *n)
 {
 	FILE *f = fopen(path, "re");
 	size_t cap = 0, line = 0;
-	char buf[64], *end;
+	char buf[64];
+	uint64_t off;
+	int rc;
 
 	if (f == NULL) {
 		logmsg(LOG_ERROR, "open(%s): %s", path, strerror(errno));
@@ -1417,15 +1518,17 @@ load_list(const char *path, uint64_t **list, size_t *n)
 	}
 	*n = 0;
 	while (fgets(buf, sizeof(buf), f) != NULL) {
-		unsigned long long v = strtoull(buf, &end, 10);
-
 		line++;
-		if (end == buf || (*end != '\n' && *end != '\0') || v % PAGE_4K) {
-			logmsg(LOG_ERROR, "%s:%zu: not a page-aligned file offset", path,
-			    line);
+		/* A line longer than the buffer is no offset either. */
+		if ((rc = list_entry(buf, &off)) < 0 || (strchr(buf, '\n') == NULL &&
+		    !feof(f))) {
+			logmsg(LOG_ERROR, "%s:%zu: not a page-aligned file offset "
+			    "(decimal digits only)", path, line);
 			fclose(f);
 			return -EINVAL;
 		}
+		if (rc == 0)
+			continue;
 		if (*n == cap) {
 			uint64_t *l = realloc(*list, (cap = cap ? 2 * cap : 4096) * 8);
 
@@ -1435,7 +1538,7 @@ load_list(const char *path, uint64_t **list, size_t *n)
 			}
 			*list = l;
 		}
-		(*list)[(*n)++] = v;
+		(*list)[(*n)++] = off;
 	}
 	fclose(f);
 	return 0;
@@ -2050,7 +2153,8 @@ accept_handshake(struct session *s, int n)
 static const long allowed_syscalls[] = {
 	SYS_read, SYS_write, SYS_writev, SYS_close, SYS_ppoll, SYS_mmap,
 	SYS_munmap, SYS_mremap, SYS_madvise, SYS_brk, SYS_exit, SYS_exit_group,
-	SYS_rt_sigreturn, SYS_rt_sigprocmask, SYS_clock_gettime, SYS_lseek,
+	SYS_rt_sigreturn, SYS_rt_sigprocmask, SYS_rt_sigpending,
+	SYS_clock_gettime, SYS_lseek,
 	SYS_newfstatat, SYS_kill, SYS_pidfd_send_signal, SYS_getpid, SYS_gettid,
 	SYS_tgkill, SYS_restart_syscall, SYS_epoll_pwait, SYS_epoll_ctl,
 	SYS_futex, SYS_clock_nanosleep, SYS_sched_yield,
@@ -3386,7 +3490,7 @@ session_end(struct server *srv, struct session *s, int code)
 	unwatch(srv, s->uffd);
 	unwatch(srv, s->pidfd);
 	if (s->state != S_HELLO) {
-		write_record(s);
+		write_record(s, srv->sigfd);
 		print_counters(s, code);
 		note_exit(srv, code);
 		srv->live--;
@@ -3988,8 +4092,10 @@ run(struct server *srv)
 		/* After a round, so that a VMM queued at the deadline is
 		 * taken rather than refused. */
 		idle_clock(srv, now);
+		/* A stopping signal that came as the last VM ended (it may
+		 * have cut the record short) still makes the exit code. */
 		if (srv->lfd < 0 && srv->n == 0)
-			return srv->worst;
+			return take_signal(srv) < 0 ? EXIT_SIGNAL : srv->worst;
 		if (now >= srv->idle_end)
 			return idle_timeout(srv);
 		confine_serving(srv);
@@ -4069,11 +4175,11 @@ server_close(struct server *srv)
 
 /* The memory file and the list --populate names. */
 static int
-open_inputs(struct inputs *in)
+open_inputs(struct inputs *in, int sigfd)
 {
 	int rc;
 
-	if ((rc = chain_open(&in->chain, opt.layers, opt.nlayers)) < 0)
+	if ((rc = chain_open(&in->chain, opt.layers, opt.nlayers, sigfd)) < 0)
 		return rc;
 	if (opt.populate_path != NULL)
 		return load_list(opt.populate_path, &in->list, &in->nlist);
@@ -4084,8 +4190,9 @@ open_inputs(struct inputs *in)
  * The --record file, emptied only once everything else is set up, and
  * never when it is the memory file itself: a slip of the command line
  * must not destroy the snapshot. -EINVAL for that, a usage error. Opened
- * non-blocking: a FIFO nobody reads would hold up the start with signals
- * unanswered.
+ * non-blocking, and left so: a FIFO nobody reads would hold up the start
+ * with signals unanswered, and one whose reader stalls the end (see
+ * write_record).
  */
 static int
 open_record(struct inputs *in)
@@ -4110,7 +4217,32 @@ open_record(struct inputs *in)
 		logmsg(LOG_ERROR, "ftruncate(%s): %s", opt.record_path, strerror(errno));
 		return -EIO;
 	}
-	fcntl(in->record_fd, F_SETFL, 0);
+	return 0;
+}
+
+/*
+ * Signals are blocked into the signalfd before anything else, so a
+ * stopping signal during setup (a long chain takes a second to map) ends
+ * it with exit 5 instead of the default action.
+ */
+static int
+server_setup(struct server *srv)
+{
+	int rc;
+
+	raise_nofile();
+	if ((srv->sigfd = signal_fd()) < 0)
+		return EXIT_SETUP;
+	if ((rc = open_inputs(&srv->in, srv->sigfd)) < 0 ||
+	    (rc = setup_interrupted(srv->sigfd)) < 0)
+		return rc == -ECANCELED ? EXIT_SIGNAL : EXIT_SETUP;
+	if ((srv->lfd = listen_socket(opt.socket_path, &srv->sock_st)) < 0)
+		return EXIT_SETUP;
+	if ((rc = open_record(&srv->in)) < 0)
+		return rc == -EINVAL ? EXIT_USAGE : EXIT_SETUP;
+	if (drop_privileges() < 0 || server_init(srv) < 0 ||
+	    (opt.seccomp && seccomp_confine(1) < 0) || threads_start(srv) < 0)
+		return EXIT_SETUP;
 	return 0;
 }
 
@@ -4121,20 +4253,11 @@ main(int argc, char **argv)
 	    .reserve = { -1, -1 }, .in = { .record_fd = -1 },
 	    .idle_end = INT64_MAX, .wepfd = -1, .stopfd = -1, .notefd = -1,
 	    .popmu = PTHREAD_MUTEX_INITIALIZER, .popcv = PTHREAD_COND_INITIALIZER };
-	int rc, code = EXIT_SETUP;
+	int rc, code;
 
 	if ((rc = parse_options(argc, argv)) != 0)
 		return rc > 0 ? 0 : EXIT_USAGE;
-	raise_nofile();
-	if (open_inputs(&srv.in) < 0 || (srv.sigfd = signal_fd()) < 0 ||
-	    (srv.lfd = listen_socket(opt.socket_path, &srv.sock_st)) < 0)
-		code = EXIT_SETUP;
-	else if ((rc = open_record(&srv.in)) < 0)
-		code = rc == -EINVAL ? EXIT_USAGE : EXIT_SETUP;
-	else if (drop_privileges() < 0 || server_init(&srv) < 0 ||
-	    (opt.seccomp && seccomp_confine(1) < 0) || threads_start(&srv) < 0)
-		code = EXIT_SETUP;
-	else {
+	if ((code = server_setup(&srv)) == 0) {
 		logmsg(LOG_INFO, "listening on %s for %s", opt.socket_path,
 		    opt.max_vms == 1 ? "a VMM" : "VMMs");
 		code = run(&srv);
