@@ -2748,8 +2748,9 @@ usage(FILE *f)
 "                               limit; default 1)\n"
 "      --detach                 with --populate all: once every page is in,\n"
 "                               unregister and exit 0; the VM runs on alone\n"
-"      --threads N              serve faults from N threads, population from\n"
-"                               one more (default 2; 1: one thread does all)\n"
+"      --threads N              serve faults from N threads, and --populate\n"
+"                               from N more (default 2; 1: one thread does\n"
+"                               all)\n"
 "  -h, --help                   print this help and exit\n"
 "  -V, --version                print the version and exit\n"
 "\n"
@@ -2895,10 +2896,46 @@ set_flag(int c, char *arg)
 	}
 }
 
+static const struct option longopts[] = {
+	{ "log-level", required_argument, NULL, 'l' },
+	{ "accept-timeout", required_argument, NULL, OPT_ACCEPT },
+	{ "handshake-timeout", required_argument, NULL, OPT_HANDSHAKE },
+	{ "socket-owner", required_argument, NULL, OPT_OWNER },
+	{ "socket-mode", required_argument, NULL, OPT_MODE },
+	{ "uid", required_argument, NULL, OPT_UID },
+	{ "gid", required_argument, NULL, OPT_GID },
+	{ "no-seccomp", no_argument, NULL, OPT_NO_SECCOMP },
+	{ "no-optimize", no_argument, NULL, OPT_NO_OPTIMIZE },
+	{ "populate", required_argument, NULL, OPT_POPULATE },
+	{ "detach", no_argument, NULL, OPT_DETACH },
+	{ "record", required_argument, NULL, OPT_RECORD },
+	{ "max-vms", required_argument, NULL, OPT_MAX_VMS },
+	{ "threads", required_argument, NULL, OPT_THREADS },
+	{ "help", no_argument, NULL, 'h' },
+	{ "version", no_argument, NULL, 'V' },
+	{ NULL, 0, NULL, 0 },
+};
+
+/* The option getopt stopped at, by its value: the argument vector may
+ * have nothing left to show (a value missing at the end). */
+static const char *
+option_name(const char *as_given, int val, char *buf, size_t cap)
+{
+	if (as_given != NULL && as_given[0] == '-')
+		return as_given;
+	snprintf(buf, cap, "-%c", val > 0 && val < 128 ? val : '?');
+	for (size_t i = 0; val >= 128 && longopts[i].name != NULL; i++)
+		if (longopts[i].val == val)
+			snprintf(buf, cap, "--%s", longopts[i].name);
+	return buf;
+}
+
 /* One option; returns 0 to go on, 1 to exit successfully, -1 on error. */
 static int
 set_option(int c, char *arg, const char *as_given)
 {
+	char name[32];
+
 	switch (c) {
 	case 'l':
 		return parse_level(arg);
@@ -2932,11 +2969,11 @@ set_option(int c, char *arg, const char *as_given)
 		return 1;
 	case ':':
 		fprintf(stderr, "uffd-handler: %s needs a value (try --help)\n",
-		    as_given);
+		    option_name(as_given, optopt, name, sizeof(name)));
 		return -1;
 	case '?':
 		fprintf(stderr, "uffd-handler: unknown option %s (try --help)\n",
-		    as_given);
+		    option_name(as_given, optopt, name, sizeof(name)));
 		return -1;
 	default:
 		return set_flag(c, arg);
@@ -2947,25 +2984,6 @@ set_option(int c, char *arg, const char *as_given)
 static int
 parse_options(int argc, char **argv)
 {
-	static const struct option longopts[] = {
-		{ "log-level", required_argument, NULL, 'l' },
-		{ "accept-timeout", required_argument, NULL, OPT_ACCEPT },
-		{ "handshake-timeout", required_argument, NULL, OPT_HANDSHAKE },
-		{ "socket-owner", required_argument, NULL, OPT_OWNER },
-		{ "socket-mode", required_argument, NULL, OPT_MODE },
-		{ "uid", required_argument, NULL, OPT_UID },
-		{ "gid", required_argument, NULL, OPT_GID },
-		{ "no-seccomp", no_argument, NULL, OPT_NO_SECCOMP },
-		{ "no-optimize", no_argument, NULL, OPT_NO_OPTIMIZE },
-		{ "populate", required_argument, NULL, OPT_POPULATE },
-		{ "detach", no_argument, NULL, OPT_DETACH },
-		{ "record", required_argument, NULL, OPT_RECORD },
-		{ "max-vms", required_argument, NULL, OPT_MAX_VMS },
-		{ "threads", required_argument, NULL, OPT_THREADS },
-		{ "help", no_argument, NULL, 'h' },
-		{ "version", no_argument, NULL, 'V' },
-		{ NULL, 0, NULL, 0 },
-	};
 	int c, rc = 0;
 
 	opterr = 0;
