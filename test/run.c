@@ -21,6 +21,8 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include <sched.h>
+#include <grp.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -832,6 +834,39 @@ cli_usage_errors(const void *arg)
 			return fail("case %zu: %s, expected exit 2 and one line: %s",
 			    i, how(&p), err);
 	}
+	return PASS;
+}
+
+/*
+ * An option whose value is missing at the end is named as given, and the
+ * help says how many threads population runs on. The release binary's:
+ * musl's getopt leaves nothing in argv to name a short option by.
+ */
+static int
+cli_value_missing_named(const void *arg)
+{
+	static const char *const opts[] = { "-l", "--log-level", "--threads",
+		"--populate", "--socket-owner" };
+	const char *handler = T.handler;
+	struct proc p;
+	char err[2048], want[64];
+
+	(void)arg;
+	T.handler = T.release;
+	for (size_t i = 0; i < sizeof(opts) / sizeof(opts[0]); i++) {
+		run_handler((const char *[]){ opts[i], NULL }, 5000, &p, err,
+		    sizeof(err));
+		snprintf(want, sizeof(want), "uffd-handler: %s needs a value", opts[i]);
+		if (!exited(&p, 2) || strncmp(err, want, strlen(want)) != 0) {
+			T.handler = handler;
+			return fail("%s alone: %s: %s", opts[i], how(&p), err);
+		}
+	}
+	T.handler = handler;
+	run_handler((const char *[]){ "--help", NULL }, 5000, &p, err, sizeof(err));
+	read_text(p.out, err, sizeof(err));
+	if (strstr(err, "one more") || !strstr(err, "from N more"))
+		return fail("--help misstates the population threads: %s", err);
 	return PASS;
 }
 
@@ -2511,6 +2546,531 @@ record_fifo_no_reader(const void *arg)
 }
 
 /*
+ * Setup and its edges: what lies at SOCKET and beside it, handlers starting
+ * at once, descriptors and ids at setup, signals before the loop, a record
+ * whose reader stalls, population threads with nothing left to claim, and
+ * the --populate list's format.
+ */
+
+/* spawn, with hook(arg) run in the child just before exec. */
+static void
+spawn_hooked(struct proc *p, char *const argv[], void (*hook)(const void *),
+    const void *arg)
+{
+	int n = ++T.seq;
+
+	snprintf(p->out, sizeof(p->out), "%s/%d.out", T.dir, n);
+	snprintf(p->err, sizeof(p->err), "%s/%d.err", T.dir, n);
+	p->status = -1;
+	if ((p->pid = fork()) != 0)
+		return;
+	if (freopen(p->out, "w", stdout) == NULL || freopen(p->err, "w", stderr) == NULL)
+		_exit(126);
+	hook(arg);
+	execv(argv[0], argv);
+	_exit(127);
+}
+
+/* A file of the user's named SOCKET.PID, the handler's own pid. */
+static void
+plant_pid_file(const void *arg)
+{
+	char path[200];
+	FILE *f;
+
+	snprintf(path, sizeof(path), "%s.%d", (const char *)arg, (int)getpid());
+	if ((f = fopen(path, "w")) == NULL)
+		_exit(125);
+	fputs("keep", f);
+	fclose(f);
+}
+
+/* A file beside SOCKET named as a handler might name a socket of its own
+ * (SOCKET.PID) is the user's: the handler starts, and leaves it alone. */
+static int
+socket_pid_named_file_kept(const void *arg)
+{
+	char sock[160], planted[200], err[4096], buf[8] = "";
+	char *argv[] = { (char *)T.handler, sock, T.snap, NULL };
+	struct proc p;
+
+	(void)arg;
+	snprintf(sock, sizeof(sock), "%s/planted.sock", T.dir);
+	spawn_hooked(&p, argv, plant_pid_file, sock);
+	snprintf(planted, sizeof(planted), "%s.%d", sock, (int)p.pid);
+	if (wait_listening(&p) < 0) {
+		reap(&p, 1000);
+		read_text(p.err, err, sizeof(err));
+		return fail("the handler did not listen: %s: \"%s\"", how(&p), err);
+	}
+	kill(p.pid, SIGTERM);
+	reap(&p, 5000);
+	read_text(planted, buf, sizeof(buf));
+	read_text(p.err, err, sizeof(err));
+	if (!exited(&p, 5) || strcmp(buf, "keep") != 0)
+		return fail("%s, %s now holds \"%s\": %s", how(&p), planted, buf, err);
+	return PASS;
+}
+
+static pid_t pid1_init;
+
+static void
+forward_signal(int sig)
+{
+	kill(pid1_init, sig);
+}
+
+/* The handler as pid 1 of a pid namespace of its own, as in a container:
+ * the child unshares, waits for its own child, the handler, and passes
+ * SIGTERM on to it. */
+static void
+spawn_pid1(struct proc *p, char *const argv[])
+{
+	int n = ++T.seq, st;
+	pid_t init;
+
+	snprintf(p->out, sizeof(p->out), "%s/%d.out", T.dir, n);
+	snprintf(p->err, sizeof(p->err), "%s/%d.err", T.dir, n);
+	p->status = -1;
+	if ((p->pid = fork()) != 0)
+		return;
+	if (freopen(p->out, "w", stdout) == NULL || freopen(p->err, "w", stderr) == NULL ||
+	    unshare(CLONE_NEWPID) < 0)
+		_exit(126);
+	if ((init = fork()) == 0) {
+		execv(argv[0], argv);
+		_exit(127);
+	}
+	pid1_init = init;
+	signal(SIGTERM, forward_signal);
+	while (init > 0 && waitpid(init, &st, 0) < 0)
+		if (errno != EINTR)
+			_exit(126);
+	_exit(WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st));
+}
+
+/* 1 once the handler says it listens, 0 once it has exited (not reaped). */
+static int
+listens_or_exits(const struct proc *p)
+{
+	char err[4096];
+
+	for (int64_t end = now_ms() + 5000; now_ms() < end; usleep(1000)) {
+		read_text(p->err, err, sizeof(err));
+		if (strstr(err, "info: listening on"))
+			return 1;
+		if (!alive(p))
+			return 0;
+	}
+	return 0;
+}
+
+/*
+ * Handlers started at once on one SOCKET: one listens and is reachable,
+ * every other says the socket is taken and exits 3. Eight at a time, for
+ * many rounds, since the outcome depends on how they interleave.
+ */
+#define RACERS	8
+
+static int
+handlers_at_once(const char *sock, int pid1, int stale, int round)
+{
+	char *argv[] = { (char *)T.handler, (char *)sock, T.snap, NULL };
+	static char err[RACERS][2048];
+	struct proc h[RACERS];
+	int listening = -1, nlistening = 0, fd = -1, bad = 0;
+
+	if (stale) {
+		struct sockaddr_un a = { .sun_family = AF_UNIX };
+
+		fd = socket(AF_UNIX, SOCK_STREAM, 0);
+		snprintf(a.sun_path, sizeof(a.sun_path), "%s", sock);
+		if (bind(fd, (struct sockaddr *)&a, sizeof(a)) < 0)
+			return fail("round %d: bind(%s): %s", round, sock, strerror(errno));
+		close(fd);
+	}
+	for (int i = 0; i < RACERS; i++)
+		if (pid1)
+			spawn_pid1(&h[i], argv);
+		else
+			spawn(&h[i], argv, NULL);
+	for (int i = 0; i < RACERS; i++)
+		if (listens_or_exits(&h[i])) {
+			listening = i;
+			nlistening++;
+		}
+	if (nlistening == 1 && (fd = connect_to(sock, 0)) >= 0)
+		close(fd);
+	for (int i = 0; i < RACERS; i++) {
+		if (alive(&h[i]))
+			kill(h[i].pid, SIGTERM);
+		reap(&h[i], 5000);
+		read_text(h[i].err, err[i], sizeof(err[i]));
+		if (i != listening && (!exited(&h[i], 3) ||
+		    !strstr(err[i], "another process is listening")))
+			bad = i + 1;
+	}
+	if (nlistening != 1 || fd < 0 || !exited(&h[listening], 5) || bad)
+		return fail("round %d: %d listening, %s; one that did not: %s: "
+		    "\"%s\"", round, nlistening, fd < 0 ? "not reachable" :
+		    "reachable", bad ? how(&h[bad - 1]) : "-", bad ? err[bad - 1] : "");
+	return PASS;
+}
+
+static int
+socket_handlers_race(const void *arg)
+{
+	const char *how_ = arg;
+	int pid1 = strcmp(how_, "pid1") == 0, stale = !pid1, rc = PASS;
+	pid_t hog = -1;
+	char sock[160];
+
+	/* 104 bytes: too long for a name of SOCKET with a suffix. */
+	if (strcmp(how_, "long") == 0)
+		snprintf(sock, sizeof(sock), "%s/%0*d.sock", T.dir,
+		    103 - (int)strlen(T.dir) - 6, 0);
+	else
+		snprintf(sock, sizeof(sock), "%s/race-%s.sock", T.dir, how_);
+	/* Races of the path's own name show mostly under load: a busy
+	 * process on one CPU makes the handlers' steps interleave. */
+	if (strcmp(how_, "stale") == 0 && (hog = fork()) == 0) {
+		cpu_set_t one;
+
+		CPU_ZERO(&one);
+		CPU_SET(0, &one);
+		sched_setaffinity(0, sizeof(one), &one);
+		for (;;)
+			;
+	}
+	for (int i = 0; i < (hog > 0 ? 80 : 20) && rc == PASS; i++) {
+		rc = handlers_at_once(sock, pid1, stale, i);
+		unlink(sock);
+	}
+	if (hog > 0) {
+		kill(hog, SIGKILL);
+		waitpid(hog, NULL, 0);
+	}
+	return rc;
+}
+
+static void
+limit_fds(const void *arg)
+{
+	struct rlimit r = { *(const rlim_t *)arg, *(const rlim_t *)arg };
+
+	if (setrlimit(RLIMIT_NOFILE, &r) < 0)
+		_exit(125);
+}
+
+/* Out of descriptors before the socket: exit 3 with the reason. */
+static int
+socket_emfile_logged(const void *arg)
+{
+	static const rlim_t eight = 8;
+	char sock[160], err[4096];
+	char *argv[8] = { (char *)T.handler, sock, T.snap };
+	struct proc p;
+
+	(void)arg;
+	if (chain_fixture() < 0)
+		return FAIL;
+	for (int i = 0; i < 3; i++)
+		argv[3 + i] = chain_diffs[i];
+	snprintf(sock, sizeof(sock), "%s/emfile.sock", T.dir);
+	spawn_hooked(&p, argv, limit_fds, &eight);
+	reap(&p, 5000);
+	read_text(p.err, err, sizeof(err));
+	if (!exited(&p, 3) || !strstr(err, "socket(AF_UNIX)") ||
+	    !strstr(err, strerror(EMFILE)))
+		return fail("%s, expected exit 3 naming socket(): \"%s\"", how(&p), err);
+	return access(sock, F_OK) != 0 ? PASS : fail("%s was left behind", sock);
+}
+
+static void
+become_nobody(const void *arg)
+{
+	(void)arg;
+	if (setgroups(0, NULL) < 0 || setgid(65534) < 0 || setuid(65534) < 0)
+		_exit(125);
+}
+
+/* A socket made and then refused its owner is removed again. */
+static int
+socket_chown_fails_removed(const void *arg)
+{
+	char dir[160], sock[200], err[4096];
+	char *argv[] = { (char *)T.handler, "--socket-owner", "0:0", sock, T.snap,
+		NULL };
+	struct proc p;
+
+	(void)arg;
+	snprintf(dir, sizeof(dir), "%s/nobody", T.dir);
+	snprintf(sock, sizeof(sock), "%s/owner.sock", dir);
+	if ((mkdir(dir, 0777) < 0 && errno != EEXIST) || chmod(dir, 0777) < 0)
+		return fail("mkdir(%s): %s", dir, strerror(errno));
+	spawn_hooked(&p, argv, become_nobody, NULL);
+	reap(&p, 5000);
+	read_text(p.err, err, sizeof(err));
+	if (!exited(&p, 3) || !strstr(err, "chown("))
+		return fail("%s, expected exit 3 naming chown(): \"%s\"", how(&p), err);
+	return access(sock, F_OK) != 0 ? PASS : fail("%s was left behind", sock);
+}
+
+/* A chain of 255 layers (the base and 254 diffs of 1%), which takes a
+ * while to map: the window for a signal during setup. */
+static char *long_chain[256];
+
+static int
+long_chain_fixture(void)
+{
+	static char names[254][160];
+	char cmd[512];
+
+	for (int i = 0; i < 254; i++) {
+		snprintf(names[i], sizeof(names[i]), "%s/d255-%d.mem", T.dir, i);
+		long_chain[i] = names[i];
+		if (access(names[i], F_OK) == 0)
+			continue;
+		snprintf(cmd, sizeof(cmd), "%s mkdiff %s %s --dirty 1 --seed %d "
+		    ">/dev/null", T.vmm, T.snap, names[i], 1000 + i);
+		if (system(cmd) != 0)
+			return fail("%s failed", cmd);
+	}
+	return 0;
+}
+
+static int
+fds_open(pid_t pid)
+{
+	char path[64];
+	struct dirent *e;
+	DIR *d;
+	int n = 0;
+
+	snprintf(path, sizeof(path), "/proc/%d/fd", (int)pid);
+	if ((d = opendir(path)) == NULL)
+		return -1;
+	while ((e = readdir(d)) != NULL)
+		n += e->d_name[0] != '.';
+	closedir(d);
+	return n;
+}
+
+/* Stops the process once it has opened at least n descriptors. */
+static int
+stop_at_fds(pid_t pid, int n, int ms)
+{
+	for (int64_t end = now_ms() + ms; now_ms() < end;)
+		if (fds_open(pid) >= n) {
+			kill(pid, SIGSTOP);
+			return 0;
+		}
+	return -1;
+}
+
+/*
+ * A signal while the chain is being opened and mapped: SIGTERM ends the
+ * start with exit 5 and a line saying so, and leaves no socket; SIGUSR1
+ * changes nothing, and the handler goes on to listen.
+ */
+static int
+signal_during_setup(const void *arg)
+{
+	int sig = strcmp(arg, "term") == 0 ? SIGTERM : SIGUSR1;
+	char sock[160], err[4096];
+	char *argv[260] = { (char *)T.handler, sock, T.snap };
+	struct proc p;
+
+	if (long_chain_fixture() < 0)
+		return FAIL;
+	memcpy(argv + 3, long_chain, 254 * sizeof(char *));
+	snprintf(sock, sizeof(sock), "%s/setup-%s.sock", T.dir, (const char *)arg);
+	spawn(&p, argv, NULL);
+	/* Stopped while it opens its layers, it takes the signal there. */
+	if (stop_at_fds(p.pid, 10, 5000) < 0) {
+		reap(&p, 1000);
+		return fail("the handler never opened its layers: %s", how(&p));
+	}
+	usleep(20000);
+	read_text(p.err, err, sizeof(err));
+	if (strstr(err, "listening on") || access(sock, F_OK) == 0) {
+		kill(p.pid, SIGKILL);
+		reap(&p, 1000);
+		return fail("the handler was stopped after setup; nothing was tested");
+	}
+	kill(p.pid, sig);
+	kill(p.pid, SIGCONT);
+	if (sig == SIGUSR1 && wait_listening(&p) == 0)
+		kill(p.pid, SIGTERM);
+	reap(&p, 10000);
+	read_text(p.err, err, sizeof(err));
+	if (!exited(&p, 5) || !strstr(err, "received"))
+		return fail("%s, expected exit 5 and a line: \"%s\"", how(&p), err);
+	if (sig == SIGTERM && (!strstr(err, "during setup") || strstr(err,
+	    "listening on")))
+		return fail("SIGTERM did not end the setup: \"%s\"", err);
+	if (sig == SIGUSR1 && !strstr(err, "listening on"))
+		return fail("SIGUSR1 ended the setup: \"%s\"", err);
+	return access(sock, F_OK) != 0 ? PASS : fail("%s was left behind", sock);
+}
+
+/* A VMM that dies halfway through its message is no rejected handshake:
+ * exit 0, and no line at error level. */
+static int
+vmm_dies_mid_handshake(const void *arg)
+{
+	struct pair p = { .vargs = { "--raw", "[{\"base_host_virt_addr\":", NULL } };
+
+	(void)arg;
+	for (int i = 0; i < 5; i++) {
+		p.h.status = p.v.status = -1;
+		if (start_both(&p) < 0 || wait_text(p.v.out, "connected", 5000) < 0) {
+			finish_pair(&p);
+			return pair_fail(&p, "the VMM never connected");
+		}
+		/* It sends at once after connecting, and then waits. */
+		usleep(50000 + 20000 * (useconds_t)i);
+		kill(p.v.pid, SIGKILL);
+		finish_pair(&p);
+		if (!exited(&p.h, 0) || strstr(p.herr, "error:") ||
+		    !strstr(p.herr, "exited during the handshake"))
+			return pair_fail(&p, "a VMM dead mid-handshake was taken for a "
+			    "rejected one");
+	}
+	return PASS;
+}
+
+/* A reader that opens the FIFO and never reads. */
+static void
+stalled_reader(struct proc *r, const char *fifo)
+{
+	r->status = -1;
+	if ((r->pid = fork()) != 0)
+		return;
+	if (open(fifo, O_RDONLY) < 0)
+		_exit(1);
+	pause();
+	_exit(0);
+}
+
+/*
+ * --record to a FIFO whose reader stalls once the pipe is full: the
+ * handler neither freezes nor ignores a stopping signal; it says how many
+ * pages it could not write. With a signal it exits 5 at once, without
+ * one after the reader took nothing for a second.
+ */
+static int
+record_fifo_stalled(const void *arg)
+{
+	int sig = arg != NULL;
+	char fifo[160];
+	struct pair p = { .snap = T.big, .hargs = { "--record", fifo, NULL },
+	    .vargs = { "--regions", "32,16,16", NULL } };
+	struct proc reader;
+	int64_t t0;
+
+	snprintf(fifo, sizeof(fifo), "%s/stalled-%d.fifo", T.dir, sig);
+	if (mkfifo(fifo, 0600) < 0)
+		return fail("mkfifo: %s", strerror(errno));
+	stalled_reader(&reader, fifo);
+	usleep(100000);
+	if (start_both(&p) < 0)
+		return pair_fail(&p, "the handler did not start");
+	reap(&p.v, 60000);
+	if (!exited(&p.v, 0))
+		return pair_fail(&p, "the VM failed");
+	usleep(200000);
+	t0 = now_ms();
+	if (sig)
+		kill(p.h.pid, SIGTERM);
+	reap(&p.h, 5000);
+	kill(reader.pid, SIGKILL);
+	reap(&reader, 1000);
+	finish_pair(&p);
+	if (!exited(&p.h, sig ? 5 : 0) || p.h.ended - t0 > (sig ? 500 : 2000))
+		return pair_fail(&p, sig ? "SIGTERM was not honoured at once" :
+		    "the stalled record held up the end");
+	return strstr(p.herr, "pages lost") ? PASS :
+	    pair_fail(&p, "the log does not say what was lost");
+}
+
+/*
+ * --populate all with no faults: population threads with no step left
+ * to claim wait rather than spin, so four threads make about the system
+ * calls one does (the counter counts the loop's waits too: with one
+ * thread, one a step).
+ */
+static int
+populate_threads_no_spin(const void *arg)
+{
+	uint64_t calls[2];
+	const char *threads[2] = { "1", "4" };
+
+	(void)arg;
+	for (int i = 0; i < 2; i++) {
+		struct pair p = { .snap = T.big, .hargs = { "--populate", "all",
+		    "--threads", threads[i], NULL }, .vargs = { "--regions",
+		    "32,16,16", "--delay", "1500", "--threads", "1", NULL } };
+		int rc = restored(&p);
+
+		if (rc != PASS && counter(&p, "faults") != 0)
+			return rc;
+		if (!exited(&p.v, 0) || !exited(&p.h, 0))
+			return pair_fail(&p, "the populated restore failed");
+		calls[i] = counter(&p, "syscalls");
+	}
+	printf("  syscalls: %" PRIu64 " with --threads 1, %" PRIu64 " with 4\n",
+	    calls[0], calls[1]);
+	if (calls[1] > calls[0] + calls[0] / 2)
+		return fail("--threads 4 made %" PRIu64 " syscalls against %" PRIu64
+		    " for --threads 1: population threads spin", calls[1], calls[0]);
+	return PASS;
+}
+
+/* The --populate list: CRLF line ends and blank lines are fine; a sign,
+ * a space or a value past 2^64 is no offset (strtoull would wrap -4096). */
+static int
+populate_list_format(const void *arg)
+{
+	static const char *const bad[] = { "-4096\n", "+4096\n", " 4096\n",
+		"18446744073709551616\n", "4096x\n", "0x1000\n",
+		"0000000000000000000000000000000000000000000000000000000000000000004096\n" };
+	char list[160], sock[160], err[2048];
+	struct pair p = { .hargs = { "--populate", list, NULL },
+	    .vargs = { "--delay", "500", NULL } };
+	struct proc h;
+	FILE *f;
+	int rc;
+
+	(void)arg;
+	snprintf(list, sizeof(list), "%s/list-format.txt", T.dir);
+	snprintf(sock, sizeof(sock), "%s/list-format.sock", T.dir);
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		if ((f = fopen(list, "w")) == NULL)
+			return fail("fopen: %s", strerror(errno));
+		fprintf(f, "0\n%s", bad[i]);
+		fclose(f);
+		run_handler((const char *[]){ "--populate", list, sock, T.snap, NULL },
+		    5000, &h, err, sizeof(err));
+		if (!exited(&h, 3) || !strstr(err, "list-format.txt:2: not a page"))
+			return fail("\"%.*s\" was taken: %s: %s", (int)strlen(bad[i]) - 1,
+			    bad[i], how(&h), err);
+	}
+	if ((f = fopen(list, "w")) == NULL)
+		return fail("fopen: %s", strerror(errno));
+	for (int i = 0; i < 4096; i++)
+		fprintf(f, "%d%s", i * 4096, i % 2 ? "\r\n" : "\n");
+	fputs("\n\r\n", f);
+	fclose(f);
+	if ((rc = restored(&p)) != PASS && counter(&p, "faults") != 0)
+		return rc;
+	if (!exited(&p.h, 0) || counter(&p, "populated") != 4096)
+		return pair_fail(&p, "a list with CRLF and blank lines was not "
+		    "installed whole");
+	return PASS;
+}
+
+/*
  * The exit code of one handler for two VMs, one after the other: the
  * gravest ending, a fatal error over a rejected handshake over 0, in
  * whichever order they came.
@@ -3456,6 +4016,7 @@ static const struct tcase cases[] = {
 	{ "cli_help_version", cli_help_version, NULL },
 	{ "cli_usage_errors", cli_usage_errors, NULL },
 	{ "cli_option_conflicts", cli_option_conflicts, NULL },
+	{ "cli_value_missing_named", cli_value_missing_named, NULL },
 	{ "cli_missing_memfile", cli_missing_memfile, NULL },
 	{ "socket_not_a_socket", socket_not_a_socket, NULL },
 	{ "socket_stale_replaced", socket_stale_replaced, NULL },
@@ -3534,6 +4095,19 @@ static const struct tcase cases[] = {
 	{ "silent_flood_at_fd_limit", silent_flood_at_fd_limit, NULL },
 	{ "silent_peers_give_way_at_fd_limit", silent_peers_give_way, NULL },
 	{ "record_fifo_no_reader_exits_3", record_fifo_no_reader, NULL },
+	{ "socket_pid_named_file_kept", socket_pid_named_file_kept, NULL },
+	{ "socket_handlers_race_pid_namespaces", socket_handlers_race, "pid1" },
+	{ "socket_handlers_race_stale", socket_handlers_race, "stale" },
+	{ "socket_handlers_race_stale_long_path", socket_handlers_race, "long" },
+	{ "socket_emfile_logged", socket_emfile_logged, NULL },
+	{ "socket_chown_fails_removed", socket_chown_fails_removed, NULL },
+	{ "sigterm_during_setup_exits_5", signal_during_setup, "term" },
+	{ "sigusr1_during_setup_goes_on", signal_during_setup, "usr1" },
+	{ "vmm_dies_mid_handshake_not_rejected", vmm_dies_mid_handshake, NULL },
+	{ "record_fifo_stalled_reader", record_fifo_stalled, NULL },
+	{ "record_fifo_stalled_reader_sigterm", record_fifo_stalled, "sig" },
+	{ "populate_threads_no_spin", populate_threads_no_spin, NULL },
+	{ "populate_list_format", populate_list_format, NULL },
 	{ "exit_rule_rejected_is_4", exit_rule, &rule_rejected },
 	{ "exit_rule_fatal_over_rejected_is_1", exit_rule, &rule_fatal },
 	{ "exit_rule_crash_and_served_is_0", exit_rule, &rule_crash },
