@@ -58,7 +58,23 @@
  * that is logged and answered with SIGKILL to that VMM (other signals may
  * not interrupt a vCPU stuck in a fault). A peer that sent nothing is only
  * closed: it registered nothing with anyone.
+ *
+ * Contents, in the order data flows through them:
+ *
+ *   1. Options                 the command line, the log, time
+ *   2. The memory source       MEMFILE and its DIFFs, a layer map, SIGBUS
+ *   3. A session and its lanes what outlives a server, and what not
+ *   4. The UFFDIO helpers      one per ioctl: done, retry, gone, absent
+ *   5. The fault path          windows, runs, kinds of page, ENOENT halving
+ *   6. Events                  draining the uffd, REMOVEs into the bitmap
+ *   7. Population              --populate, --detach, --record, a round
+ *   8. The handshake           reading, parsing, checking, the state
+ *   9. The session             its life, its killing, its counters line
+ *  10. Setup and confinement   inputs, the socket, signals, seccomp
+ *  11. The server loop         accepting, handshakes, threads, endings
+ *  12. Main
  */
+
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -118,12 +134,15 @@ enum exit_code {
 };
 
 enum { LOG_ERROR, LOG_WARN, LOG_INFO, LOG_DEBUG };
+static const char *const level_names[] = { "error", "warn", "info", "debug" };
 
-/*
- * Results of the UFFDIO helpers; errors are negative errnos. IO_DONE also
- * when the kernel stopped at a page already present (fewer bytes done).
- */
-enum { IO_DONE, IO_RETRY, IO_GONE, IO_ABSENT };
+/* ------------------------------------------------------------------------
+ * 1. Options
+ *
+ * The command line, parsed once into opt, the only global besides the
+ * SIGBUS guard's jump buffers; the log; time. Numbers are parsed by one
+ * helper that takes digits only (no sign, no blanks, no base prefix).
+ * ------------------------------------------------------------------------ */
 
 #define MAX_MAPPINGS	1024
 #define MAX_THREADS	64
@@ -157,243 +176,329 @@ static struct {
 	.optimize = 1, .max_vms = 1, .threads = DEFAULT_THREADS,
 	.uid = -1, .gid = -1, .sock_uid = -1, .sock_gid = -1, .sock_mode = -1 };
 
-struct region {
-	uint64_t base, size, offset, page_size;
-	uint64_t *removed;		/* a bit per page the guest discarded */
-	uint64_t *zero;			/* a bit per page known all zero in the file */
-	uint64_t *hole;			/* a bit per page wholly in a sparse hole */
-	uint64_t *present;		/* a bit per page installed, until removed */
-	uint64_t *recorded;		/* --record: a bit per page listed */
-};
-
-/* A sequential fault stream: the page it should fault next, its window. */
-struct stream {
-	uint64_t next;
-	uint64_t window;
-	uint64_t used;
-};
-
-/*
- * A queued fault: its address and flags, when its event was read, and its
- * stream and window once chosen. A fault deferred by EAGAIN keeps them, so
- * its retries neither grow a window nor take over another stream.
- */
-struct fault {
-	uint64_t addr;
-	uint64_t flags;
-	uint64_t read_ns;
-	uint64_t removes;		/* the session's, when it was read */
-	struct stream *stream;
-	uint64_t window;
-};
-
-#define STREAMS		8
-#define MAX_RUN_4K	512		/* 2 MiB ahead at most */
-#define MAX_RUN_2M	4
-#define ZERO_SRC	(MAX_RUN_2M * PAGE_2M)	/* covers the longest run */
-#define POPULATE_STEP	(2ull << 20)	/* a population step: see pop_steps */
-
-struct counters {
-	uint64_t faults, pages_copied, zero_pages, remove_events, pages_removed;
-	uint64_t deferred, bytes_copied, already_present, unregistered;
-	uint64_t zero_data_pages, prefetched, syscalls, populated, zero_mapped;
-	uint64_t populate_skipped;	/* removed or holes: read zero anyway */
-	uint64_t populate_absent;	/* ENOENT on the page alone */
-	uint64_t service_us_log2[16];	/* event read to page in, by 2^k us */
-};
+enum { OPT_ACCEPT = 256, OPT_HANDSHAKE, OPT_OWNER, OPT_MODE, OPT_UID, OPT_GID,
+	OPT_NO_SECCOMP, OPT_NO_OPTIMIZE, OPT_POPULATE, OPT_DETACH, OPT_RECORD,
+	OPT_MAX_VMS, OPT_THREADS };
 
 static void
-closefd(int *fd)
+usage(FILE *f)
 {
-	if (*fd >= 0)
-		close(*fd);
-	*fd = -1;
+	fprintf(f,
+"Usage: uffd-handler [OPTIONS] SOCKET MEMFILE [DIFF...]\n"
+"Serve a Firecracker microVM's memory from snapshot file MEMFILE through the\n"
+"userfaultfd Firecracker sends on Unix socket SOCKET (mem_backend Uffd).\n"
+"Each DIFF, oldest first, is a diff snapshot's memory file laid over it.\n"
+"\n"
+"  -l, --log-level LEVEL        error, warn, info (default) or debug\n"
+"      --accept-timeout SEC     exit once no VMM has been connected for SEC\n"
+"                               seconds, 3 if none came (default 0: never)\n"
+"      --handshake-timeout SEC  close a peer that sent nothing, or reject a\n"
+"                               VMM whose handshake is incomplete, SEC\n"
+"                               seconds after it connected (default 5);\n"
+"                               timeouts go up to 31536000 (a year)\n"
+"      --socket-owner UID:GID   chown SOCKET (for a jailed VMM)\n"
+"      --socket-mode MODE       chmod SOCKET, octal (e.g. 0600)\n"
+"      --uid UID, --gid GID     drop to these ids once SOCKET is bound\n"
+"      --no-seccomp             do not confine the handler with seccomp\n"
+"      --no-optimize            one page per fault: no runs, no zero pages\n"
+"      --populate all           install every page after the handshake,\n"
+"                               faults first\n"
+"      --populate FILE          install the pages FILE lists first (as\n"
+"                               --record wrote it), faults first\n"
+"      --record FILE            write the pages the VM needed, in order, to\n"
+"                               FILE when it exits\n"
+"      --max-vms N              listen until N VMMs have come, serve them\n"
+"                               all at once, exit when all are gone (0: no\n"
+"                               limit; default 1)\n"
+"      --detach                 with --populate all: once every page is in,\n"
+"                               unregister and exit 0; the VM runs on alone\n"
+"      --threads N              serve faults from N threads, and --populate\n"
+"                               from N more (default 2; 1: one thread does\n"
+"                               all)\n"
+"  -h, --help                   print this help and exit\n"
+"  -V, --version                print the version and exit\n"
+"\n"
+"SIGUSR1 prints the counters at any time (with exit_code -1).\n"
+"Exit codes: 0 every VM went away; 1 fatal error while serving (VMM killed);\n"
+"2 usage error; 3 setup error (memory file, socket, no VMM in time);\n"
+"4 handshake rejected (VMM killed); 5 SIGTERM, SIGINT, SIGHUP or SIGQUIT\n"
+"(every VMM killed). With several VMs: the gravest of 5, 1, 4, 0.\n"
+"On exit one JSON line of counters is written to standard output.\n");
 }
 
 /*
- * The memory file, or a chain of them. MEMFILE is a full snapshot's memory;
- * each DIFF after it (Firecracker's Diff snapshot type) is a sparse file of
- * the same size holding only the pages dirtied since the snapshot before.
- * Every 4 KiB block comes from the newest layer that holds data there, a
- * block that is a hole in every layer reads as zero: what snapshot-editor's
- * rebase would write, served without writing it. Which layer holds which
- * block is found once, before any VMM connects, with SEEK_DATA/SEEK_HOLE
- * (the blocks the rebase tool copies), and kept a byte a block, 256 KiB a
- * GiB of guest; the fault path reads that map, never the filesystem. The
- * layers are mapped read-only once and shared by every session.
+ * A number in base 10 or 8 of at most max: digits only (no sign, blank or
+ * prefix, which strtoul would take), *end set to where they stopped, or,
+ * without end, nothing after them. 0, or -1.
  */
-#define MAX_LAYERS	255		/* a layer number a block, in a byte */
+static int
+parse_number(const char *s, unsigned base, uint64_t max, const char **end,
+    uint64_t *out)
+{
+	const char *p = s;
+	uint64_t v = 0;
 
-struct layer {
-	const char *path;
-	int fd;
-	const char *mem;
-	dev_t dev;
-	ino_t ino;
-};
-
-struct chain {
-	struct layer layer[MAX_LAYERS];
-	int n;
-	uint64_t size;			/* of every layer */
-	uint8_t *map;			/* a block's newest layer + 1; 0: hole */
-};
-
-/*
- * A connection's life: nothing received yet, then a VMM whose message is
- * still arriving, then served; a VMM that hung up mid-message is given a
- * moment to be seen dead before it is killed.
- */
-enum conn_state { S_HELLO, S_HANDSHAKE, S_SERVING, S_CLOSING, S_ENDED };
-
-/* What an epoll event points at: a session's fd, by W_*, or the server's. */
-enum { W_CONN, W_UFFD, W_PIDFD, W_LISTEN, W_SIGNAL, W_NOTE };
-
-struct watch {
-	struct session *s;
-	int what;
-};
-
-struct session {
-	int conn, uffd, pidfd;
-	const struct chain *chain;	/* the memory, the server's */
-	pid_t pid;
-	enum conn_state state;
-	int64_t deadline;		/* ms: of the handshake, or of closing */
-	size_t got;			/* handshake bytes received */
-	int fresh;			/* accepted this round, not read yet */
-	int ctrunc;			/* the kernel dropped fds sent with it */
-	uint32_t ev[3];			/* epoll events this round, by W_* */
-	struct watch w[3];
-	const char *zeros;		/* ZERO_SRC bytes of zeros to copy from */
-	struct uffd_mapping *mappings;
-	struct region *regions;
-	size_t nregions;
-	struct lane *lanes;		/* one a serving thread, then population's */
-	int nlanes;
-	struct stream streams[STREAMS];
-	uint64_t stream_clock;
-	uint64_t removes;		/* REMOVE events applied so far */
-	int populating;			/* not finished (atomic) */
-	int pop_failed;			/* stopped on an error (atomic) */
-	uint64_t pop_start;
-	uint64_t pop_chunks;		/* steps in all, see populate */
-	uint64_t pop_next, pop_done;	/* claimed, finished (atomic) */
-	const uint64_t *pop_list;	/* --populate FILE */
-	size_t pop_n;
-	int record_fd;			/* --record FILE */
-	uint64_t *order;		/* file offsets in the order installed */
-	size_t norder;
-	struct counters n;		/* updated atomically: see count */
-	pthread_mutex_t turn;		/* a reader waiting holds off installs */
-	pthread_rwlock_t rw;		/* shared: installing; exclusive: reading */
-	pthread_mutex_t mu;		/* the streams, the record */
-	int users;			/* threads inside (atomic) */
-	int open;			/* threads may enter (atomic) */
-	int outcome;			/* a thread's ending: 1 gone, < 0 fatal */
-	int logged;			/* LOGGED_*: said once, whichever thread */
-	int threaded;			/* its uffd is in the threads' set */
-	int wepfd;			/* that set, to arm it again in */
-	char handshake[HANDSHAKE_MAX];
-};
-
-/*
- * A thread's part in serving one VM: the faults it read and has not served
- * yet, what it is reading, its 2 MiB buffer, its last failure. With
- * --threads 1 a session has one lane and the loop is its only thread.
- */
-struct lane {
-	struct session *s;
-	struct fault *faults;		/* read, not served yet */
-	size_t nfaults, faults_cap;
-	uint64_t reading;		/* file offset last read in user space */
-	int writing;			/* and whether it is a write */
-	uint64_t suspect_dst;		/* see pool_exhausted */
-	int64_t suspect_ms;
-	struct {			/* the last UFFDIO call that failed */
-		const char *op;
-		uint64_t dst, len;
-	} failed;
-	char *bounce;			/* a 2 MiB page of several layers */
-	int populates;			/* --populate runs in this lane */
-	int dontwake;			/* its copies wake nobody: see lanes_open */
-	uint64_t chunk, chunk_at;	/* its population step, and how far */
-	int finished;			/* it finished the last step */
-	int held;			/* installing: rw held shared */
-	int armed;			/* this turn gave the uffd back: see rearm */
-	struct uffd_msg msgs[EVENT_BATCH];
-};
-
-/* What a session's threads may each run into, logged by the first. */
-enum { LOGGED_SHRANK = 1, LOGGED_FATAL = 2, LOGGED_GONE = 4, LOGGED_POP = 8 };
+	for (; *p >= '0' && *p < (char)('0' + base); p++) {
+		if (v > (max - (uint64_t)(*p - '0')) / base)
+			return -1;
+		v = v * base + (uint64_t)(*p - '0');
+	}
+	if (p == s || (end == NULL && *p != '\0'))
+		return -1;
+	if (end != NULL)
+		*end = p;
+	*out = v;
+	return 0;
+}
 
 static int
-first_time(struct session *s, int what)
+parse_threads(const char *arg)
 {
-	return !(__atomic_fetch_or(&s->logged, what, __ATOMIC_SEQ_CST) & what);
+	uint64_t v;
+
+	if (parse_number(arg, 10, MAX_THREADS, NULL, &v) < 0 || v < 1) {
+		fprintf(stderr, "uffd-handler: --threads: '%s' is not a number from "
+		    "1 to %d\n", arg, MAX_THREADS);
+		return -1;
+	}
+	opt.threads = (int)v;
+	return 0;
 }
 
-/* Counters are added to from every serving thread, and read while they
- * are (SIGUSR1, the population's log lines). */
-static void
-count(uint64_t *c, uint64_t v)
+static int
+parse_seconds(const char *arg, const char *name, int *out)
 {
-	__atomic_fetch_add(c, v, __ATOMIC_RELAXED);
+	uint64_t v;
+
+	if (parse_number(arg, 10, 86400 * 365, NULL, &v) < 0) {
+		fprintf(stderr, "uffd-handler: %s: '%s' is not a number of "
+		    "seconds\n", name, arg);
+		return -1;
+	}
+	*out = (int)v;
+	return 0;
 }
 
-static uint64_t
-counted(const uint64_t *c)
+/* A numeric id: a jail has no /etc/passwd to look names up in. */
+static int
+parse_id(const char *arg, const char *name, long *out, char stop)
 {
-	return __atomic_load_n(c, __ATOMIC_RELAXED);
+	const char *end;
+	uint64_t v;
+
+	if (parse_number(arg, 10, 0xfffffffeu, &end, &v) < 0 || *end != stop) {
+		fprintf(stderr, "uffd-handler: %s: '%s' is not a numeric id\n", name, arg);
+		return -1;
+	}
+	*out = (long)v;
+	return 0;
 }
 
-/*
- * The removed pages' lock (see "Threads" at the top): installs hold rw
- * shared, reading the uffd holds it exclusive. A reader waits in turn,
- * which new installs pass through, so a stream of installs cannot starve
- * it (musl's rwlock prefers readers).
- */
-static void
-install_lock(struct lane *l)
+static int
+parse_owner(const char *arg)
 {
-	pthread_mutex_lock(&l->s->turn);
-	pthread_rwlock_rdlock(&l->s->rw);
-	pthread_mutex_unlock(&l->s->turn);
-	l->held = 1;
+	const char *colon = strchr(arg, ':');
+
+	if (colon == NULL) {
+		fprintf(stderr, "uffd-handler: --socket-owner: '%s' is not UID:GID\n",
+		    arg);
+		return -1;
+	}
+	if (parse_id(arg, "--socket-owner", &opt.sock_uid, ':') < 0 ||
+	    parse_id(colon + 1, "--socket-owner", &opt.sock_gid, '\0') < 0)
+		return -1;
+	return 0;
 }
 
-static void
-install_unlock(struct lane *l)
+static int
+parse_mode(const char *arg)
 {
-	l->held = 0;
-	pthread_rwlock_unlock(&l->s->rw);
+	uint64_t v;
+
+	if (parse_number(arg, 8, 07777, NULL, &v) < 0) {
+		fprintf(stderr, "uffd-handler: --socket-mode: '%s' is not an octal "
+		    "mode\n", arg);
+		return -1;
+	}
+	opt.sock_mode = (long)v;
+	return 0;
 }
 
-static void
-reader_lock(struct session *s)
+static int
+parse_level(const char *arg)
 {
-	pthread_mutex_lock(&s->turn);
-	pthread_rwlock_wrlock(&s->rw);
-	pthread_mutex_unlock(&s->turn);
+	for (int i = 0; i < 4; i++)
+		if (strcmp(arg, level_names[i]) == 0)
+			return opt.log_level = i, 0;
+	fprintf(stderr, "uffd-handler: --log-level: '%s' is not one of error, "
+	    "warn, info, debug\n", arg);
+	return -1;
 }
 
-static void
-reader_unlock(struct session *s)
+static int
+set_flag(int c, char *arg)
 {
-	pthread_rwlock_unlock(&s->rw);
+	switch (c) {
+	case OPT_NO_SECCOMP:
+		opt.seccomp = 0;
+		return 0;
+	case OPT_NO_OPTIMIZE:
+		opt.optimize = 0;
+		return 0;
+	case OPT_POPULATE:
+		if (opt.populate_all || opt.populate_path != NULL) {
+			fprintf(stderr, "uffd-handler: --populate given twice: it "
+			    "takes either all or one FILE\n");
+			return -1;
+		}
+		if (strcmp(arg, "all") == 0)
+			opt.populate_all = 1;
+		else
+			opt.populate_path = arg;
+		return 0;
+	case OPT_RECORD:
+		opt.record_path = arg;
+		return 0;
+	case OPT_DETACH:
+		opt.detach = 1;
+		return 0;
+	default:
+		return -1;
+	}
+}
+
+static const struct option longopts[] = {
+	{ "log-level", required_argument, NULL, 'l' },
+	{ "accept-timeout", required_argument, NULL, OPT_ACCEPT },
+	{ "handshake-timeout", required_argument, NULL, OPT_HANDSHAKE },
+	{ "socket-owner", required_argument, NULL, OPT_OWNER },
+	{ "socket-mode", required_argument, NULL, OPT_MODE },
+	{ "uid", required_argument, NULL, OPT_UID },
+	{ "gid", required_argument, NULL, OPT_GID },
+	{ "no-seccomp", no_argument, NULL, OPT_NO_SECCOMP },
+	{ "no-optimize", no_argument, NULL, OPT_NO_OPTIMIZE },
+	{ "populate", required_argument, NULL, OPT_POPULATE },
+	{ "detach", no_argument, NULL, OPT_DETACH },
+	{ "record", required_argument, NULL, OPT_RECORD },
+	{ "max-vms", required_argument, NULL, OPT_MAX_VMS },
+	{ "threads", required_argument, NULL, OPT_THREADS },
+	{ "help", no_argument, NULL, 'h' },
+	{ "version", no_argument, NULL, 'V' },
+	{ NULL, 0, NULL, 0 },
+};
+
+/* The option getopt stopped at, by its value: the argument vector may
+ * have nothing left to show (a value missing at the end). */
+static const char *
+option_name(const char *as_given, int val, char *buf, size_t cap)
+{
+	if (as_given != NULL && as_given[0] == '-')
+		return as_given;
+	snprintf(buf, cap, "-%c", val > 0 && val < 128 ? val : '?');
+	for (size_t i = 0; val >= 128 && longopts[i].name != NULL; i++)
+		if (longopts[i].val == val)
+			snprintf(buf, cap, "--%s", longopts[i].name);
+	return buf;
+}
+
+/* One option; returns 0 to go on, 1 to exit successfully, -1 on error. */
+static int
+set_option(int c, char *arg, const char *as_given)
+{
+	char name[32];
+
+	switch (c) {
+	case 'l':
+		return parse_level(arg);
+	case OPT_ACCEPT:
+		return parse_seconds(arg, "--accept-timeout", &opt.accept_timeout);
+	case OPT_HANDSHAKE:
+		if (parse_seconds(arg, "--handshake-timeout", &opt.handshake_timeout) < 0)
+			return -1;
+		if (opt.handshake_timeout > 0)
+			return 0;
+		fprintf(stderr, "uffd-handler: --handshake-timeout must be at least "
+		    "1 second\n");
+		return -1;
+	case OPT_OWNER:
+		return parse_owner(arg);
+	case OPT_MODE:
+		return parse_mode(arg);
+	case OPT_UID:
+		return parse_id(arg, "--uid", &opt.uid, '\0');
+	case OPT_GID:
+		return parse_id(arg, "--gid", &opt.gid, '\0');
+	case OPT_MAX_VMS:
+		return parse_id(arg, "--max-vms", &opt.max_vms, '\0');
+	case OPT_THREADS:
+		return parse_threads(arg);
+	case 'h':
+		usage(stdout);
+		return 1;
+	case 'V':
+		printf("uffd-handler %s\n", VERSION);
+		return 1;
+	case ':':
+		fprintf(stderr, "uffd-handler: %s needs a value (try --help)\n",
+		    option_name(as_given, optopt, name, sizeof(name)));
+		return -1;
+	case '?':
+		fprintf(stderr, "uffd-handler: unknown option %s (try --help)\n",
+		    option_name(as_given, optopt, name, sizeof(name)));
+		return -1;
+	default:
+		return set_flag(c, arg);
+	}
+}
+
+/* Returns 0 to run, 1 to exit successfully (help, version), -1 on error. */
+static int
+parse_options(int argc, char **argv)
+{
+	int c, rc = 0;
+
+	opterr = 0;
+	while (rc == 0 && (c = getopt_long(argc, argv, ":l:hV", longopts, NULL)) != -1)
+		rc = set_option(c, optarg, argv[optind - 1]);
+	if (rc != 0)
+		return rc;
+	if (opt.detach && !opt.populate_all) {
+		fprintf(stderr, "uffd-handler: --detach needs --populate all\n");
+		return -1;
+	}
+	/* A populated restore faults only what population has not reached:
+	 * recording it would write a list that lacks the working set. */
+	if (opt.record_path != NULL && (opt.populate_all || opt.populate_path)) {
+		fprintf(stderr, "uffd-handler: --record needs a restore without "
+		    "--populate: with it only the faults would be recorded\n");
+		return -1;
+	}
+	if (opt.record_path != NULL && opt.max_vms != 1) {
+		fprintf(stderr, "uffd-handler: --record records one VM: it needs "
+		    "--max-vms 1\n");
+		return -1;
+	}
+	if (argc - optind < 2) {
+		fprintf(stderr, "uffd-handler: expected SOCKET, MEMFILE and any "
+		    "DIFFs (try --help)\n");
+		return -1;
+	}
+	opt.socket_path = argv[optind];
+	opt.layers = argv + optind + 1;
+	opt.nlayers = argc - optind - 1;
+	return 0;
 }
 
 static void __attribute__((format(printf, 2, 3)))
 logmsg(int level, const char *fmt, ...)
 {
-	static const char *const names[] = { "error", "warn", "info", "debug" };
 	char line[1024];
 	va_list ap;
 	int n;
 
 	if (level > opt.log_level)
 		return;
-	n = snprintf(line, sizeof(line), "uffd-handler: %s: ", names[level]);
+	n = snprintf(line, sizeof(line), "uffd-handler: %s: ", level_names[level]);
 	va_start(ap, fmt);
 	vsnprintf(line + n, sizeof(line) - (size_t)n - 1, fmt, ap);
 	va_end(ap);
@@ -429,6 +534,33 @@ ms_until(int64_t deadline)
 	return left <= 0 ? 0 : left > INT_MAX ? INT_MAX : (int)left;
 }
 
+static void
+closefd(int *fd)
+{
+	if (*fd >= 0)
+		close(*fd);
+	*fd = -1;
+}
+
+/*
+ * Room for element n of an array of *cap elements of size bytes, doubled
+ * (from first) when full: the array, moved or not, or NULL without memory
+ * (the old one still there).
+ */
+static void *
+grow_array(void *a, size_t *cap, size_t n, size_t size, size_t first)
+{
+	size_t c = *cap ? 2 * *cap : first;
+	void *b;
+
+	if (n < *cap)
+		return a;
+	if (c > SIZE_MAX / size || (b = realloc(a, c * size)) == NULL)
+		return NULL;
+	*cap = c;
+	return b;
+}
+
 /*
  * A signal that came during setup, before the loop reads the signalfd: a
  * stopping signal ends the start (-ECANCELED: exit 5); SIGUSR1 has no VM
@@ -447,6 +579,44 @@ setup_interrupted(int sigfd)
 	}
 	return 0;
 }
+
+/* ------------------------------------------------------------------------
+ * 2. The memory source
+ *
+ * MEMFILE and any DIFFs laid over it, mapped read-only once and shared by
+ * every session; which layer holds each 4 KiB block; reading them in user
+ * space under a SIGBUS guard, since a file truncated under the handler
+ * faults there.
+ * ------------------------------------------------------------------------ */
+
+/*
+ * The memory file, or a chain of them. MEMFILE is a full snapshot's memory;
+ * each DIFF after it (Firecracker's Diff snapshot type) is a sparse file of
+ * the same size holding only the pages dirtied since the snapshot before.
+ * Every 4 KiB block comes from the newest layer that holds data there, a
+ * block that is a hole in every layer reads as zero: what snapshot-editor's
+ * rebase would write, served without writing it. Which layer holds which
+ * block is found once, before any VMM connects, with SEEK_DATA/SEEK_HOLE
+ * (the blocks the rebase tool copies), and kept a byte a block, 256 KiB a
+ * GiB of guest; the fault path reads that map, never the filesystem. The
+ * layers are mapped read-only once and shared by every session.
+ */
+#define MAX_LAYERS	255		/* a layer number a block, in a byte */
+
+struct layer {
+	const char *path;
+	int fd;
+	const char *mem;
+	dev_t dev;
+	ino_t ino;
+};
+
+struct chain {
+	struct layer layer[MAX_LAYERS];
+	int n;
+	uint64_t size;			/* of every layer */
+	uint8_t *map;			/* a block's newest layer + 1; 0: hole */
+};
 
 /* The bytes at file offset off, and how many of *len (whole blocks) lie
  * in the same layer: the first block's, or holes in every layer, which
@@ -617,12 +787,310 @@ chain_close(struct chain *c)
 }
 
 /*
- * The UFFDIO helpers. Each reads the kernel's result field, advances over
+ * Reading the mapped file in user space (to find all-zero pages) faults
+ * with SIGBUS if the file was truncated; the kernel's own copies get EFAULT
+ * instead. The guard turns the signal into an error. The jump buffer is
+ * global because a signal handler can reach nothing else, and the
+ * thread's own: SIGBUS goes to the thread that read.
+ */
+static _Thread_local sigjmp_buf bus_jmp;
+static _Thread_local volatile sig_atomic_t bus_armed;
+
+static void
+on_sigbus(int sig)
+{
+	if (bus_armed)
+		siglongjmp(bus_jmp, 1);
+	signal(sig, SIG_DFL);
+	raise(sig);
+}
+
+static int
+is_zero(const char *p, size_t len)
+{
+	const uint64_t *w = (const uint64_t *)(const void *)p;
+
+	for (size_t i = 0; i < len / 8; i++)
+		if (w[i] != 0)
+			return 0;
+	return 1;
+}
+
+/* ------------------------------------------------------------------------
+ * 3. A session and its lanes
+ *
+ * What serving one VM is made of. A session is one VMM: what must outlive
+ * a server (its descriptors, regions, bitmaps and counters) and what need
+ * not (its lanes, locks, streams and the handshake's buffer). A lane is one
+ * thread's part in serving it.
+ * ------------------------------------------------------------------------ */
+
+/* A sequential fault stream: the page it should fault next, its window. */
+struct stream {
+	uint64_t next;
+	uint64_t window;
+	uint64_t used;
+};
+
+/*
+ * A queued fault: its address and flags, when its event was read, and its
+ * stream and window once chosen. A fault deferred by EAGAIN keeps them, so
+ * its retries neither grow a window nor take over another stream.
+ */
+struct fault {
+	uint64_t addr;
+	uint64_t flags;
+	uint64_t read_ns;
+	uint64_t removes;		/* the session's, when it was read */
+	struct stream *stream;
+	uint64_t window;
+};
+
+#define STREAMS		8
+#define MAX_RUN_4K	512		/* 2 MiB ahead at most */
+#define MAX_RUN_2M	4
+#define ZERO_SRC	(MAX_RUN_2M * PAGE_2M)	/* covers the longest run */
+#define POPULATE_STEP	(2ull << 20)	/* a population step: see count_steps */
+#define MAX_LANES	(2 * MAX_THREADS)
+
+struct counters {
+	uint64_t faults, pages_copied, zero_pages, remove_events, pages_removed;
+	uint64_t deferred, bytes_copied, already_present, unregistered;
+	uint64_t zero_data_pages, prefetched, syscalls, populated, zero_mapped;
+	uint64_t populate_skipped;	/* removed or holes: read zero anyway */
+	uint64_t populate_absent;	/* ENOENT on the page alone */
+	uint64_t service_us_log2[16];	/* event read to page in, by 2^k us */
+};
+
+/*
+ * A range a lane is installing, from before its UFFDIO calls until its
+ * pages are marked present (and, for a fault, recorded): what a server
+ * that died there may have installed without saying so.
+ */
+struct install_mark {
+	uint64_t dst, len;
+	uint64_t fault;			/* 1: a fault's window, 0: population */
+};
+
+/* A region as the handshake gave it, and where its bitmaps lie in the
+ * state: byte offsets from the start of struct vm_state. */
+struct region_state {
+	uint64_t base, size, offset, page_size;
+	uint64_t removed, present, recorded;	/* 0: none */
+};
+
+/*
+ * What a session's correctness depends on, kept in a memfd (mapped
+ * MAP_SHARED) so that it outlives the process that serves it: the
+ * regions and the bitmaps of the pages the guest removed and the pages
+ * installed, population's progress, the --record list, the counters, and
+ * the REMOVE window (reading is odd from the read() of the uffd until the
+ * REMOVEs it returned are in the bitmap: a server that dies there lost
+ * what only it knew). The layout is versioned: a reader that finds
+ * another layout does not guess.
+ */
+#define STATE_MAGIC	0x55464653u	/* "UFFS" */
+#define STATE_LAYOUT	1
+
+struct vm_state {
+	uint32_t magic, layout;
+	uint64_t bytes;			/* of the memfd */
+	int32_t pid;			/* the VMM's, at the handshake */
+	uint32_t nregions;
+	uint64_t reading;		/* the REMOVE window, see above */
+	uint64_t removes;		/* REMOVE events applied */
+	uint32_t detaching;		/* --detach began unregistering */
+	uint32_t pop_failed;		/* population stopped on an error */
+	uint64_t pop_start;		/* CLOCK_MONOTONIC ns */
+	uint64_t steps;			/* population steps in all */
+	uint64_t steps_done;		/* offset of the bitmap of steps finished */
+	uint64_t norder;		/* --record: pages listed so far */
+	uint64_t order;			/* offset of their file offsets; 0: none */
+	struct counters n;		/* updated atomically: see count */
+	struct install_mark marks[MAX_LANES];
+	struct region_state regions[];
+};
+
+/*
+ * A session's durable part: the descriptors the keeper holds a copy of
+ * (its connection, the uffd, the VMM's pidfd, the state's memfd) and the
+ * state itself.
+ */
+struct vm {
+	int conn, uffd, pidfd, statefd;
+	pid_t pid;
+	struct vm_state *st;		/* NULL until the handshake is taken */
+};
+
+/* A region with its bitmaps resolved: removed and present lie in the
+ * state, zero and hole are this process's (they can be found again). */
+struct region {
+	uint64_t base, size, offset, page_size;
+	uint64_t *removed;		/* a bit per page the guest discarded */
+	uint64_t *present;		/* a bit per page installed, until removed */
+	uint64_t *recorded;		/* --record: a bit per page listed */
+	uint64_t *zero;			/* a bit per page known all zero in the file */
+	uint64_t *hole;			/* a bit per page wholly in a sparse hole */
+};
+
+/*
+ * A connection's life: nothing received yet, then a VMM whose message is
+ * still arriving, then served; a VMM that hung up mid-message is given a
+ * moment to be seen dead before it is killed.
+ */
+enum conn_state { S_HELLO, S_HANDSHAKE, S_SERVING, S_CLOSING, S_ENDED };
+
+/* What an epoll event points at: a session's fd, by W_*, or the server's. */
+enum { W_CONN, W_UFFD, W_PIDFD, W_LISTEN, W_SIGNAL, W_NOTE };
+
+struct watch {
+	struct session *s;
+	int what;
+};
+
+/* A session: its durable part, and what a server can build again. */
+struct session {
+	struct vm vm;
+	struct counters *n;		/* &vm.st->n, or pre */
+	struct counters pre;		/* before the state, and after it */
+	struct region *regions;
+	size_t nregions;
+	const struct chain *chain;	/* the memory, the server's */
+	enum conn_state state;
+	int64_t deadline;		/* ms: of the handshake, or of closing */
+	size_t got;			/* handshake bytes received */
+	int fresh;			/* accepted this round, not read yet */
+	int ctrunc;			/* the kernel dropped fds sent with it */
+	uint32_t ev[3];			/* epoll events this round, by W_* */
+	struct watch w[3];
+	const char *zeros;		/* ZERO_SRC bytes of zeros to copy from */
+	struct uffd_mapping *mappings;
+	struct lane *lanes;		/* one a serving thread, then population's */
+	int nlanes;
+	struct stream streams[STREAMS];
+	uint64_t stream_clock;
+	int populating;			/* not finished (atomic) */
+	uint64_t step_next;		/* population's next step to claim (atomic) */
+	uint64_t steps_left;		/* not finished yet (atomic) */
+	uint64_t *steps_done;		/* in the state */
+	uint64_t *order;		/* in the state */
+	const uint64_t *pop_list;	/* --populate FILE */
+	size_t pop_n;
+	int record_fd;			/* --record FILE */
+	pthread_mutex_t turn;		/* a reader waiting holds off installs */
+	pthread_rwlock_t rw;		/* shared: installing; exclusive: reading */
+	pthread_mutex_t mu;		/* the streams, the record */
+	int users;			/* threads inside (atomic) */
+	int open;			/* threads may enter (atomic) */
+	int outcome;			/* a thread's ending: 1 gone, < 0 fatal */
+	int logged;			/* LOGGED_*: said once, whichever thread */
+	int threaded;			/* its uffd is in the threads' set */
+	int wepfd;			/* that set, to arm it again in */
+	char handshake[HANDSHAKE_MAX];
+};
+
+/*
+ * A thread's part in serving one VM: the faults it read and has not served
+ * yet, what it is reading, its 2 MiB buffer, its last failure. With
+ * --threads 1 a session has one lane and the loop is its only thread.
+ */
+struct lane {
+	struct session *s;
+	int id;				/* its index: its mark in the state */
+	struct fault *faults;		/* read, not served yet */
+	size_t nfaults, faults_cap;
+	uint64_t reading;		/* file offset last read in user space */
+	int writing;			/* and whether it is a write */
+	uint64_t suspect_dst;		/* see pool_exhausted */
+	int64_t suspect_ms;
+	struct {			/* the last UFFDIO call that failed */
+		const char *op;
+		uint64_t dst, len;
+	} failed;
+	char *bounce;			/* a 2 MiB page of several layers */
+	int populates;			/* --populate runs in this lane */
+	int dontwake;			/* its copies wake nobody: see lanes_open */
+	uint64_t step, step_at;		/* its population step, and how far */
+	int finished;			/* it finished the last step */
+	int held;			/* installing: rw held shared */
+	int armed;			/* this turn gave the uffd back: see rearm */
+	struct uffd_msg msgs[EVENT_BATCH];
+};
+
+/* What a session's threads may each run into, logged by the first. */
+enum { LOGGED_SHRANK = 1, LOGGED_FATAL = 2, LOGGED_GONE = 4, LOGGED_POP = 8 };
+
+static int
+first_time(struct session *s, int what)
+{
+	return !(__atomic_fetch_or(&s->logged, what, __ATOMIC_SEQ_CST) & what);
+}
+
+/* Counters are added to from every serving thread, and read while they
+ * are (SIGUSR1, the population's log lines). */
+static void
+count(uint64_t *c, uint64_t v)
+{
+	__atomic_fetch_add(c, v, __ATOMIC_RELAXED);
+}
+
+static uint64_t
+counted(const uint64_t *c)
+{
+	return __atomic_load_n(c, __ATOMIC_RELAXED);
+}
+
+/*
+ * The removed pages' lock (see "Threads" at the top): installs hold rw
+ * shared, reading the uffd holds it exclusive. A reader waits in turn,
+ * which new installs pass through, so a stream of installs cannot starve
+ * it (musl's rwlock prefers readers).
+ */
+static void
+install_lock(struct lane *l)
+{
+	pthread_mutex_lock(&l->s->turn);
+	pthread_rwlock_rdlock(&l->s->rw);
+	pthread_mutex_unlock(&l->s->turn);
+	l->held = 1;
+}
+
+static void
+install_unlock(struct lane *l)
+{
+	l->held = 0;
+	pthread_rwlock_unlock(&l->s->rw);
+}
+
+static void
+reader_lock(struct session *s)
+{
+	pthread_mutex_lock(&s->turn);
+	pthread_rwlock_wrlock(&s->rw);
+	pthread_mutex_unlock(&s->turn);
+}
+
+static void
+reader_unlock(struct session *s)
+{
+	pthread_rwlock_unlock(&s->rw);
+}
+
+/* ------------------------------------------------------------------------
+ * 4. The UFFDIO helpers
+ *
+ * Each reads the kernel's result field, advances over
  * partial progress, and maps the errno to done / retry / gone / absent;
  * anything else is returned as a negative errno. They log nothing: whether
  * a failure is fatal depends on whose page it was (see serve_fault), and
  * the failed call is kept in s->failed for that one place to report.
+ * ------------------------------------------------------------------------ */
+
+/*
+ * Results of the UFFDIO helpers; errors are negative errnos. IO_DONE also
+ * when the kernel stopped at a page already present (fewer bytes done).
  */
+enum { IO_DONE, IO_RETRY, IO_GONE, IO_ABSENT };
 
 static int
 uffdio_failed(struct lane *l, const char *op, uint64_t dst, uint64_t len,
@@ -649,14 +1117,29 @@ uffdio_wake(struct lane *l, uint64_t start, uint64_t len)
 	struct session *s = l->s;
 	struct uffdio_range r = { start, len };
 
-	count(&s->n.syscalls, 1);
-	if (ioctl(s->uffd, (int)UFFDIO_WAKE, &r) == 0)
+	count(&s->n->syscalls, 1);
+	if (ioctl(s->vm.uffd, (int)UFFDIO_WAKE, &r) == 0)
 		return IO_DONE;
 	if (errno == ESRCH)
 		return IO_GONE;
 	if (errno == ENOENT)
 		return IO_DONE;
 	return uffdio_failed(l, "UFFDIO_WAKE", start, len, errno);
+}
+
+/* ENOENT: nothing of the range is registered any more. */
+static int
+uffdio_unregister(struct lane *l, uint64_t start, uint64_t len)
+{
+	struct session *s = l->s;
+	struct uffdio_range r = { start, len };
+
+	count(&s->n->syscalls, 1);
+	if (ioctl(s->vm.uffd, (int)UFFDIO_UNREGISTER, &r) == 0 || errno == ENOENT)
+		return IO_DONE;
+	if (errno == ESRCH)
+		return IO_GONE;
+	return uffdio_failed(l, "UFFDIO_UNREGISTER", start, len, errno);
 }
 
 /*
@@ -674,7 +1157,7 @@ uffdio_result(struct lane *l, int err, uint64_t dst, uint64_t len,
 	switch (err) {
 	case EEXIST:
 		/* Already present: wake in case a waiter raced the copy. */
-		count(&s->n.already_present, 1);
+		count(&s->n->already_present, 1);
 		return uffdio_wake(l, dst, len);
 	case EAGAIN:
 		return IO_RETRY;
@@ -698,8 +1181,8 @@ uffdio_copy(struct lane *l, uint64_t dst, const char *src, uint64_t len,
 	for (;;) {
 		c = (struct uffdio_copy){ .dst = dst, .src = (uintptr_t)src, .len = len,
 		    .mode = l->dontwake ? UFFDIO_COPY_MODE_DONTWAKE : 0 };
-		count(&s->n.syscalls, 1);
-		if (ioctl(s->uffd, (int)UFFDIO_COPY, &c) == 0) {
+		count(&s->n->syscalls, 1);
+		if (ioctl(s->vm.uffd, (int)UFFDIO_COPY, &c) == 0) {
 			*done += len;
 			return IO_DONE;
 		}
@@ -720,8 +1203,8 @@ uffdio_zeropage(struct lane *l, uint64_t dst, uint64_t len, uint64_t *done)
 
 	for (;;) {
 		z = (struct uffdio_zeropage){ .range = { dst, len } };
-		count(&s->n.syscalls, 1);
-		if (ioctl(s->uffd, (int)UFFDIO_ZEROPAGE, &z) == 0) {
+		count(&s->n->syscalls, 1);
+		if (ioctl(s->vm.uffd, (int)UFFDIO_ZEROPAGE, &z) == 0) {
 			*done += len;
 			return IO_DONE;
 		}
@@ -732,6 +1215,15 @@ uffdio_zeropage(struct lane *l, uint64_t dst, uint64_t len, uint64_t *done)
 		len -= (uint64_t)z.zeropage;
 	}
 }
+
+/* ------------------------------------------------------------------------
+ * 5. The fault path
+ *
+ * A fault's page is found in its region, its window chosen by the stream it
+ * follows, and the window installed as runs of one kind (data, zeros the
+ * snapshot holds, zeros the guest asked for), one ioctl each, halved where
+ * a run crosses a VMA. Only the faulting page's own failure is fatal.
+ * ------------------------------------------------------------------------ */
 
 static struct region *
 find_region(struct session *s, uint64_t addr)
@@ -788,36 +1280,6 @@ check_memfile(struct lane *l)
 			logmsg(LOG_ERROR, "memory file %s shrank from %llu to %llu "
 			    "bytes while serving", c->layer[i].path,
 			    (unsigned long long)c->size, (unsigned long long)st.st_size);
-}
-
-/*
- * Reading the mapped file in user space (to find all-zero pages) faults
- * with SIGBUS if the file was truncated; the kernel's own copies get EFAULT
- * instead. The guard turns the signal into an error. The jump buffer is
- * global because a signal handler can reach nothing else, and the
- * thread's own: SIGBUS goes to the thread that read.
- */
-static _Thread_local sigjmp_buf bus_jmp;
-static _Thread_local volatile sig_atomic_t bus_armed;
-
-static void
-on_sigbus(int sig)
-{
-	if (bus_armed)
-		siglongjmp(bus_jmp, 1);
-	signal(sig, SIG_DFL);
-	raise(sig);
-}
-
-static int
-is_zero(const char *p, size_t len)
-{
-	const uint64_t *w = (const uint64_t *)(const void *)p;
-
-	for (size_t i = 0; i < len / 8; i++)
-		if (w[i] != 0)
-			return 0;
-	return 1;
 }
 
 enum { KIND_DATA, KIND_ZERO, KIND_REMOVED, KIND_SKIP };
@@ -907,17 +1369,22 @@ found:
 	pthread_mutex_unlock(&s->mu);
 }
 
-/* --record: each page installed for a fault, once, in order. */
+/* --record: each page installed for a fault, once, in order. The entry
+ * is written before the count that makes it part of the list, and the
+ * bits are found again from the list (see state_attach). */
 static void
 record_pages(struct session *s, struct region *r, uint64_t idx, uint64_t n)
 {
+	struct vm_state *st = s->vm.st;
+
 	if (s->order == NULL)
 		return;
 	pthread_mutex_lock(&s->mu);
 	for (uint64_t i = idx; i < idx + n; i++)
 		if (!bit_test(r->recorded, i)) {
+			s->order[st->norder] = r->offset + i * r->page_size;
+			__atomic_store_n(&st->norder, st->norder + 1, __ATOMIC_RELEASE);
 			bit_set(r->recorded, i);
-			s->order[s->norder++] = r->offset + i * r->page_size;
 		}
 	pthread_mutex_unlock(&s->mu);
 }
@@ -941,7 +1408,7 @@ pool_exhausted(struct lane *l, struct region *r, uint64_t idx)
 	struct session *s = l->s;
 	uint64_t dst = r->base + idx * r->page_size;
 
-	count(&s->n.already_present, (uint64_t)-1);		/* uffdio_result counted it */
+	count(&s->n->already_present, (uint64_t)-1);		/* uffdio_result counted it */
 	if (l->suspect_dst != dst) {
 		l->suspect_dst = dst;
 		l->suspect_ms = now_ms();
@@ -962,7 +1429,7 @@ map_source(struct lane *l, uint64_t off, uint64_t len)
 
 		seg = len - at;
 		src = layer_src(s->chain, off + at, &seg);
-		count(&s->n.syscalls, 1);
+		count(&s->n->syscalls, 1);
 		madvise((void *)src, seg, MADV_POPULATE_READ);
 	}
 }
@@ -1024,7 +1491,7 @@ copy_data(struct lane *l, struct region *r, uint64_t idx, uint64_t len,
 			    ENOMEM);
 		seg = seg ? seg : r->page_size;
 		if (r->page_size != PAGE_4K && src != l->bounce) {
-			count(&s->n.syscalls, 1);
+			count(&s->n->syscalls, 1);
 			madvise((void *)src, seg, MADV_POPULATE_READ);
 		}
 		d = 0;
@@ -1068,11 +1535,11 @@ install_run(struct lane *l, struct region *r, uint64_t idx, uint64_t n,
 	    !bit_test(r->present, idx + *got))
 		rc = pool_exhausted(l, r, idx + *got);
 	if (kind == KIND_DATA) {
-		count(&s->n.pages_copied, *got);
-		count(&s->n.bytes_copied, done);
+		count(&s->n->pages_copied, *got);
+		count(&s->n->bytes_copied, done);
 	} else {
-		count(kind == KIND_ZERO ? &s->n.zero_data_pages : &s->n.zero_pages, *got);
-		count(&s->n.zero_mapped, mapped && kind == KIND_ZERO ? *got : 0);
+		count(kind == KIND_ZERO ? &s->n->zero_data_pages : &s->n->zero_pages, *got);
+		count(&s->n->zero_mapped, mapped && kind == KIND_ZERO ? *got : 0);
 	}
 	if (rc == -EFAULT)
 		check_memfile(l);
@@ -1122,10 +1589,9 @@ install_split(struct lane *l, struct region *r, uint64_t idx, uint64_t n,
  * only.
  */
 static int
-serve_window(struct lane *l, struct region *r, uint64_t idx, uint64_t n,
-    struct stream *st)
+install_window(struct lane *l, struct region *r, uint64_t idx, uint64_t n,
+    uint64_t *done)
 {
-	struct session *s = l->s;
 	uint64_t at = 0, len, got;
 	int kind, next = KIND_DATA, rc;
 
@@ -1144,7 +1610,7 @@ serve_window(struct lane *l, struct region *r, uint64_t idx, uint64_t n,
 		rc = install_split(l, r, idx + at, len, kind, &got);
 		if (at == 0 && got == 0)
 			return rc;
-		at += got;
+		*done = at += got;
 		if (rc != IO_DONE || got < len) {
 			if (rc < 0)
 				log_failure(l, LOG_DEBUG, rc);
@@ -1158,12 +1624,45 @@ serve_window(struct lane *l, struct region *r, uint64_t idx, uint64_t n,
 		if (!may_prefetch(l, r, kind))
 			break;
 	}
-	count(&s->n.prefetched, at - 1);
-	pthread_mutex_lock(&s->mu);
-	st->next = r->base + (idx + at) * r->page_size;
-	pthread_mutex_unlock(&s->mu);
-	record_pages(s, r, idx, at);
 	return IO_DONE;
+}
+
+/*
+ * The range a lane is about to install, in the state, until its pages are
+ * marked present and recorded (see struct install_mark); len 0 clears it.
+ */
+static void
+mark_install(struct lane *l, uint64_t dst, uint64_t len, int fault)
+{
+	struct install_mark *m = &l->s->vm.st->marks[l->id];
+
+	__atomic_store_n(&m->len, 0, __ATOMIC_RELEASE);
+	if (len == 0)
+		return;
+	m->dst = dst;
+	m->fault = (uint64_t)fault;
+	__atomic_store_n(&m->len, len, __ATOMIC_RELEASE);
+}
+
+/* A fault's window, and what it leaves for the stream and the record. */
+static int
+serve_window(struct lane *l, struct region *r, uint64_t idx, uint64_t n,
+    struct stream *st)
+{
+	struct session *s = l->s;
+	uint64_t at = 0;
+	int rc;
+
+	mark_install(l, r->base + idx * r->page_size, n * r->page_size, 1);
+	if ((rc = install_window(l, r, idx, n, &at)) == IO_DONE) {
+		count(&s->n->prefetched, at - 1);
+		pthread_mutex_lock(&s->mu);
+		st->next = r->base + (idx + at) * r->page_size;
+		pthread_mutex_unlock(&s->mu);
+		record_pages(s, r, idx, at);
+	}
+	mark_install(l, 0, 0, 0);
+	return rc;
 }
 
 /*
@@ -1191,7 +1690,7 @@ serve_fault(struct lane *l, struct fault *f)
 	 * already present), and zeros now would fill a page the guest gave
 	 * back. A wake is enough: a vCPU still waiting faults again, and that
 	 * fault, read after the REMOVE, is served as removed. */
-	if (f->removes != s->removes &&
+	if (f->removes != s->vm.st->removes &&
 	    bit_test(r->removed, (page - r->base) / r->page_size))
 		return uffdio_wake(l, page, r->page_size);
 	if (f->stream == NULL)
@@ -1203,7 +1702,7 @@ serve_fault(struct lane *l, struct fault *f)
 		/* Unregistering wakes the range's waiters; munmap does not,
 		 * and a vCPU would wait forever: woken, it faults again and
 		 * meets what the VMM made of the range. */
-		count(&s->n.unregistered, 1);
+		count(&s->n->unregistered, 1);
 		return uffdio_wake(l, page, r->page_size);
 	}
 	if (rc < 0)
@@ -1212,12 +1711,62 @@ serve_fault(struct lane *l, struct fault *f)
 	return rc;
 }
 
+static void
+record_service(struct session *s, uint64_t read_ns)
+{
+	uint64_t us = (now_ns() - read_ns) / 1000;
+	int k = 0;
+
+	while (us > 0 && k < 15) {
+		us >>= 1;
+		k++;
+	}
+	count(&s->n->service_us_log2[k], 1);
+}
+
+/*
+ * Serves queued faults in order. On retry the rest stay queued: while a
+ * REMOVE is pending every copy would fail the same way.
+ */
+static int
+serve_pending(struct lane *l)
+{
+	struct session *s = l->s;
+	size_t i;
+	int rc = IO_DONE;
+
+	for (i = 0; i < l->nfaults; i++) {
+		install_lock(l);
+		rc = serve_fault(l, &l->faults[i]);
+		install_unlock(l);
+		if (rc != IO_DONE)
+			break;
+		record_service(s, l->faults[i].read_ns);
+	}
+	if (rc != IO_RETRY) {
+		l->nfaults = 0;
+		return rc;
+	}
+	count(&s->n->deferred, l->nfaults - i);
+	memmove(l->faults, l->faults + i, (l->nfaults - i) * sizeof(*l->faults));
+	l->nfaults -= i;
+	return rc;
+}
+
+/* ------------------------------------------------------------------------
+ * 6. Events
+ *
+ * Reading the uffd until it is empty: REMOVE events go into the bitmap at
+ * once, under the lock every install holds shared, and faults into the
+ * lane's queue; only then are faults served.
+ * ------------------------------------------------------------------------ */
+
 /* Marks the pages wholly inside [start, end) removed in every region. */
 static void
 apply_remove(struct session *s, uint64_t start, uint64_t end)
 {
-	count(&s->n.remove_events, 1);
-	s->removes++;
+	count(&s->n->remove_events, 1);
+	s->vm.st->removes++;
 	for (size_t i = 0; i < s->nregions; i++) {
 		struct region *r = &s->regions[i];
 		uint64_t lo = start > r->base ? start : r->base;
@@ -1233,7 +1782,7 @@ apply_remove(struct session *s, uint64_t start, uint64_t end)
 			bit_clear(r->present, p);
 		}
 		if (last > first)
-			count(&s->n.pages_removed, last - first);
+			count(&s->n->pages_removed, last - first);
 	}
 }
 
@@ -1245,20 +1794,18 @@ apply_remove(struct session *s, uint64_t start, uint64_t end)
 static int
 queue_fault(struct lane *l, const struct uffd_msg *m, uint64_t now)
 {
-	if (l->nfaults == l->faults_cap) {
-		struct fault *f = realloc(l->faults, 2 * l->faults_cap * sizeof(*f));
+	struct fault *f = grow_array(l->faults, &l->faults_cap, l->nfaults,
+	    sizeof(*f), FAULT_QUEUE);
 
-		if (f == NULL) {
-			logmsg(LOG_ERROR, "growing the fault queue past %zu: %s",
-			    l->faults_cap, strerror(ENOMEM));
-			return -ENOMEM;
-		}
-		l->faults = f;
-		l->faults_cap *= 2;
+	if (f == NULL) {
+		logmsg(LOG_ERROR, "growing the fault queue past %zu: %s",
+		    l->faults_cap, strerror(ENOMEM));
+		return -ENOMEM;
 	}
+	l->faults = f;
 	l->faults[l->nfaults++] = (struct fault){ .addr = m->arg.pagefault.address,
 	    .flags = m->arg.pagefault.flags, .read_ns = now,
-	    .removes = l->s->removes };
+	    .removes = l->s->vm.st->removes };
 	return 0;
 }
 
@@ -1269,7 +1816,7 @@ handle_event(struct lane *l, const struct uffd_msg *m, uint64_t now)
 
 	switch (m->event) {
 	case UFFD_EVENT_PAGEFAULT:
-		count(&s->n.faults, 1);
+		count(&s->n->faults, 1);
 		return queue_fault(l, m, now);
 	case UFFD_EVENT_REMOVE:
 		apply_remove(s, m->arg.remove.start, m->arg.remove.end);
@@ -1291,11 +1838,11 @@ drain_uffd(struct lane *l)
 	struct session *s = l->s;
 
 	for (;;) {
-		ssize_t n = read(s->uffd, l->msgs, sizeof(l->msgs));
+		ssize_t n = read(s->vm.uffd, l->msgs, sizeof(l->msgs));
 		uint64_t now = now_ns();
 		int rc;
 
-		count(&s->n.syscalls, 1);
+		count(&s->n->syscalls, 1);
 		if (n < 0 && errno == EINTR)
 			continue;
 		if (n < 0 && errno == EAGAIN)
@@ -1336,7 +1883,7 @@ rearm(struct lane *l)
 	if (!s->threaded || l->armed)
 		return;
 	l->armed = 1;
-	epoll_ctl(s->wepfd, EPOLL_CTL_MOD, s->uffd, &e);
+	epoll_ctl(s->wepfd, EPOLL_CTL_MOD, s->vm.uffd, &e);
 }
 
 /* Exclusive: a REMOVE read here lets its madvise go on, so it must be in
@@ -1356,46 +1903,424 @@ read_events(struct lane *l)
 	return rc;
 }
 
-static void
-record_service(struct session *s, uint64_t read_ns)
-{
-	uint64_t us = (now_ns() - read_ns) / 1000;
-	int k = 0;
+/* ------------------------------------------------------------------------
+ * 7. Population
+ *
+ * --populate all and --populate FILE install pages nobody asked for yet,
+ * in 2 MiB steps that threads claim, faults first; --detach lets the VM go
+ * once every page is in; --record writes the pages a VM needed. A round of
+ * a session is its events, its faults, then a step of population.
+ * ------------------------------------------------------------------------ */
 
-	while (us > 0 && k < 15) {
-		us >>= 1;
-		k++;
+/*
+ * One line of a --populate list: a page-aligned decimal file offset, digits
+ * only (no sign: strtoull would take "-4096" for 2^64-4096), ended by LF or
+ * CRLF. 1 for an offset, 0 for a blank line, -1 for anything else.
+ */
+static int
+list_entry(const char *line, uint64_t *off)
+{
+	const char *end;
+
+	if (strcmp(line, "\n") == 0 || strcmp(line, "\r\n") == 0 || *line == '\0')
+		return 0;
+	if (parse_number(line, 10, UINT64_MAX, &end, off) < 0 || *off % PAGE_4K ||
+	    (strcmp(end, "\n") != 0 && strcmp(end, "\r\n") != 0 && *end != '\0'))
+		return -1;
+	return 1;
+}
+
+/* Reads a --populate list, one entry a line (see list_entry). */
+static int
+load_list(const char *path, uint64_t **list, size_t *n)
+{
+	FILE *f = fopen(path, "re");
+	size_t cap = 0, line = 0;
+	char buf[64];
+	uint64_t off, *grown;
+	int rc;
+
+	if (f == NULL) {
+		logmsg(LOG_ERROR, "open(%s): %s", path, strerror(errno));
+		return -errno;
 	}
-	count(&s->n.service_us_log2[k], 1);
+	*n = 0;
+	while (fgets(buf, sizeof(buf), f) != NULL) {
+		line++;
+		/* A line longer than the buffer is no offset either. */
+		if ((rc = list_entry(buf, &off)) < 0 || (strchr(buf, '\n') == NULL &&
+		    !feof(f))) {
+			logmsg(LOG_ERROR, "%s:%zu: not a page-aligned file offset "
+			    "(decimal digits only)", path, line);
+			fclose(f);
+			return -EINVAL;
+		}
+		if (rc == 0)
+			continue;
+		if ((grown = grow_array(*list, &cap, *n, sizeof(off), 4096)) == NULL) {
+			fclose(f);
+			return -ENOMEM;
+		}
+		*list = grown;
+		(*list)[(*n)++] = off;
+	}
+	fclose(f);
+	return 0;
+}
+
+static struct region *
+region_at_offset(struct session *s, uint64_t off)
+{
+	for (size_t i = 0; i < s->nregions; i++)
+		if (off >= s->regions[i].offset &&
+		    off - s->regions[i].offset < s->regions[i].size)
+			return &s->regions[i];
+	return NULL;
 }
 
 /*
- * Serves queued faults in order. On retry the rest stay queued: while a
- * REMOVE is pending every copy would fail the same way.
+ * What population does with page idx. A page the guest removed is left
+ * out: it gave it back. So, with --populate all, is a page wholly in a
+ * hole of MEMFILE: it reads as zero without being installed (also after
+ * --detach: the kernel fills an unregistered anonymous page with zeros),
+ * and an unplugged hotplug slot is such a hole, which population would
+ * otherwise fill with page tables or 2 MiB pages the guest may never plug.
+ * A --populate list names pages the guest did touch: holes there are
+ * installed as zeros.
  */
 static int
-serve_pending(struct lane *l)
+populate_kind(struct lane *l, struct region *r, uint64_t idx)
 {
 	struct session *s = l->s;
-	size_t i;
-	int rc = IO_DONE;
 
-	for (i = 0; i < l->nfaults; i++) {
-		install_lock(l);
-		rc = serve_fault(l, &l->faults[i]);
-		install_unlock(l);
-		if (rc != IO_DONE)
-			break;
-		record_service(s, l->faults[i].read_ns);
+	if (bit_test(r->removed, idx))
+		return KIND_SKIP;
+	if (s->pop_list == NULL && bit_test(r->hole, idx))
+		return KIND_SKIP;
+	return page_kind(l, r, idx);
+}
+
+/*
+ * Installs len pages of one kind for --populate. *advance says how far to
+ * move on: a page already present stops a run and is stepped over, and so
+ * is a page that is not registered (ENOENT on the page alone).
+ */
+static int
+populate_run(struct lane *l, struct region *r, uint64_t idx, uint64_t len,
+    int kind, uint64_t *advance)
+{
+	struct session *s = l->s;
+	uint64_t got;
+	int rc;
+
+	*advance = len;
+	if (kind == KIND_SKIP) {
+		count(&s->n->populate_skipped, len);
+		return IO_DONE;
 	}
-	if (rc != IO_RETRY) {
-		l->nfaults = 0;
+	mark_install(l, r->base + idx * r->page_size, len * r->page_size, 0);
+	rc = install_split(l, r, idx, len, kind, &got);
+	mark_install(l, 0, 0, 0);
+	count(&s->n->populated, got);
+	switch (rc) {
+	case IO_DONE:
+		*advance = got < len ? got + 1 : len;
+		return IO_DONE;
+	case IO_ABSENT:
+		count(&s->n->populate_absent, 1);
+		*advance = got + 1;
+		return IO_DONE;
+	default:
+		*advance = got;
 		return rc;
 	}
-	count(&s->n.deferred, l->nfaults - i);
-	memmove(l->faults, l->faults + i, (l->nfaults - i) * sizeof(*l->faults));
-	l->nfaults -= i;
+}
+
+/*
+ * Population goes in steps of POPULATE_STEP bytes: of the guest's regions
+ * in order with --populate all, of the list's pages with --populate FILE.
+ * A lane claims the next step and takes it to its end; with several
+ * population threads each claims its own, so they never overlap.
+ */
+static uint64_t
+pages_per_step(const struct vm_state *st)
+{
+	uint64_t ps = st->regions[0].page_size;
+
+	return POPULATE_STEP > ps ? POPULATE_STEP / ps : 1;
+}
+
+static uint64_t
+count_steps(const struct vm_state *st, const struct session *s)
+{
+	uint64_t total = 0, per = pages_per_step(st);
+
+	if (s->pop_list != NULL)
+		return (s->pop_n + per - 1) / per;
+	for (size_t i = 0; i < st->nregions; i++)
+		total += st->regions[i].size;
+	return (total + POPULATE_STEP - 1) / POPULATE_STEP;
+}
+
+/* The claimed step of the --populate list; adjacent entries make one run. */
+static int
+populate_list_step(struct lane *l)
+{
+	struct session *s = l->s;
+	uint64_t per = pages_per_step(s->vm.st), end = (l->step + 1) * per;
+	int rc = IO_DONE;
+
+	end = end < s->pop_n ? end : s->pop_n;
+	while (rc == IO_DONE && l->step_at < end) {
+		uint64_t off = s->pop_list[l->step_at], idx, len = 1, npages;
+		struct region *r = region_at_offset(s, off);
+		int kind;
+
+		if (r == NULL || (off - r->offset) % r->page_size) {
+			l->step_at++;
+			continue;
+		}
+		idx = (off - r->offset) / r->page_size;
+		npages = r->size / r->page_size;
+		kind = populate_kind(l, r, idx);
+		while (l->step_at + len < end && idx + len < npages &&
+		    s->pop_list[l->step_at + len] == off + len * r->page_size &&
+		    populate_kind(l, r, idx + len) == kind)
+			len++;
+		rc = populate_run(l, r, idx, len, kind, &len);
+		l->step_at += len;
+	}
 	return rc;
+}
+
+/* The claimed step of --populate all: POPULATE_STEP bytes of the regions
+ * laid end to end, so a step may end one region and begin the next. */
+static int
+populate_step(struct lane *l)
+{
+	struct session *s = l->s;
+	uint64_t end = (l->step + 1) * POPULATE_STEP, start = 0;
+	int rc = IO_DONE;
+
+	for (size_t i = 0; rc == IO_DONE && i < s->nregions; i++) {
+		struct region *r = &s->regions[i];
+		uint64_t ps = r->page_size, stop = end - start < r->size ?
+		    (end - start) / ps : r->size / ps, idx, len;
+		int kind;
+
+		while (rc == IO_DONE && l->step_at >= start &&
+		    l->step_at < start + r->size && l->step_at < end) {
+			idx = (l->step_at - start) / ps;
+			kind = populate_kind(l, r, idx);
+			for (len = 1; idx + len < stop &&
+			    populate_kind(l, r, idx + len) == kind; len++)
+				;
+			rc = populate_run(l, r, idx, len, kind, &len);
+			l->step_at += len * ps;
+		}
+		start += r->size;
+	}
+	return rc;
+}
+
+/* A step to take: the one this lane left unfinished (EAGAIN), or the
+ * next unclaimed. 0 when none is left. */
+static int
+claim_step(struct lane *l)
+{
+	struct session *s = l->s;
+
+	if (l->step != UINT64_MAX)
+		return 1;
+	/* Steps a server before this one finished are in the bitmap. */
+	do
+		l->step = __atomic_fetch_add(&s->step_next, 1, __ATOMIC_SEQ_CST);
+	while (l->step < s->vm.st->steps && bit_test(s->steps_done, l->step));
+	if (l->step >= s->vm.st->steps) {
+		l->step = UINT64_MAX;
+		return 0;
+	}
+	l->step_at = s->pop_list ? l->step * pages_per_step(s->vm.st) :
+	    l->step * POPULATE_STEP;
+	return 1;
+}
+
+static int
+population_on(const struct session *s)
+{
+	return __atomic_load_n(&s->populating, __ATOMIC_SEQ_CST);
+}
+
+/*
+ * One population step when no fault waits; clears populating when done.
+ * A failure there is a page nobody asked for yet: population stops, the
+ * VM is served on demand, and --detach no longer lets it go.
+ */
+static int
+populate(struct lane *l)
+{
+	struct session *s = l->s;
+	int rc;
+
+	if (!l->populates || !population_on(s) || l->nfaults > 0 || !claim_step(l))
+		return 0;
+	l->writing = 0;
+	/* Held from the pages' kinds to their copies (see "Threads"). */
+	install_lock(l);
+	rc = s->pop_list ? populate_list_step(l) : populate_step(l);
+	install_unlock(l);
+	if (rc < 0) {
+		if (!__atomic_load_n(&s->outcome, __ATOMIC_SEQ_CST) &&
+		    first_time(s, LOGGED_POP)) {
+			log_failure(l, LOG_WARN, rc);
+			logmsg(LOG_WARN, "population stopped after %llu pages; "
+			    "faults are still served%s",
+			    (unsigned long long)counted(&s->n->populated), opt.detach ?
+			    ", and the handler stays (--detach)" : "");
+		}
+		__atomic_store_n(&s->vm.st->pop_failed, 1, __ATOMIC_SEQ_CST);
+		__atomic_store_n(&s->populating, 0, __ATOMIC_SEQ_CST);
+		return 0;
+	}
+	if (rc != IO_DONE)
+		return rc == IO_GONE ? rc : 0;	/* retry: the step stays ours */
+	bit_set(s->steps_done, l->step);
+	l->step = UINT64_MAX;
+	if (__atomic_sub_fetch(&s->steps_left, 1, __ATOMIC_SEQ_CST) > 0)
+		return 0;
+	l->finished = 1;
+	__atomic_store_n(&s->populating, 0, __ATOMIC_SEQ_CST);
+	logmsg(LOG_INFO, "populated %llu pages in %llu ms",
+	    (unsigned long long)counted(&s->n->populated),
+	    (unsigned long long)((now_ns() - s->vm.st->pop_start) / 1000000));
+	return 0;
+}
+
+/*
+ * --detach: with every page in that population does not leave out, the
+ * regions are unregistered and the VM runs on without a handler. The pages
+ * left out, and any it removes later, read as zero, which is what the
+ * kernel gives an unregistered anonymous page. A REMOVE already queued
+ * must still be read, or its madvise caller would wait forever.
+ */
+static int
+detach(struct lane *l)
+{
+	struct session *s = l->s;
+	int rc;
+
+	/* From here a server that dies has it to finish (see adopt). */
+	__atomic_store_n(&s->vm.st->detaching, 1, __ATOMIC_SEQ_CST);
+	for (size_t i = 0; i < s->nregions; i++) {
+		rc = uffdio_unregister(l, s->regions[i].base, s->regions[i].size);
+		if (rc == IO_GONE)
+			return 0;
+		if (rc < 0) {
+			log_failure(l, LOG_ERROR, rc);
+			return rc;
+		}
+	}
+	/* UNREGISTER wakes a range's waiters before it clears the VMA, and a
+	 * fault taken under the per-VMA lock can queue in between: it would
+	 * sleep forever. Once the VMAs are cleared no fault queues any more,
+	 * so one wake now reaches every one that did. */
+	for (size_t i = 0; i < s->nregions; i++)
+		if ((rc = uffdio_wake(l, s->regions[i].base, s->regions[i].size)) < 0)
+			log_failure(l, LOG_WARN, rc);
+	while (read(s->vm.uffd, l->msgs, sizeof(l->msgs)) > 0)
+		;
+	logmsg(LOG_INFO, "every page with data is present (%llu removed or "
+	    "in holes read as zero, %llu not registered): unregistered, the "
+	    "VM runs on without a handler",
+	    (unsigned long long)counted(&s->n->populate_skipped),
+	    (unsigned long long)counted(&s->n->populate_absent));
+	return 0;
+}
+
+/*
+ * Queued faults, then a population step: the only work that reads the
+ * mapped file in user space, so one SIGBUS guard covers it. Returns
+ * IO_GONE, a negative errno, or 0.
+ */
+static int __attribute__((noinline))
+guarded_install(struct lane *l)
+{
+	struct session *s = l->s;
+	sigset_t bus;
+	int rc;
+
+	if (sigsetjmp(bus_jmp, 0)) {
+		/* The signal handler ran with SIGBUS blocked, and a jump that
+		 * saved no mask (one saved each round would cost a syscall)
+		 * leaves it blocked: the next SIGBUS, from any session, would
+		 * kill the process. */
+		sigemptyset(&bus);
+		sigaddset(&bus, SIGBUS);
+		sigprocmask(SIG_UNBLOCK, &bus, NULL);
+		bus_armed = 0;
+		if (l->held)
+			install_unlock(l);
+		check_memfile(l);
+		if (first_time(s, LOGGED_FATAL))
+			logmsg(LOG_ERROR, "reading %s at offset %llu: SIGBUS",
+			    layer_path(s->chain, l->reading),
+			    (unsigned long long)l->reading);
+		return -ENXIO;
+	}
+	bus_armed = 1;
+	if ((rc = serve_pending(l)) >= 0 && rc != IO_GONE)
+		rc = populate(l);
+	bus_armed = 0;
+	return rc;
+}
+
+/* Population as the state has it: from the start, or from where a
+ * server before this one left it. */
+static void
+population_begin(struct session *s)
+{
+	uint64_t left = s->vm.st->steps;
+
+	for (uint64_t i = 0; i < s->vm.st->steps; i++)
+		left -= bit_test(s->steps_done, i);
+	s->steps_left = left;
+	s->populating = left > 0 && !s->vm.st->pop_failed;
+}
+
+/*
+ * One round for a serving session: 1 when the VM went away (or was let go
+ * with --detach), 0 to go on, a negative errno on a fatal error. The uffd
+ * is read only when epoll said it is readable; deferred faults and
+ * population go on without it. The caller counts the wait, if it waited.
+ */
+static int
+serve_round(struct lane *l, uint32_t uffd_events)
+{
+	struct session *s = l->s;
+	int rc = 0;
+
+	if (uffd_events & EPOLLERR) {
+		logmsg(LOG_ERROR, "epoll(uffd): error condition 0x%x", uffd_events);
+		return -EIO;
+	}
+	if (uffd_events)
+		rc = read_events(l);
+	if (rc < 0 || (rc = guarded_install(l)) < 0)
+		return rc;
+	if (rc == IO_GONE) {
+		if (first_time(s, LOGGED_GONE))
+			logmsg(LOG_INFO, "VMM pid %d: its address space is gone "
+			    "(ESRCH)", (int)s->vm.pid);
+		return 1;
+	}
+	if (opt.detach && l->finished && l->nfaults == 0 &&
+	    !__atomic_load_n(&s->vm.st->pop_failed, __ATOMIC_SEQ_CST)) {
+		reader_lock(s);
+		rc = detach(l);
+		reader_unlock(s);
+		return rc < 0 ? rc : 1;
+	}
+	return 0;
 }
 
 /*
@@ -1456,442 +2381,32 @@ write_record(struct session *s, int sigfd)
 
 	if (s->record_fd < 0)
 		return;
-	for (i = 0; i <= s->norder && rc == 0; i++) {
-		if (i == s->norder || n > sizeof(buf) - 32) {
+	for (i = 0; i <= s->vm.st->norder && rc == 0; i++) {
+		if (i == s->vm.st->norder || n > sizeof(buf) - 32) {
 			rc = record_out(s->record_fd, sigfd, buf, n);
 			done = rc == 0 ? i : done;
 			n = 0;
 		}
-		if (i < s->norder)
+		if (i < s->vm.st->norder)
 			n += (size_t)snprintf(buf + n, sizeof(buf) - n, "%llu\n",
 			    (unsigned long long)s->order[i]);
 	}
 	if (rc == 0)
-		logmsg(LOG_INFO, "recorded %zu pages in %s", s->norder, opt.record_path);
+		logmsg(LOG_INFO, "recorded %zu pages in %s", s->vm.st->norder, opt.record_path);
 	else
 		logmsg(LOG_ERROR, "writing %s: %s; %zu of %zu pages lost",
 		    opt.record_path, rc == -ETIMEDOUT ? "its reader took nothing "
 		    "for 1 s" : rc == -ECANCELED ? "a signal came" : strerror(-rc),
-		    s->norder - done, s->norder);
+		    s->vm.st->norder - done, s->vm.st->norder);
 }
 
-/*
- * One line of a --populate list: a page-aligned decimal file offset, digits
- * only (no sign: strtoull would take "-4096" for 2^64-4096), ended by LF or
- * CRLF. 1 for an offset, 0 for a blank line, -1 for anything else.
- */
-static int
-list_entry(const char *line, uint64_t *off)
-{
-	size_t i = 0, len = strcspn(line, "\r\n");
-	uint64_t v = 0;
-
-	if (strcmp(line + len, "\r\n") != 0 && strcmp(line + len, "\n") != 0 &&
-	    line[len] != '\0')
-		return -1;
-	if (len == 0)
-		return 0;
-	for (; i < len && line[i] >= '0' && line[i] <= '9'; i++) {
-		if (v > (UINT64_MAX - (uint64_t)(line[i] - '0')) / 10)
-			return -1;
-		v = v * 10 + (uint64_t)(line[i] - '0');
-	}
-	if (i < len || v % PAGE_4K)
-		return -1;
-	*off = v;
-	return 1;
-}
-
-/* Reads a --populate list, one entry a line (see list_entry). */
-static int
-load_list(const char *path, uint64_t **list, size_t *n)
-{
-	FILE *f = fopen(path, "re");
-	size_t cap = 0, line = 0;
-	char buf[64];
-	uint64_t off;
-	int rc;
-
-	if (f == NULL) {
-		logmsg(LOG_ERROR, "open(%s): %s", path, strerror(errno));
-		return -errno;
-	}
-	*n = 0;
-	while (fgets(buf, sizeof(buf), f) != NULL) {
-		line++;
-		/* A line longer than the buffer is no offset either. */
-		if ((rc = list_entry(buf, &off)) < 0 || (strchr(buf, '\n') == NULL &&
-		    !feof(f))) {
-			logmsg(LOG_ERROR, "%s:%zu: not a page-aligned file offset "
-			    "(decimal digits only)", path, line);
-			fclose(f);
-			return -EINVAL;
-		}
-		if (rc == 0)
-			continue;
-		if (*n == cap) {
-			uint64_t *l = realloc(*list, (cap = cap ? 2 * cap : 4096) * 8);
-
-			if (l == NULL) {
-				fclose(f);
-				return -ENOMEM;
-			}
-			*list = l;
-		}
-		(*list)[(*n)++] = off;
-	}
-	fclose(f);
-	return 0;
-}
-
-static struct region *
-region_at_offset(struct session *s, uint64_t off)
-{
-	for (size_t i = 0; i < s->nregions; i++)
-		if (off >= s->regions[i].offset &&
-		    off - s->regions[i].offset < s->regions[i].size)
-			return &s->regions[i];
-	return NULL;
-}
-
-/*
- * What population does with page idx. A page the guest removed is left
- * out: it gave it back. So, with --populate all, is a page wholly in a
- * hole of MEMFILE: it reads as zero without being installed (also after
- * --detach: the kernel fills an unregistered anonymous page with zeros),
- * and an unplugged hotplug slot is such a hole, which population would
- * otherwise fill with page tables or 2 MiB pages the guest may never plug.
- * A --populate list names pages the guest did touch: holes there are
- * installed as zeros.
- */
-static int
-populate_kind(struct lane *l, struct region *r, uint64_t idx)
-{
-	struct session *s = l->s;
-
-	if (bit_test(r->removed, idx))
-		return KIND_SKIP;
-	if (s->pop_list == NULL && bit_test(r->hole, idx))
-		return KIND_SKIP;
-	return page_kind(l, r, idx);
-}
-
-/*
- * Installs len pages of one kind for --populate. *advance says how far to
- * move on: a page already present stops a run and is stepped over, and so
- * is a page that is not registered (ENOENT on the page alone).
- */
-static int
-populate_run(struct lane *l, struct region *r, uint64_t idx, uint64_t len,
-    int kind, uint64_t *advance)
-{
-	struct session *s = l->s;
-	uint64_t got;
-	int rc;
-
-	*advance = len;
-	if (kind == KIND_SKIP) {
-		count(&s->n.populate_skipped, len);
-		return IO_DONE;
-	}
-	rc = install_split(l, r, idx, len, kind, &got);
-	count(&s->n.populated, got);
-	switch (rc) {
-	case IO_DONE:
-		*advance = got < len ? got + 1 : len;
-		return IO_DONE;
-	case IO_ABSENT:
-		count(&s->n.populate_absent, 1);
-		*advance = got + 1;
-		return IO_DONE;
-	default:
-		*advance = got;
-		return rc;
-	}
-}
-
-/*
- * Population goes in steps of POPULATE_STEP bytes: of the guest's regions
- * in order with --populate all, of the list's pages with --populate FILE.
- * A lane claims the next step and takes it to its end; with several
- * population threads each claims its own, so they never overlap.
- */
-static uint64_t
-pop_per_step(const struct session *s)
-{
-	uint64_t ps = s->regions[0].page_size;
-
-	return POPULATE_STEP > ps ? POPULATE_STEP / ps : 1;
-}
-
-static uint64_t
-pop_steps(const struct session *s)
-{
-	uint64_t total = 0, per = pop_per_step(s);
-
-	if (s->pop_list != NULL)
-		return (s->pop_n + per - 1) / per;
-	for (size_t i = 0; i < s->nregions; i++)
-		total += s->regions[i].size;
-	return (total + POPULATE_STEP - 1) / POPULATE_STEP;
-}
-
-/* The claimed step of the --populate list; adjacent entries make one run. */
-static int
-populate_list_step(struct lane *l)
-{
-	struct session *s = l->s;
-	uint64_t per = pop_per_step(s), end = (l->chunk + 1) * per;
-	int rc = IO_DONE;
-
-	end = end < s->pop_n ? end : s->pop_n;
-	while (rc == IO_DONE && l->chunk_at < end) {
-		uint64_t off = s->pop_list[l->chunk_at], idx, len = 1, npages;
-		struct region *r = region_at_offset(s, off);
-		int kind;
-
-		if (r == NULL || (off - r->offset) % r->page_size) {
-			l->chunk_at++;
-			continue;
-		}
-		idx = (off - r->offset) / r->page_size;
-		npages = r->size / r->page_size;
-		kind = populate_kind(l, r, idx);
-		while (l->chunk_at + len < end && idx + len < npages &&
-		    s->pop_list[l->chunk_at + len] == off + len * r->page_size &&
-		    populate_kind(l, r, idx + len) == kind)
-			len++;
-		rc = populate_run(l, r, idx, len, kind, &len);
-		l->chunk_at += len;
-	}
-	return rc;
-}
-
-/* The claimed step of --populate all: POPULATE_STEP bytes of the regions
- * laid end to end, so a step may end one region and begin the next. */
-static int
-populate_step(struct lane *l)
-{
-	struct session *s = l->s;
-	uint64_t end = (l->chunk + 1) * POPULATE_STEP, start = 0;
-	int rc = IO_DONE;
-
-	for (size_t i = 0; rc == IO_DONE && i < s->nregions; i++) {
-		struct region *r = &s->regions[i];
-		uint64_t ps = r->page_size, stop = end - start < r->size ?
-		    (end - start) / ps : r->size / ps, idx, len;
-		int kind;
-
-		while (rc == IO_DONE && l->chunk_at >= start &&
-		    l->chunk_at < start + r->size && l->chunk_at < end) {
-			idx = (l->chunk_at - start) / ps;
-			kind = populate_kind(l, r, idx);
-			for (len = 1; idx + len < stop &&
-			    populate_kind(l, r, idx + len) == kind; len++)
-				;
-			rc = populate_run(l, r, idx, len, kind, &len);
-			l->chunk_at += len * ps;
-		}
-		start += r->size;
-	}
-	return rc;
-}
-
-/* A step to take: the one this lane left unfinished (EAGAIN), or the
- * next unclaimed. 0 when none is left. */
-static int
-pop_claim(struct lane *l)
-{
-	struct session *s = l->s;
-
-	if (l->chunk != UINT64_MAX)
-		return 1;
-	l->chunk = __atomic_fetch_add(&s->pop_next, 1, __ATOMIC_SEQ_CST);
-	if (l->chunk >= s->pop_chunks) {
-		l->chunk = UINT64_MAX;
-		return 0;
-	}
-	l->chunk_at = s->pop_list ? l->chunk * pop_per_step(s) :
-	    l->chunk * POPULATE_STEP;
-	return 1;
-}
-
-/*
- * --detach: with every page in that population does not leave out, the
- * regions are unregistered and the VM runs on without a handler. The pages
- * left out, and any it removes later, read as zero, which is what the
- * kernel gives an unregistered anonymous page. A REMOVE already queued
- * must still be read, or its madvise caller would wait forever.
- */
-static int
-detach(struct lane *l)
-{
-	struct session *s = l->s;
-	int rc;
-
-	for (size_t i = 0; i < s->nregions; i++) {
-		struct uffdio_range r = { s->regions[i].base, s->regions[i].size };
-
-		count(&s->n.syscalls, 1);
-		if (ioctl(s->uffd, (int)UFFDIO_UNREGISTER, &r) < 0 && errno != ENOENT) {
-			logmsg(LOG_ERROR, "UFFDIO_UNREGISTER(0x%llx, %llu): %s",
-			    (unsigned long long)r.start, (unsigned long long)r.len,
-			    strerror(errno));
-			return errno == ESRCH ? 0 : -errno;
-		}
-	}
-	/* UNREGISTER wakes a range's waiters before it clears the VMA, and a
-	 * fault taken under the per-VMA lock can queue in between: it would
-	 * sleep forever. Once the VMAs are cleared no fault queues any more,
-	 * so one wake now reaches every one that did. */
-	for (size_t i = 0; i < s->nregions; i++)
-		if ((rc = uffdio_wake(l, s->regions[i].base, s->regions[i].size)) < 0)
-			log_failure(l, LOG_WARN, rc);
-	while (read(s->uffd, l->msgs, sizeof(l->msgs)) > 0)
-		;
-	logmsg(LOG_INFO, "every page with data is present (%llu removed or "
-	    "in holes read as zero, %llu not registered): unregistered, the "
-	    "VM runs on without a handler",
-	    (unsigned long long)counted(&s->n.populate_skipped),
-	    (unsigned long long)counted(&s->n.populate_absent));
-	return 0;
-}
-
-static int
-pop_on(const struct session *s)
-{
-	return __atomic_load_n(&s->populating, __ATOMIC_SEQ_CST);
-}
-
-/*
- * One population step when no fault waits; clears populating when done.
- * A failure there is a page nobody asked for yet: population stops, the
- * VM is served on demand, and --detach no longer lets it go.
- */
-static int
-populate(struct lane *l)
-{
-	struct session *s = l->s;
-	int rc;
-
-	if (!l->populates || !pop_on(s) || l->nfaults > 0 || !pop_claim(l))
-		return 0;
-	l->writing = 0;
-	/* Held from the pages' kinds to their copies (see "Threads"). */
-	install_lock(l);
-	rc = s->pop_list ? populate_list_step(l) : populate_step(l);
-	install_unlock(l);
-	if (rc < 0) {
-		if (!__atomic_load_n(&s->outcome, __ATOMIC_SEQ_CST) &&
-		    first_time(s, LOGGED_POP)) {
-			log_failure(l, LOG_WARN, rc);
-			logmsg(LOG_WARN, "population stopped after %llu pages; "
-			    "faults are still served%s",
-			    (unsigned long long)counted(&s->n.populated), opt.detach ?
-			    ", and the handler stays (--detach)" : "");
-		}
-		__atomic_store_n(&s->pop_failed, 1, __ATOMIC_SEQ_CST);
-		__atomic_store_n(&s->populating, 0, __ATOMIC_SEQ_CST);
-		return 0;
-	}
-	if (rc != IO_DONE)
-		return rc == IO_GONE ? rc : 0;	/* retry: the step stays ours */
-	l->chunk = UINT64_MAX;
-	if (__atomic_add_fetch(&s->pop_done, 1, __ATOMIC_SEQ_CST) < s->pop_chunks)
-		return 0;
-	l->finished = 1;
-	__atomic_store_n(&s->populating, 0, __ATOMIC_SEQ_CST);
-	logmsg(LOG_INFO, "populated %llu pages in %llu ms",
-	    (unsigned long long)counted(&s->n.populated),
-	    (unsigned long long)((now_ns() - s->pop_start) / 1000000));
-	return 0;
-}
-
-/*
- * Queued faults, then a population step: the only work that reads the
- * mapped file in user space, so one SIGBUS guard covers it. Returns
- * IO_GONE, a negative errno, or 0.
- */
-static int __attribute__((noinline))
-guarded_install(struct lane *l)
-{
-	struct session *s = l->s;
-	sigset_t bus;
-	int rc;
-
-	if (sigsetjmp(bus_jmp, 0)) {
-		/* The signal handler ran with SIGBUS blocked, and a jump that
-		 * saved no mask (one saved each round would cost a syscall)
-		 * leaves it blocked: the next SIGBUS, from any session, would
-		 * kill the process. */
-		sigemptyset(&bus);
-		sigaddset(&bus, SIGBUS);
-		sigprocmask(SIG_UNBLOCK, &bus, NULL);
-		bus_armed = 0;
-		if (l->held)
-			install_unlock(l);
-		check_memfile(l);
-		if (first_time(s, LOGGED_FATAL))
-			logmsg(LOG_ERROR, "reading %s at offset %llu: SIGBUS",
-			    layer_path(s->chain, l->reading),
-			    (unsigned long long)l->reading);
-		return -ENXIO;
-	}
-	bus_armed = 1;
-	if ((rc = serve_pending(l)) >= 0 && rc != IO_GONE)
-		rc = populate(l);
-	bus_armed = 0;
-	return rc;
-}
-
-static void
-serve_start(struct session *s)
-{
-	s->populating = opt.populate_all || s->pop_list != NULL;
-	s->pop_chunks = s->populating ? pop_steps(s) : 0;
-	s->pop_start = now_ns();
-}
-
-/*
- * One round for a serving session: 1 when the VM went away (or was let go
- * with --detach), 0 to go on, a negative errno on a fatal error. The uffd
- * is read only when epoll said it is readable; deferred faults and
- * population go on without it. The caller counts the wait, if it waited.
- */
-static int
-serve_round(struct lane *l, uint32_t uffd_events)
-{
-	struct session *s = l->s;
-	int rc = 0;
-
-	if (uffd_events & EPOLLERR) {
-		logmsg(LOG_ERROR, "epoll(uffd): error condition 0x%x", uffd_events);
-		return -EIO;
-	}
-	if (uffd_events)
-		rc = read_events(l);
-	if (rc < 0 || (rc = guarded_install(l)) < 0)
-		return rc;
-	if (rc == IO_GONE) {
-		if (first_time(s, LOGGED_GONE))
-			logmsg(LOG_INFO, "VMM pid %d: its address space is gone "
-			    "(ESRCH)", (int)s->pid);
-		return 1;
-	}
-	if (opt.detach && l->finished && l->nfaults == 0 &&
-	    !__atomic_load_n(&s->pop_failed, __ATOMIC_SEQ_CST)) {
-		reader_lock(s);
-		rc = detach(l);
-		reader_unlock(s);
-		return rc < 0 ? rc : 1;
-	}
-	return 0;
-}
-
-/*
+/* ------------------------------------------------------------------------
+ * 8. The handshake
+ *
  * The handshake, read as it arrives: a connection in its handshake is a
- * state of the one loop, never a wait that holds up other VMs.
- */
+ * state of the one loop, never a wait that holds up other VMs. A peer
+ * becomes a VMM with its first byte.
+ * ------------------------------------------------------------------------ */
 
 static void
 take_fds(struct session *s, struct msghdr *mh)
@@ -1905,8 +2420,8 @@ take_fds(struct session *s, struct msghdr *mh)
 		nfd = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
 		for (size_t i = 0; i < nfd; i++) {
 			memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
-			if (s->uffd < 0) {
-				s->uffd = fd;
+			if (s->vm.uffd < 0) {
+				s->vm.uffd = fd;
 				continue;
 			}
 			logmsg(LOG_WARN, "closing extra fd received with the handshake");
@@ -1937,7 +2452,7 @@ recv_chunk(struct session *s, char *buf, size_t cap)
 	ssize_t n;
 
 	do
-		n = recvmsg(s->conn, &mh, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+		n = recvmsg(s->vm.conn, &mh, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
 	while (n < 0 && errno == EINTR);
 	if (n < 0)
 		return -errno;
@@ -2011,26 +2526,26 @@ check_uffd(struct session *s)
 	struct uffdio_range r = { 0, 0 };
 	int fl;
 
-	if (s->uffd < 0 && s->ctrunc) {
+	if (s->vm.uffd < 0 && s->ctrunc) {
 		logmsg(LOG_ERROR, "the uffd sent with the handshake could not be "
 		    "received: out of file descriptors (EMFILE); raise the limit "
 		    "(ulimit -n)");
 		return -EMFILE;
 	}
-	if (s->uffd < 0) {
+	if (s->vm.uffd < 0) {
 		logmsg(LOG_ERROR, "handshake rejected: no file descriptor came with "
 		    "the message (expected the uffd as SCM_RIGHTS)");
 		return -EBADF;
 	}
-	if (ioctl(s->uffd, (int)UFFDIO_WAKE, &r) == 0 || errno != EINVAL) {
+	if (ioctl(s->vm.uffd, (int)UFFDIO_WAKE, &r) == 0 || errno != EINVAL) {
 		logmsg(LOG_ERROR, "handshake rejected: the fd received is not a "
 		    "userfaultfd");
 		return -ENOTTY;
 	}
 	/* Draining until EAGAIN needs a non-blocking uffd. */
-	fl = fcntl(s->uffd, F_GETFL);
+	fl = fcntl(s->vm.uffd, F_GETFL);
 	if (fl >= 0 && !(fl & O_NONBLOCK))
-		fcntl(s->uffd, F_SETFL, fl | O_NONBLOCK);
+		fcntl(s->vm.uffd, F_SETFL, fl | O_NONBLOCK);
 	return 0;
 }
 
@@ -2053,55 +2568,166 @@ mark_holes(struct session *s, struct region *r)
 	}
 }
 
+/* Bytes of a bitmap of n bits, in whole 64-byte lines. */
+static uint64_t
+bitmap_bytes(uint64_t n)
+{
+	return (n + 511) / 512 * 64;
+}
+
+/* The state's layout for these regions: offsets of every bitmap, of the
+ * steps finished and of the record; its size. */
+static uint64_t
+state_layout(struct vm_state *st, const struct session *s)
+{
+	uint64_t at = sizeof(*st) + st->nregions * sizeof(st->regions[0]), pages = 0;
+
+	at = (at + 63) / 64 * 64;
+	for (uint32_t i = 0; i < st->nregions; i++) {
+		struct region_state *r = &st->regions[i];
+		uint64_t bits = bitmap_bytes(r->size / r->page_size);
+
+		r->removed = at;
+		r->present = at + bits;
+		at += 2 * bits;
+		if (s->record_fd >= 0) {
+			r->recorded = at;
+			at += bits;
+		}
+		pages += r->size / r->page_size;
+	}
+	st->steps_done = at;
+	at += bitmap_bytes(st->steps);
+	if (s->record_fd >= 0) {
+		st->order = at;
+		at += pages * sizeof(uint64_t);
+	}
+	return at;
+}
+
+static uint64_t *
+state_at(const struct vm_state *st, uint64_t off)
+{
+	return off ? (uint64_t *)(void *)((char *)st + off) : NULL;
+}
+
 static int
 cmp_region(const void *a, const void *b)
 {
-	const struct region *x = a, *y = b;
+	const struct region_state *x = a, *y = b;
 
 	return x->base < y->base ? -1 : x->base > y->base;
 }
 
+/*
+ * The session's regions, resolved against its state, which may be new or
+ * a server's before this one: the record's bits are found again from its
+ * list, and what a lane was installing when that server died is taken as
+ * present (and, for a fault, recorded).
+ */
 static int
-setup_regions(struct session *s, size_t n)
+state_attach(struct session *s)
 {
-	uint64_t total = 0;
-	void *z;
+	struct vm_state *st = s->vm.st;
 
-	s->regions = calloc(n, sizeof(*s->regions));
-	if (s->regions == NULL)
+	s->n = &st->n;
+	s->nregions = st->nregions;
+	if ((s->regions = calloc(st->nregions, sizeof(*s->regions))) == NULL)
 		return -ENOMEM;
-	for (size_t i = 0; i < n; i++) {
+	for (size_t i = 0; i < s->nregions; i++) {
 		struct region *r = &s->regions[i];
-		uint64_t pages;
+		const struct region_state *rs = &st->regions[i];
+		uint64_t words = (rs->size / rs->page_size + 63) / 64;
 
-		r->base = s->mappings[i].base;
-		r->size = s->mappings[i].size;
-		r->offset = s->mappings[i].offset;
-		r->page_size = s->mappings[i].page_size;
-		pages = r->size / r->page_size;
-		if ((r->removed = calloc((pages + 63) / 64, 8)) == NULL ||
-		    (r->zero = calloc((pages + 63) / 64, 8)) == NULL ||
-		    (r->hole = calloc((pages + 63) / 64, 8)) == NULL ||
-		    (r->present = calloc((pages + 63) / 64, 8)) == NULL)
+		*r = (struct region){ rs->base, rs->size, rs->offset, rs->page_size,
+		    state_at(st, rs->removed), state_at(st, rs->present),
+		    state_at(st, rs->recorded), calloc(words, 8), calloc(words, 8) };
+		if (r->zero == NULL || r->hole == NULL)
 			return -ENOMEM;
 		mark_holes(s, r);
-		if (s->record_fd >= 0 &&
-		    (r->recorded = calloc((pages + 63) / 64, 8)) == NULL)
-			return -ENOMEM;
-		total += pages;
-		s->nregions++;
 	}
-	qsort(s->regions, n, sizeof(*s->regions), cmp_region);
-	if (s->record_fd >= 0 && (s->order = calloc(total, sizeof(*s->order))) == NULL)
+	s->steps_done = state_at(st, st->steps_done);
+	s->order = state_at(st, st->order);
+	for (uint64_t i = 0; s->order != NULL && i < st->norder; i++) {
+		struct region *r = region_at_offset(s, s->order[i]);
+
+		if (r != NULL)
+			bit_set(r->recorded, (s->order[i] - r->offset) / r->page_size);
+	}
+	return 0;
+}
+
+/*
+ * A new state for the n mappings of the handshake: in a memfd, mapped
+ * shared, sized for these regions; the regions sorted by address.
+ */
+static int
+state_create(struct session *s, size_t n)
+{
+	struct vm_state head = { .nregions = (uint32_t)n };
+	struct vm_state *st;
+	uint64_t bytes;
+	int fd;
+
+	/* The layout needs the regions: a first pass on a copy of the
+	 * header and no region offsets sizes it. */
+	if ((st = calloc(1, sizeof(*st) + n * sizeof(st->regions[0]))) == NULL)
 		return -ENOMEM;
-	/* Zeros to copy from: never written, so it costs no memory; mapped
-	 * (to the shared zero page) for the reason install_run gives. */
-	z = mmap(NULL, ZERO_SRC, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	*st = head;
+	for (size_t i = 0; i < n; i++)
+		st->regions[i] = (struct region_state){ s->mappings[i].base,
+		    s->mappings[i].size, s->mappings[i].offset,
+		    s->mappings[i].page_size, 0, 0, 0 };
+	qsort(st->regions, n, sizeof(st->regions[0]), cmp_region);
+	st->steps = opt.populate_all || s->pop_list ? count_steps(st, s) : 0;
+	bytes = state_layout(st, s);
+	if ((fd = memfd_create("uffd-handler-vm", MFD_CLOEXEC)) < 0 ||
+	    ftruncate(fd, (off_t)bytes) < 0) {
+		free(st);
+		if (fd >= 0)
+			close(fd);
+		return -errno;
+	}
+	s->vm.st = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	if (s->vm.st == MAP_FAILED) {
+		s->vm.st = NULL;
+		free(st);
+		close(fd);
+		return -errno;
+	}
+	memcpy(s->vm.st, st, sizeof(*st) + n * sizeof(st->regions[0]));
+	free(st);
+	s->vm.statefd = fd;
+	s->vm.st->magic = STATE_MAGIC;
+	s->vm.st->layout = STATE_LAYOUT;
+	s->vm.st->bytes = bytes;
+	s->vm.st->pid = s->vm.pid;
+	s->vm.st->pop_start = now_ns();
+	return state_attach(s);
+}
+
+/* Zeros to copy from: never written, so it costs no memory; mapped (to
+ * the shared zero page) for the reason install_run gives. */
+static int
+zeros_map(struct session *s)
+{
+	void *z = mmap(NULL, ZERO_SRC, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+
 	if (z == MAP_FAILED)
 		return -errno;
 	madvise(z, ZERO_SRC, MADV_POPULATE_READ);
 	s->zeros = z;
 	return 0;
+}
+
+static int
+setup_regions(struct session *s, size_t n)
+{
+	int rc;
+
+	if ((rc = state_create(s, n)) < 0)
+		return rc;
+	return zeros_map(s);
 }
 
 /* The complete message of n mappings, checked and taken; 0 or a negative
@@ -2126,167 +2752,18 @@ accept_handshake(struct session *s, int n)
 		return rc;
 	}
 	logmsg(LOG_INFO, "VMM pid %d: %d region(s), %llu bytes of %s%s",
-	    (int)s->pid, n, (unsigned long long)c->size, c->layer[0].path,
+	    (int)s->vm.pid, n, (unsigned long long)c->size, c->layer[0].path,
 	    c->n > 1 ? " and its diffs" : "");
 	return 0;
 }
 
-/*
- * Confinement. Before the first connection a filter allows what serving
- * needs (reading events, installing pages, writing logs, freeing memory,
- * signalling a VMM, ioctl only with the UFFDIO requests used) and what
- * accepting needs besides. Once the socket is closed and every handshake is
- * in, a second filter of the first list alone is stacked on it. A denied
- * call fails with EPERM rather than killing the handler: a dead handler
- * would leave the guest frozen, an EPERM is logged and ends in the
- * fail-closed path, which the filter keeps open.
- */
-
-#if defined(__x86_64__)
-#define AUDIT_ARCH_NATIVE	AUDIT_ARCH_X86_64
-#elif defined(__aarch64__)
-#define AUDIT_ARCH_NATIVE	AUDIT_ARCH_AARCH64
-#else
-#error "seccomp filter: unknown architecture"
-#endif
-
-static const long allowed_syscalls[] = {
-	SYS_read, SYS_write, SYS_writev, SYS_close, SYS_ppoll, SYS_mmap,
-	SYS_munmap, SYS_mremap, SYS_madvise, SYS_brk, SYS_exit, SYS_exit_group,
-	SYS_rt_sigreturn, SYS_rt_sigprocmask, SYS_rt_sigpending,
-	SYS_clock_gettime, SYS_lseek,
-	SYS_newfstatat, SYS_kill, SYS_pidfd_send_signal, SYS_getpid, SYS_gettid,
-	SYS_tgkill, SYS_restart_syscall, SYS_epoll_pwait, SYS_epoll_ctl,
-	SYS_futex, SYS_clock_nanosleep, SYS_sched_yield,
-#ifdef SYS_nanosleep
-	SYS_nanosleep,
-#endif
-#ifdef SYS_epoll_wait
-	SYS_epoll_wait,
-#endif
-#ifdef SYS_poll
-	SYS_poll,
-#endif
-#ifdef SYS_fstat
-	SYS_fstat,
-#endif
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-	/* The sanitizer runtimes' own calls, in the test builds only. */
-	SYS_clone, SYS_clone3, SYS_ptrace, SYS_wait4, SYS_prctl, SYS_openat,
-	SYS_getdents64, SYS_readlinkat, SYS_sched_yield, SYS_sigaltstack,
-	SYS_rt_sigaction, SYS_mprotect, SYS_futex, SYS_set_robust_list,
-	SYS_rseq, SYS_sched_getaffinity, SYS_pread64, SYS_getrandom, SYS_getppid,
-#ifdef SYS_getdents
-	SYS_getdents,
-#endif
-#ifdef SYS_readlink
-	SYS_readlink,
-#endif
-#ifdef SYS_open
-	SYS_open,
-#endif
-#endif
-};
-
-/* Accepting, the handshake, the pidfd, refusing, the spare descriptors,
- * the socket's removal (lstat first: musl's on x86_64), the second filter,
- * and starting the serving threads (clone3, rseq, set_robust_list: glibc's,
- * in the test builds). */
-static const long accepting_syscalls[] = {
-	SYS_accept4, SYS_recvmsg, SYS_getsockopt, SYS_pidfd_open, SYS_fcntl,
-	SYS_shutdown, SYS_unlinkat, SYS_seccomp, SYS_clone, SYS_mprotect,
-	SYS_epoll_create1, SYS_eventfd2,
-#ifdef SYS_clone3
-	SYS_clone3,
-#endif
-#ifdef SYS_rseq
-	SYS_rseq,
-#endif
-	SYS_set_robust_list,
-#ifdef SYS_lstat
-	SYS_lstat,
-#endif
-#ifdef SYS_unlink
-	SYS_unlink,
-#endif
-};
-
-static const uint32_t allowed_ioctls[] = {
-	UFFDIO_COPY, UFFDIO_ZEROPAGE, UFFDIO_WAKE, UFFDIO_UNREGISTER,
-};
-
-#define LOAD(off)	(struct sock_filter){ BPF_LD_W_ABS, 0, 0, (uint32_t)(off) }
-#define IS(k)		(struct sock_filter){ BPF_JEQ_K, 0, 1, (uint32_t)(k) }
-#define RET(k)		(struct sock_filter){ BPF_RET_K, 0, 0, (uint32_t)(k) }
-
-static int
-seccomp_confine(int accepting)
-{
-	struct sock_filter f[2 * (sizeof(allowed_syscalls) / sizeof(long) +
-	    sizeof(accepting_syscalls) / sizeof(long) +
-	    sizeof(allowed_ioctls) / sizeof(uint32_t)) + 16];
-	struct sock_fprog prog = { 0, f };
-	size_t n = 0, i;
-
-	/* Another ABI's numbers mean other calls: not a case to reason about. */
-	f[n++] = LOAD(offsetof(struct seccomp_data, arch));
-	f[n++] = (struct sock_filter){ BPF_JEQ_K, 1, 0, AUDIT_ARCH_NATIVE };
-	f[n++] = RET(SECCOMP_RET_KILL_PROCESS);
-	f[n++] = LOAD(offsetof(struct seccomp_data, nr));
-	for (i = 0; i < sizeof(allowed_syscalls) / sizeof(long); i++) {
-		f[n++] = IS(allowed_syscalls[i]);
-		f[n++] = RET(SECCOMP_RET_ALLOW);
-	}
-	for (i = 0; accepting && i < sizeof(accepting_syscalls) / sizeof(long); i++) {
-		f[n++] = IS(accepting_syscalls[i]);
-		f[n++] = RET(SECCOMP_RET_ALLOW);
-	}
-	f[n++] = (struct sock_filter){ BPF_JEQ_K, 1, 0, SYS_ioctl };
-	f[n++] = RET(SECCOMP_RET_ERRNO | EPERM);
-	/* The request's low 32 bits: musl passes it as a sign-extended int. */
-	f[n++] = LOAD(offsetof(struct seccomp_data, args[1]));
-	for (i = 0; i < sizeof(allowed_ioctls) / sizeof(uint32_t); i++) {
-		f[n++] = IS(allowed_ioctls[i]);
-		f[n++] = RET(SECCOMP_RET_ALLOW);
-	}
-	f[n++] = RET(SECCOMP_RET_ERRNO | EPERM);
-	prog.len = (unsigned short)n;
-	/* The first through prctl, which valgrind knows, before the serving
-	 * threads start: they inherit it. The second through seccomp(2), which
-	 * the first allows, with TSYNC: on every thread at once. */
-	if (accepting ? prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 ||
-	    prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog) < 0 :
-	    syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER,
-	    opt.threads > 1 ? SECCOMP_FILTER_FLAG_TSYNC : 0, &prog) != 0) {
-		logmsg(LOG_ERROR, "installing the seccomp filter: %s", strerror(errno));
-		return -errno;
-	}
-	logmsg(LOG_DEBUG, "seccomp filter of %zu instructions installed", n);
-	return 0;
-}
-
-/* After binding, as the jailer's uid and gid; no way back to root. */
-static int
-drop_privileges(void)
-{
-	if (opt.gid >= 0 && (setgroups(0, NULL) < 0 || setgid((gid_t)opt.gid) < 0)) {
-		logmsg(LOG_ERROR, "setgid(%ld): %s", opt.gid, strerror(errno));
-		return -errno;
-	}
-	if (opt.uid >= 0 && setuid((uid_t)opt.uid) < 0) {
-		logmsg(LOG_ERROR, "setuid(%ld): %s", opt.uid, strerror(errno));
-		return -errno;
-	}
-	if (opt.uid > 0 && setuid(0) == 0) {
-		logmsg(LOG_ERROR, "setuid(%ld) left a way back to root", opt.uid);
-		return -EPERM;
-	}
-	return 0;
-}
-
-/*
- * The session: one connection and everything it owns.
- */
+/* ------------------------------------------------------------------------
+ * 9. The session
+ *
+ * One connection and everything it owns, from accepting it to its one
+ * teardown (safe to call twice); killing its VMM when serving cannot go on;
+ * its counters line.
+ * ------------------------------------------------------------------------ */
 
 /* The session takes ownership of conn; the chain stays the caller's. NULL
  * when out of memory. */
@@ -2297,9 +2774,10 @@ session_new(int conn, const struct chain *chain)
 
 	if (s == NULL)
 		return NULL;
-	s->conn = conn;
+	s->vm = (struct vm){ .conn = conn, .uffd = -1, .pidfd = -1, .statefd = -1 };
+	s->n = &s->pre;
 	s->chain = chain;
-	s->uffd = s->pidfd = s->record_fd = -1;
+	s->record_fd = -1;
 	s->mappings = calloc(MAX_MAPPINGS, sizeof(*s->mappings));
 	pthread_mutex_init(&s->turn, NULL);
 	pthread_rwlock_init(&s->rw, NULL);
@@ -2323,8 +2801,9 @@ lanes_open(struct session *s)
 		struct lane *l = &s->lanes[i];
 
 		l->s = s;
+		l->id = i;
 		l->populates = n == 1 || i >= opt.threads;
-		l->chunk = UINT64_MAX;
+		l->step = UINT64_MAX;
 		/* A population thread's copy need not wake anyone: a vCPU
 		 * that waits on its page has a fault queued, and a serving
 		 * thread answers every fault it reads with a wake (its own
@@ -2348,35 +2827,44 @@ out_of_fds(int err)
 }
 
 /*
- * The peer's pidfd: SO_PEERPIDFD (Linux 6.5) works even when the peer's
- * pid is invisible here, as from a container in its own pid namespace,
- * where SO_PEERCRED reports pid 0; pidfd_open(SO_PEERCRED's pid) before
- * that. -EMFILE or -ENFILE when no descriptor is free for it.
+ * The peer's pid and pidfd: SO_PEERPIDFD (Linux 6.5) works even when the
+ * peer's pid is invisible here, as from a container in its own pid
+ * namespace, where SO_PEERCRED reports pid 0; pidfd_open(SO_PEERCRED's
+ * pid) before that. -EMFILE or -ENFILE when no descriptor is free for it;
+ * a pidfd of -1 when none can be had otherwise.
  */
 static int
-session_open(struct session *s)
+peer_of(int conn, pid_t *pid, int *pidfd)
 {
 	struct ucred cr = { 0, 0, 0 };
 	socklen_t l = sizeof(cr);
-	int fd = -1;
+
+	*pid = getsockopt(conn, SOL_SOCKET, SO_PEERCRED, &cr, &l) == 0 ? cr.pid : 0;
+	l = sizeof(*pidfd);
+	if (getsockopt(conn, SOL_SOCKET, SO_PEERPIDFD, pidfd, &l) == 0 && *pidfd >= 0)
+		return 0;
+	*pidfd = -1;
+	if (out_of_fds(errno))
+		return -errno;
+	if (*pid > 0 && (*pidfd = (int)syscall(SYS_pidfd_open, *pid, 0)) < 0 &&
+	    out_of_fds(errno))
+		return -errno;
+	return 0;
+}
+
+static int
+session_open(struct session *s)
+{
+	int rc;
 
 	if (s->mappings == NULL)
 		return -ENOMEM;
-	if (getsockopt(s->conn, SOL_SOCKET, SO_PEERCRED, &cr, &l) == 0)
-		s->pid = cr.pid;
-	l = sizeof(fd);
-	if (getsockopt(s->conn, SOL_SOCKET, SO_PEERPIDFD, &fd, &l) == 0 && fd >= 0)
-		s->pidfd = fd;
-	else if (out_of_fds(errno))
-		return -errno;
-	else if (s->pid > 0 &&
-	    (s->pidfd = (int)syscall(SYS_pidfd_open, s->pid, 0)) < 0 &&
-	    out_of_fds(errno))
-		return -errno;
-	if (s->pidfd < 0)
+	if ((rc = peer_of(s->vm.conn, &s->vm.pid, &s->vm.pidfd)) < 0)
+		return rc;
+	if (s->vm.pidfd < 0)
 		logmsg(LOG_WARN, "no pidfd for the peer (pid %d): its exit is seen "
-		    "only through the uffd", (int)s->pid);
-	if (s->pid <= 0)
+		    "only through the uffd", (int)s->vm.pid);
+	if (s->vm.pid <= 0)
 		logmsg(LOG_WARN, "the peer's pid is not visible here (another pid "
 		    "namespace?): it cannot be killed on a fatal error");
 	return 0;
@@ -2409,13 +2897,25 @@ kill_peer(int pidfd, pid_t pid)
 		    (int)pid);
 }
 
+/* Whether the VMM has exited, without waiting. */
+static int
+vmm_gone(struct session *s)
+{
+	struct pollfd p = { s->vm.pidfd, POLLIN, 0 };
+
+	if (s->vm.pidfd >= 0)
+		return poll(&p, 1, 0) == 1;
+	return s->vm.pid > 0 && kill(s->vm.pid, 0) < 0 && errno == ESRCH;
+}
+
 /* Frees what the session owns; safe to call twice. */
 static void
-session_close(struct session *s)
+session_teardown(struct session *s)
 {
-	closefd(&s->conn);
-	closefd(&s->uffd);
-	closefd(&s->pidfd);
+	closefd(&s->vm.conn);
+	closefd(&s->vm.uffd);
+	closefd(&s->vm.pidfd);
+	closefd(&s->vm.statefd);
 	for (int i = 0; i < s->nlanes; i++) {
 		if (s->lanes[i].bounce != NULL)
 			munmap(s->lanes[i].bounce, PAGE_2M);
@@ -2424,29 +2924,32 @@ session_close(struct session *s)
 	if (s->zeros != NULL)
 		munmap((void *)s->zeros, ZERO_SRC);
 	for (size_t i = 0; i < s->nregions; i++) {
-		free(s->regions[i].removed);
 		free(s->regions[i].zero);
 		free(s->regions[i].hole);
-		free(s->regions[i].present);
-		free(s->regions[i].recorded);
+	}
+	if (s->vm.st != NULL) {
+		s->pre = *s->n;		/* the counters line comes after */
+		munmap(s->vm.st, s->vm.st->bytes);
 	}
 	free(s->regions);
 	free(s->mappings);
 	free(s->lanes);
-	free(s->order);
+	s->n = &s->pre;
+	s->vm.st = NULL;
 	s->zeros = NULL;
 	s->regions = NULL;
 	s->mappings = NULL;
 	s->lanes = NULL;
 	s->order = NULL;
+	s->steps_done = NULL;
 	s->nregions = 0;
 	s->nlanes = 0;
 }
 
 static void
-session_free(struct session *s)
+session_destroy(struct session *s)
 {
-	session_close(s);
+	session_teardown(s);
 	pthread_mutex_destroy(&s->turn);
 	pthread_rwlock_destroy(&s->rw);
 	pthread_mutex_destroy(&s->mu);
@@ -2458,7 +2961,7 @@ static const struct counters *
 counters_read(const struct session *s, struct counters *c)
 {
 	for (size_t i = 0; i < sizeof(*c) / sizeof(uint64_t); i++)
-		((uint64_t *)c)[i] = counted((const uint64_t *)&s->n + i);
+		((uint64_t *)c)[i] = counted((const uint64_t *)s->n + i);
 	return c;
 }
 
@@ -2486,7 +2989,7 @@ print_counters(const struct session *s, int code)
 	};
 	char line[2048];
 	int n = snprintf(line, sizeof(line), "{\"exit_code\":%d,\"vmm_pid\":%d",
-	    code, (int)s->pid);
+	    code, (int)s->vm.pid);
 
 	for (size_t i = 0; i < sizeof(f) / sizeof(f[0]); i++)
 		n += snprintf(line + n, sizeof(line) - (size_t)n, ",\"%s\":%llu",
@@ -2500,9 +3003,67 @@ print_counters(const struct session *s, int code)
 	fflush(stdout);
 }
 
+/* ------------------------------------------------------------------------
+ * 10. Setup and confinement
+ *
+ * What main opens before any VMM connects, the listening socket, the
+ * signals, and the seccomp filters.
+ * ------------------------------------------------------------------------ */
+
+/* What main opens before any VMM connects; sessions borrow it. */
+struct inputs {
+	struct chain chain;
+	int record_fd;
+	uint64_t *list;			/* --populate FILE */
+	size_t nlist;
+};
+
+/* The memory file and the list --populate names. */
+static int
+open_inputs(struct inputs *in, int sigfd)
+{
+	int rc;
+
+	if ((rc = chain_open(&in->chain, opt.layers, opt.nlayers, sigfd)) < 0)
+		return rc;
+	if (opt.populate_path != NULL)
+		return load_list(opt.populate_path, &in->list, &in->nlist);
+	return 0;
+}
+
 /*
- * Setup: the socket and the signals.
+ * The --record file, emptied only once everything else is set up, and
+ * never when it is the memory file itself: a slip of the command line
+ * must not destroy the snapshot. -EINVAL for that, a usage error. Opened
+ * non-blocking, and left so: a FIFO nobody reads would hold up the start
+ * with signals unanswered, and one whose reader stalls the end (see
+ * write_record).
  */
+static int
+open_record(struct inputs *in)
+{
+	struct stat a;
+
+	if (opt.record_path == NULL)
+		return 0;
+	if ((in->record_fd = open(opt.record_path, O_WRONLY | O_CREAT | O_CLOEXEC |
+	    O_NONBLOCK, 0644)) < 0 || fstat(in->record_fd, &a) < 0) {
+		logmsg(LOG_ERROR, "open(%s): %s", opt.record_path, strerror(errno));
+		return -EIO;
+	}
+	for (int i = 0; i < in->chain.n; i++)
+		if (a.st_dev == in->chain.layer[i].dev &&
+		    a.st_ino == in->chain.layer[i].ino) {
+			logmsg(LOG_ERROR, "--record %s is the memory file; not "
+			    "overwriting it", opt.record_path);
+			return -EINVAL;
+		}
+	if (S_ISREG(a.st_mode) && ftruncate(in->record_fd, 0) < 0) {
+		logmsg(LOG_ERROR, "ftruncate(%s): %s", opt.record_path, strerror(errno));
+		return -EIO;
+	}
+	return 0;
+}
 
 static int
 bind_to(int fd, const char *path)
@@ -2713,329 +3274,179 @@ signal_fd(void)
 }
 
 /*
- * Options.
+ * Each VM holds 3 descriptors (its socket, uffd and pidfd): the soft limit,
+ * often 1024, goes up to the hard one, which needs no privilege.
+ */
+static void
+raise_nofile(void)
+{
+	struct rlimit r;
+
+	if (getrlimit(RLIMIT_NOFILE, &r) == 0 && r.rlim_cur < r.rlim_max) {
+		r.rlim_cur = r.rlim_max;
+		setrlimit(RLIMIT_NOFILE, &r);
+	}
+}
+
+/*
+ * Confinement. Before the first connection a filter allows what serving
+ * needs (reading events, installing pages, writing logs, freeing memory,
+ * signalling a VMM, ioctl only with the UFFDIO requests used) and what
+ * accepting needs besides. Once the socket is closed and every handshake is
+ * in, a second filter of the first list alone is stacked on it. A denied
+ * call fails with EPERM rather than killing the handler: a dead handler
+ * would leave the guest frozen, an EPERM is logged and ends in the
+ * fail-closed path, which the filter keeps open.
  */
 
-static void
-usage(FILE *f)
-{
-	fprintf(f,
-"Usage: uffd-handler [OPTIONS] SOCKET MEMFILE [DIFF...]\n"
-"Serve a Firecracker microVM's memory from snapshot file MEMFILE through the\n"
-"userfaultfd Firecracker sends on Unix socket SOCKET (mem_backend Uffd).\n"
-"Each DIFF, oldest first, is a diff snapshot's memory file laid over it.\n"
-"\n"
-"  -l, --log-level LEVEL        error, warn, info (default) or debug\n"
-"      --accept-timeout SEC     exit once no VMM has been connected for SEC\n"
-"                               seconds, 3 if none came (default 0: never)\n"
-"      --handshake-timeout SEC  close a peer that sent nothing, or reject a\n"
-"                               VMM whose handshake is incomplete, SEC\n"
-"                               seconds after it connected (default 5);\n"
-"                               timeouts go up to 31536000 (a year)\n"
-"      --socket-owner UID:GID   chown SOCKET (for a jailed VMM)\n"
-"      --socket-mode MODE       chmod SOCKET, octal (e.g. 0600)\n"
-"      --uid UID, --gid GID     drop to these ids once SOCKET is bound\n"
-"      --no-seccomp             do not confine the handler with seccomp\n"
-"      --no-optimize            one page per fault: no runs, no zero pages\n"
-"      --populate all           install every page after the handshake,\n"
-"                               faults first\n"
-"      --populate FILE          install the pages FILE lists first (as\n"
-"                               --record wrote it), faults first\n"
-"      --record FILE            write the pages the VM needed, in order, to\n"
-"                               FILE when it exits\n"
-"      --max-vms N              listen until N VMMs have come, serve them\n"
-"                               all at once, exit when all are gone (0: no\n"
-"                               limit; default 1)\n"
-"      --detach                 with --populate all: once every page is in,\n"
-"                               unregister and exit 0; the VM runs on alone\n"
-"      --threads N              serve faults from N threads, and --populate\n"
-"                               from N more (default 2; 1: one thread does\n"
-"                               all)\n"
-"  -h, --help                   print this help and exit\n"
-"  -V, --version                print the version and exit\n"
-"\n"
-"SIGUSR1 prints the counters at any time (with exit_code -1).\n"
-"Exit codes: 0 every VM went away; 1 fatal error while serving (VMM killed);\n"
-"2 usage error; 3 setup error (memory file, socket, no VMM in time);\n"
-"4 handshake rejected (VMM killed); 5 SIGTERM, SIGINT, SIGHUP or SIGQUIT\n"
-"(every VMM killed). With several VMs: the gravest of 5, 1, 4, 0.\n"
-"On exit one JSON line of counters is written to standard output.\n");
-}
+#if defined(__x86_64__)
+#define AUDIT_ARCH_NATIVE	AUDIT_ARCH_X86_64
+#elif defined(__aarch64__)
+#define AUDIT_ARCH_NATIVE	AUDIT_ARCH_AARCH64
+#else
+#error "seccomp filter: unknown architecture"
+#endif
 
-static int
-parse_threads(const char *arg)
-{
-	char *end;
-	long v;
-
-	errno = 0;
-	v = strtol(arg, &end, 10);
-	if (errno || arg[0] < '1' || arg[0] > '9' || *end != '\0' || v < 1 ||
-	    v > MAX_THREADS) {
-		fprintf(stderr, "uffd-handler: --threads: '%s' is not a number from "
-		    "1 to %d\n", arg, MAX_THREADS);
-		return -1;
-	}
-	opt.threads = (int)v;
-	return 0;
-}
-
-static int
-parse_seconds(const char *arg, const char *name, int *out)
-{
-	char *end;
-	unsigned long v;
-
-	errno = 0;
-	v = strtoul(arg, &end, 10);
-	if (errno || end == arg || *end || arg[0] == '-' || v > 86400 * 365) {
-		fprintf(stderr, "uffd-handler: %s: '%s' is not a number of "
-		    "seconds\n", name, arg);
-		return -1;
-	}
-	*out = (int)v;
-	return 0;
-}
-
-/* A numeric id: a jail has no /etc/passwd to look names up in. */
-static int
-parse_id(const char *arg, const char *name, long *out, char stop)
-{
-	char *end;
-	unsigned long v;
-
-	errno = 0;
-	v = strtoul(arg, &end, 10);
-	if (errno || end == arg || *end != stop || arg[0] == '-' || v >= 0xffffffffu) {
-		fprintf(stderr, "uffd-handler: %s: '%s' is not a numeric id\n", name, arg);
-		return -1;
-	}
-	*out = (long)v;
-	return 0;
-}
-
-static int
-parse_owner(const char *arg)
-{
-	const char *colon = strchr(arg, ':');
-
-	if (colon == NULL) {
-		fprintf(stderr, "uffd-handler: --socket-owner: '%s' is not UID:GID\n",
-		    arg);
-		return -1;
-	}
-	if (parse_id(arg, "--socket-owner", &opt.sock_uid, ':') < 0 ||
-	    parse_id(colon + 1, "--socket-owner", &opt.sock_gid, '\0') < 0)
-		return -1;
-	return 0;
-}
-
-static int
-parse_mode(const char *arg)
-{
-	char *end;
-	unsigned long v;
-
-	errno = 0;
-	v = strtoul(arg, &end, 8);
-	if (errno || end == arg || *end || arg[0] == '-' || v > 07777) {
-		fprintf(stderr, "uffd-handler: --socket-mode: '%s' is not an octal "
-		    "mode\n", arg);
-		return -1;
-	}
-	opt.sock_mode = (long)v;
-	return 0;
-}
-
-static int
-parse_level(const char *arg)
-{
-	static const char *const names[] = { "error", "warn", "info", "debug" };
-
-	for (int i = 0; i < 4; i++)
-		if (strcmp(arg, names[i]) == 0)
-			return opt.log_level = i, 0;
-	fprintf(stderr, "uffd-handler: --log-level: '%s' is not one of error, "
-	    "warn, info, debug\n", arg);
-	return -1;
-}
-
-enum { OPT_ACCEPT = 256, OPT_HANDSHAKE, OPT_OWNER, OPT_MODE, OPT_UID, OPT_GID,
-	OPT_NO_SECCOMP, OPT_NO_OPTIMIZE, OPT_POPULATE, OPT_DETACH, OPT_RECORD,
-	OPT_MAX_VMS, OPT_THREADS };
-
-static int
-set_flag(int c, char *arg)
-{
-	switch (c) {
-	case OPT_NO_SECCOMP:
-		opt.seccomp = 0;
-		return 0;
-	case OPT_NO_OPTIMIZE:
-		opt.optimize = 0;
-		return 0;
-	case OPT_POPULATE:
-		if (opt.populate_all || opt.populate_path != NULL) {
-			fprintf(stderr, "uffd-handler: --populate given twice: it "
-			    "takes either all or one FILE\n");
-			return -1;
-		}
-		if (strcmp(arg, "all") == 0)
-			opt.populate_all = 1;
-		else
-			opt.populate_path = arg;
-		return 0;
-	case OPT_RECORD:
-		opt.record_path = arg;
-		return 0;
-	case OPT_DETACH:
-		opt.detach = 1;
-		return 0;
-	default:
-		return -1;
-	}
-}
-
-static const struct option longopts[] = {
-	{ "log-level", required_argument, NULL, 'l' },
-	{ "accept-timeout", required_argument, NULL, OPT_ACCEPT },
-	{ "handshake-timeout", required_argument, NULL, OPT_HANDSHAKE },
-	{ "socket-owner", required_argument, NULL, OPT_OWNER },
-	{ "socket-mode", required_argument, NULL, OPT_MODE },
-	{ "uid", required_argument, NULL, OPT_UID },
-	{ "gid", required_argument, NULL, OPT_GID },
-	{ "no-seccomp", no_argument, NULL, OPT_NO_SECCOMP },
-	{ "no-optimize", no_argument, NULL, OPT_NO_OPTIMIZE },
-	{ "populate", required_argument, NULL, OPT_POPULATE },
-	{ "detach", no_argument, NULL, OPT_DETACH },
-	{ "record", required_argument, NULL, OPT_RECORD },
-	{ "max-vms", required_argument, NULL, OPT_MAX_VMS },
-	{ "threads", required_argument, NULL, OPT_THREADS },
-	{ "help", no_argument, NULL, 'h' },
-	{ "version", no_argument, NULL, 'V' },
-	{ NULL, 0, NULL, 0 },
+static const long allowed_syscalls[] = {
+	SYS_read, SYS_write, SYS_writev, SYS_close, SYS_ppoll, SYS_mmap,
+	SYS_munmap, SYS_mremap, SYS_madvise, SYS_brk, SYS_exit, SYS_exit_group,
+	SYS_rt_sigreturn, SYS_rt_sigprocmask, SYS_rt_sigpending,
+	SYS_clock_gettime, SYS_lseek,
+	SYS_newfstatat, SYS_kill, SYS_pidfd_send_signal, SYS_getpid, SYS_gettid,
+	SYS_tgkill, SYS_restart_syscall, SYS_epoll_pwait, SYS_epoll_ctl,
+	SYS_futex, SYS_clock_nanosleep, SYS_sched_yield,
+#ifdef SYS_nanosleep
+	SYS_nanosleep,
+#endif
+#ifdef SYS_epoll_wait
+	SYS_epoll_wait,
+#endif
+#ifdef SYS_poll
+	SYS_poll,
+#endif
+#ifdef SYS_fstat
+	SYS_fstat,
+#endif
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+	/* The sanitizer runtimes' own calls, in the test builds only. */
+	SYS_clone, SYS_clone3, SYS_ptrace, SYS_wait4, SYS_prctl, SYS_openat,
+	SYS_getdents64, SYS_readlinkat, SYS_sched_yield, SYS_sigaltstack,
+	SYS_rt_sigaction, SYS_mprotect, SYS_futex, SYS_set_robust_list,
+	SYS_rseq, SYS_sched_getaffinity, SYS_pread64, SYS_getrandom, SYS_getppid,
+#ifdef SYS_getdents
+	SYS_getdents,
+#endif
+#ifdef SYS_readlink
+	SYS_readlink,
+#endif
+#ifdef SYS_open
+	SYS_open,
+#endif
+#endif
 };
 
-/* The option getopt stopped at, by its value: the argument vector may
- * have nothing left to show (a value missing at the end). */
-static const char *
-option_name(const char *as_given, int val, char *buf, size_t cap)
-{
-	if (as_given != NULL && as_given[0] == '-')
-		return as_given;
-	snprintf(buf, cap, "-%c", val > 0 && val < 128 ? val : '?');
-	for (size_t i = 0; val >= 128 && longopts[i].name != NULL; i++)
-		if (longopts[i].val == val)
-			snprintf(buf, cap, "--%s", longopts[i].name);
-	return buf;
-}
+/* Accepting, the handshake, the pidfd, refusing, the spare descriptors,
+ * the socket's removal (lstat first: musl's on x86_64), the second filter,
+ * and starting the serving threads (clone3, rseq, set_robust_list: glibc's,
+ * in the test builds). */
+static const long accepting_syscalls[] = {
+	SYS_accept4, SYS_recvmsg, SYS_getsockopt, SYS_pidfd_open, SYS_fcntl,
+	SYS_shutdown, SYS_unlinkat, SYS_seccomp, SYS_clone, SYS_mprotect,
+	SYS_epoll_create1, SYS_eventfd2, SYS_memfd_create, SYS_ftruncate,
+#ifdef SYS_clone3
+	SYS_clone3,
+#endif
+#ifdef SYS_rseq
+	SYS_rseq,
+#endif
+	SYS_set_robust_list,
+#ifdef SYS_lstat
+	SYS_lstat,
+#endif
+#ifdef SYS_unlink
+	SYS_unlink,
+#endif
+};
 
-/* One option; returns 0 to go on, 1 to exit successfully, -1 on error. */
+static const uint32_t allowed_ioctls[] = {
+	UFFDIO_COPY, UFFDIO_ZEROPAGE, UFFDIO_WAKE, UFFDIO_UNREGISTER,
+};
+
+#define LOAD(off)	(struct sock_filter){ BPF_LD_W_ABS, 0, 0, (uint32_t)(off) }
+#define IS(k)		(struct sock_filter){ BPF_JEQ_K, 0, 1, (uint32_t)(k) }
+#define RET(k)		(struct sock_filter){ BPF_RET_K, 0, 0, (uint32_t)(k) }
+
 static int
-set_option(int c, char *arg, const char *as_given)
+seccomp_confine(int accepting)
 {
-	char name[32];
+	struct sock_filter f[2 * (sizeof(allowed_syscalls) / sizeof(long) +
+	    sizeof(accepting_syscalls) / sizeof(long) +
+	    sizeof(allowed_ioctls) / sizeof(uint32_t)) + 16];
+	struct sock_fprog prog = { 0, f };
+	size_t n = 0, i;
 
-	switch (c) {
-	case 'l':
-		return parse_level(arg);
-	case OPT_ACCEPT:
-		return parse_seconds(arg, "--accept-timeout", &opt.accept_timeout);
-	case OPT_HANDSHAKE:
-		if (parse_seconds(arg, "--handshake-timeout", &opt.handshake_timeout) < 0)
-			return -1;
-		if (opt.handshake_timeout > 0)
-			return 0;
-		fprintf(stderr, "uffd-handler: --handshake-timeout must be at least "
-		    "1 second\n");
-		return -1;
-	case OPT_OWNER:
-		return parse_owner(arg);
-	case OPT_MODE:
-		return parse_mode(arg);
-	case OPT_UID:
-		return parse_id(arg, "--uid", &opt.uid, '\0');
-	case OPT_GID:
-		return parse_id(arg, "--gid", &opt.gid, '\0');
-	case OPT_MAX_VMS:
-		return parse_id(arg, "--max-vms", &opt.max_vms, '\0');
-	case OPT_THREADS:
-		return parse_threads(arg);
-	case 'h':
-		usage(stdout);
-		return 1;
-	case 'V':
-		printf("uffd-handler %s\n", VERSION);
-		return 1;
-	case ':':
-		fprintf(stderr, "uffd-handler: %s needs a value (try --help)\n",
-		    option_name(as_given, optopt, name, sizeof(name)));
-		return -1;
-	case '?':
-		fprintf(stderr, "uffd-handler: unknown option %s (try --help)\n",
-		    option_name(as_given, optopt, name, sizeof(name)));
-		return -1;
-	default:
-		return set_flag(c, arg);
+	/* Another ABI's numbers mean other calls: not a case to reason about. */
+	f[n++] = LOAD(offsetof(struct seccomp_data, arch));
+	f[n++] = (struct sock_filter){ BPF_JEQ_K, 1, 0, AUDIT_ARCH_NATIVE };
+	f[n++] = RET(SECCOMP_RET_KILL_PROCESS);
+	f[n++] = LOAD(offsetof(struct seccomp_data, nr));
+	for (i = 0; i < sizeof(allowed_syscalls) / sizeof(long); i++) {
+		f[n++] = IS(allowed_syscalls[i]);
+		f[n++] = RET(SECCOMP_RET_ALLOW);
 	}
-}
-
-/* Returns 0 to run, 1 to exit successfully (help, version), -1 on error. */
-static int
-parse_options(int argc, char **argv)
-{
-	int c, rc = 0;
-
-	opterr = 0;
-	while (rc == 0 && (c = getopt_long(argc, argv, ":l:hV", longopts, NULL)) != -1)
-		rc = set_option(c, optarg, argv[optind - 1]);
-	if (rc != 0)
-		return rc;
-	if (opt.detach && !opt.populate_all) {
-		fprintf(stderr, "uffd-handler: --detach needs --populate all\n");
-		return -1;
+	for (i = 0; accepting && i < sizeof(accepting_syscalls) / sizeof(long); i++) {
+		f[n++] = IS(accepting_syscalls[i]);
+		f[n++] = RET(SECCOMP_RET_ALLOW);
 	}
-	/* A populated restore faults only what population has not reached:
-	 * recording it would write a list that lacks the working set. */
-	if (opt.record_path != NULL && (opt.populate_all || opt.populate_path)) {
-		fprintf(stderr, "uffd-handler: --record needs a restore without "
-		    "--populate: with it only the faults would be recorded\n");
-		return -1;
+	f[n++] = (struct sock_filter){ BPF_JEQ_K, 1, 0, SYS_ioctl };
+	f[n++] = RET(SECCOMP_RET_ERRNO | EPERM);
+	/* The request's low 32 bits: musl passes it as a sign-extended int. */
+	f[n++] = LOAD(offsetof(struct seccomp_data, args[1]));
+	for (i = 0; i < sizeof(allowed_ioctls) / sizeof(uint32_t); i++) {
+		f[n++] = IS(allowed_ioctls[i]);
+		f[n++] = RET(SECCOMP_RET_ALLOW);
 	}
-	if (opt.record_path != NULL && opt.max_vms != 1) {
-		fprintf(stderr, "uffd-handler: --record records one VM: it needs "
-		    "--max-vms 1\n");
-		return -1;
+	f[n++] = RET(SECCOMP_RET_ERRNO | EPERM);
+	prog.len = (unsigned short)n;
+	/* The first through prctl, which valgrind knows, before the serving
+	 * threads start: they inherit it. The second through seccomp(2), which
+	 * the first allows, with TSYNC: on every thread at once. */
+	if (accepting ? prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 ||
+	    prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog) < 0 :
+	    syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER,
+	    opt.threads > 1 ? SECCOMP_FILTER_FLAG_TSYNC : 0, &prog) != 0) {
+		logmsg(LOG_ERROR, "installing the seccomp filter: %s", strerror(errno));
+		return -errno;
 	}
-	if (argc - optind < 2) {
-		fprintf(stderr, "uffd-handler: expected SOCKET, MEMFILE and any "
-		    "DIFFs (try --help)\n");
-		return -1;
-	}
-	opt.socket_path = argv[optind];
-	opt.layers = argv + optind + 1;
-	opt.nlayers = argc - optind - 1;
+	logmsg(LOG_DEBUG, "seccomp filter of %zu instructions installed", n);
 	return 0;
 }
 
-/* Whether the VMM has exited, without waiting. */
+/* After binding, as the jailer's uid and gid; no way back to root. */
 static int
-vmm_gone(struct session *s)
+drop_privileges(void)
 {
-	struct pollfd p = { s->pidfd, POLLIN, 0 };
-
-	if (s->pidfd >= 0)
-		return poll(&p, 1, 0) == 1;
-	return s->pid > 0 && kill(s->pid, 0) < 0 && errno == ESRCH;
+	if (opt.gid >= 0 && (setgroups(0, NULL) < 0 || setgid((gid_t)opt.gid) < 0)) {
+		logmsg(LOG_ERROR, "setgid(%ld): %s", opt.gid, strerror(errno));
+		return -errno;
+	}
+	if (opt.uid >= 0 && setuid((uid_t)opt.uid) < 0) {
+		logmsg(LOG_ERROR, "setuid(%ld): %s", opt.uid, strerror(errno));
+		return -errno;
+	}
+	if (opt.uid > 0 && setuid(0) == 0) {
+		logmsg(LOG_ERROR, "setuid(%ld) left a way back to root", opt.uid);
+		return -EPERM;
+	}
+	return 0;
 }
 
-/* What main opens before any VMM connects; sessions borrow it. */
-struct inputs {
-	struct chain chain;
-	int record_fd;
-	uint64_t *list;			/* --populate FILE */
-	size_t nlist;
-};
+/* ------------------------------------------------------------------------
+ * 11. The server loop
+ *
+ * One epoll loop accepts, reads handshakes, watches pidfds and signals,
+ * and ends sessions; the serving threads serve the uffds.
+ * ------------------------------------------------------------------------ */
 
 /*
  * The loop. One epoll set holds the listening socket, the signalfd and, for
@@ -3188,12 +3599,12 @@ serve_turn(struct server *srv, struct session *s, int id, uint32_t events)
 		return;
 	l = &s->lanes[id];
 	l->armed = 0;
-	count(&s->n.syscalls, 1);		/* the epoll_wait */
+	count(&s->n->syscalls, 1);		/* the epoll_wait */
 	while ((rc = serve_round(l, events)) == 0 && l->nfaults > 0 &&
 	    __atomic_load_n(&s->open, __ATOMIC_SEQ_CST)) {
 		events = EPOLLIN;
 		pause_us(DEFER_US);
-		count(&s->n.syscalls, 1);
+		count(&s->n->syscalls, 1);
 	}
 	if (rc != 0)
 		session_outcome(srv, s, rc);
@@ -3221,7 +3632,7 @@ serving_thread(void *arg)
 }
 
 static void
-pop_remove(struct server *srv, struct session *s)
+popq_remove(struct server *srv, struct session *s)
 {
 	pthread_mutex_lock(&srv->popmu);
 	for (size_t i = 0; i < srv->npop; i++)
@@ -3231,22 +3642,16 @@ pop_remove(struct server *srv, struct session *s)
 }
 
 static int
-pop_add(struct server *srv, struct session *s)
+popq_add(struct server *srv, struct session *s)
 {
+	struct session **q;
 	int rc = 0;
 
 	pthread_mutex_lock(&srv->popmu);
-	if (srv->npop == srv->popcap) {
-		size_t cap = srv->popcap ? 2 * srv->popcap : 16;
-		struct session **q = realloc(srv->popq, cap * sizeof(*q));
-
-		if (q == NULL)
-			rc = -ENOMEM;
-		else {
-			srv->popq = q;
-			srv->popcap = cap;
-		}
-	}
+	if ((q = grow_array(srv->popq, &srv->popcap, srv->npop, sizeof(*q), 16)) == NULL)
+		rc = -ENOMEM;
+	else
+		srv->popq = q;
 	if (rc == 0) {
 		srv->popq[srv->npop++] = s;
 		srv->popgen++;
@@ -3259,10 +3664,10 @@ pop_add(struct server *srv, struct session *s)
 /* Whether lane l has nothing left to populate: no step of its own, and
  * every step claimed. Claims only ever run out, so that lasts. */
 static int
-pop_exhausted(const struct lane *l)
+steps_exhausted(const struct lane *l)
 {
-	return l->chunk == UINT64_MAX &&
-	    __atomic_load_n(&l->s->pop_next, __ATOMIC_SEQ_CST) >= l->s->pop_chunks;
+	return l->step == UINT64_MAX &&
+	    __atomic_load_n(&l->s->step_next, __ATOMIC_SEQ_CST) >= l->s->vm.st->steps;
 }
 
 /*
@@ -3302,9 +3707,9 @@ population_thread(void *arg)
 		rc = serve_round(&s->lanes[t->id], 0);
 		if (rc != 0)
 			session_outcome(srv, s, rc);
-		if (rc != 0 || !pop_on(s))
-			pop_remove(srv, s);
-		dry = rc == 0 && pop_exhausted(&s->lanes[t->id]) ? dry + 1 : 0;
+		if (rc != 0 || !population_on(s))
+			popq_remove(srv, s);
+		dry = rc == 0 && steps_exhausted(&s->lanes[t->id]) ? dry + 1 : 0;
 		session_leave(s);
 	}
 }
@@ -3313,9 +3718,9 @@ population_thread(void *arg)
 static void
 quiesce(struct server *srv, struct session *s)
 {
-	pop_remove(srv, s);
+	popq_remove(srv, s);
 	__atomic_store_n(&s->open, 0, __ATOMIC_SEQ_CST);
-	epoll_ctl(srv->wepfd, EPOLL_CTL_DEL, s->uffd, NULL);
+	epoll_ctl(srv->wepfd, EPOLL_CTL_DEL, s->vm.uffd, NULL);
 	while (__atomic_load_n(&s->users, __ATOMIC_SEQ_CST) > 0)
 		pause_us(DEFER_US);
 }
@@ -3329,12 +3734,12 @@ publish(struct server *srv, struct session *s)
 	s->threaded = 1;
 	s->wepfd = srv->wepfd;
 	__atomic_store_n(&s->open, 1, __ATOMIC_SEQ_CST);
-	if (epoll_ctl(srv->wepfd, EPOLL_CTL_ADD, s->uffd, &e) < 0) {
-		logmsg(LOG_ERROR, "epoll_ctl(ADD, uffd %d): %s", s->uffd,
+	if (epoll_ctl(srv->wepfd, EPOLL_CTL_ADD, s->vm.uffd, &e) < 0) {
+		logmsg(LOG_ERROR, "epoll_ctl(ADD, uffd %d): %s", s->vm.uffd,
 		    strerror(errno));
 		return -errno;
 	}
-	return s->populating ? pop_add(srv, s) : 0;
+	return s->populating ? popq_add(srv, s) : 0;
 }
 
 static int
@@ -3356,14 +3761,10 @@ bury(struct server *srv, struct session *s)
 {
 	struct grave *g;
 
-	if (srv->ngraves == srv->gravecap) {
-		size_t cap = srv->gravecap ? 2 * srv->gravecap : 16;
-
-		if ((g = realloc(srv->graves, cap * sizeof(*g))) == NULL)
-			return;
-		srv->graves = g;
-		srv->gravecap = cap;
-	}
+	if ((g = grow_array(srv->graves, &srv->gravecap, srv->ngraves, sizeof(*g),
+	    16)) == NULL)
+		return;
+	srv->graves = g;
 	g = &srv->graves[srv->ngraves++];
 	g->s = s;
 	for (int i = 0; i < srv->nthreads; i++)
@@ -3377,7 +3778,7 @@ sweep_graves(struct server *srv, int all)
 
 	for (size_t i = 0; i < srv->ngraves; i++)
 		if (all || grave_ready(srv, &srv->graves[i]))
-			session_free(srv->graves[i].s);
+			session_destroy(srv->graves[i].s);
 		else
 			srv->graves[kept++] = srv->graves[i];
 	srv->ngraves = kept;
@@ -3504,23 +3905,23 @@ session_end(struct server *srv, struct session *s, int code)
 		return;
 	if (s->threaded)
 		quiesce(srv, s);
-	unwatch(srv, s->conn);
-	unwatch(srv, s->uffd);
-	unwatch(srv, s->pidfd);
+	unwatch(srv, s->vm.conn);
+	unwatch(srv, s->vm.uffd);
+	unwatch(srv, s->vm.pidfd);
 	if (s->state != S_HELLO) {
 		write_record(s, srv->sigfd);
 		print_counters(s, code);
 		note_exit(srv, code);
 		srv->live--;
 	}
-	session_close(s);
+	session_teardown(s);
 	s->state = S_ENDED;
 }
 
 static void
 fail_closed(struct server *srv, struct session *s, int code)
 {
-	kill_peer(s->pidfd, s->pid);
+	kill_peer(s->vm.pidfd, s->vm.pid);
 	session_end(srv, s, code);
 }
 
@@ -3547,16 +3948,16 @@ sent_anything(int conn)
 static void
 drop_peer(struct server *srv, struct session *s, const char *why)
 {
-	if (sent_anything(s->conn)) {
+	if (sent_anything(s->vm.conn)) {
 		logmsg(LOG_ERROR, "refused VMM pid %d: its handshake came as it "
-		    "was closed (it %s)", (int)s->pid, why);
+		    "was closed (it %s)", (int)s->vm.pid, why);
 		s->state = S_HANDSHAKE;
 		srv->live++;
 		fail_closed(srv, s, EXIT_HANDSHAKE);
 		return;
 	}
 	logmsg(LOG_INFO, "peer pid %d %s: closed; it sent nothing, so it is no "
-	    "VMM in restore and is not killed", (int)s->pid, why);
+	    "VMM in restore and is not killed", (int)s->vm.pid, why);
 	session_end(srv, s, EXIT_VM_GONE);
 }
 
@@ -3580,27 +3981,24 @@ reserve_fill(struct server *srv)
 	return 0;
 }
 
-
 /* A connection the handler cannot take: killed if it was a VMM (see
  * sent_anything), closed otherwise. Returns 1 when it was a VMM. */
 static int
-refuse(int conn, const char *why)
+turn_away(int conn, const char *why)
 {
-	struct ucred cr = { 0, 0, 0 };
-	socklen_t l = sizeof(cr);
 	int pidfd = -1, vmm = sent_anything(conn);
+	pid_t pid;
 
-	getsockopt(conn, SOL_SOCKET, SO_PEERCRED, &cr, &l);
 	if (vmm) {
-		logmsg(LOG_ERROR, "refused VMM pid %d: %s", (int)cr.pid, why);
-		l = sizeof(pidfd);
-		if (getsockopt(conn, SOL_SOCKET, SO_PEERPIDFD, &pidfd, &l) < 0)
-			pidfd = -1;
-		kill_peer(pidfd, cr.pid);
+		peer_of(conn, &pid, &pidfd);
+		logmsg(LOG_ERROR, "refused VMM pid %d: %s", (int)pid, why);
+		kill_peer(pidfd, pid);
 		closefd(&pidfd);
 	} else {
+		peer_of(conn, &pid, &pidfd);
+		closefd(&pidfd);
 		logmsg(LOG_WARN, "closed a connection from pid %d before it sent "
-		    "anything: %s", (int)cr.pid, why);
+		    "anything: %s", (int)pid, why);
 	}
 	close(conn);
 	return vmm;
@@ -3638,7 +4036,7 @@ stop_listening(struct server *srv, const char *why)
 	reserve_release(srv);
 	while ((conn = accept4(srv->lfd, NULL, NULL, SOCK_CLOEXEC)) >= 0 ||
 	    errno == EINTR || errno == ECONNABORTED)
-		if (conn >= 0 && refuse(conn, "it came after the last VMM this "
+		if (conn >= 0 && turn_away(conn, "it came after the last VMM this "
 		    "handler takes, or as it stopped"))
 			note_exit(srv, EXIT_HANDSHAKE);
 	unwatch(srv, srv->lfd);
@@ -3666,9 +4064,9 @@ vmm_arrived(struct server *srv, struct session *s)
 }
 
 static void
-refused(struct server *srv, int conn, const char *why)
+refuse(struct server *srv, int conn, const char *why)
 {
-	if (refuse(conn, why)) {
+	if (turn_away(conn, why)) {
 		note_exit(srv, EXIT_FATAL);
 		count_vmm(srv);
 	}
@@ -3714,7 +4112,7 @@ accept_spare(struct server *srv, int64_t now)
 	conn = accept4(srv->lfd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
 	err = errno;
 	if (conn >= 0)
-		refused(srv, conn, no_fds);
+		refuse(srv, conn, no_fds);
 	if (srv->lfd < 0)
 		return -1;
 	if (reserve_fill(srv) < 0 || (conn < 0 && err != EAGAIN)) {
@@ -3728,15 +4126,11 @@ accept_spare(struct server *srv, int64_t now)
 static int
 grow(struct server *srv)
 {
-	struct session **v;
-	size_t cap = srv->cap ? 2 * srv->cap : 16;
+	struct session **v = grow_array(srv->s, &srv->cap, srv->n, sizeof(*v), 16);
 
-	if (srv->n < srv->cap)
-		return 0;
-	if ((v = realloc(srv->s, cap * sizeof(*v))) == NULL)
+	if (v == NULL)
 		return -ENOMEM;
 	srv->s = v;
-	srv->cap = cap;
 	return 0;
 }
 
@@ -3768,19 +4162,19 @@ add_peer(struct server *srv, int conn, int64_t now)
 	int rc = -ENOMEM;
 
 	if (grow(srv) < 0 || (s = session_new(conn, &srv->in.chain)) == NULL) {
-		refused(srv, conn, "out of memory");
+		refuse(srv, conn, "out of memory");
 		return;
 	}
 	rc = session_open(s);
 	if (out_of_fds(-rc) && evict_silent(srv, 0, "made room: out of descriptors"))
 		rc = session_open(s);
 	if (rc < 0 || (rc = watch(srv, conn, &s->w[W_CONN])) < 0 ||
-	    (s->pidfd >= 0 && (rc = watch(srv, s->pidfd, &s->w[W_PIDFD])) < 0)) {
+	    (s->vm.pidfd >= 0 && (rc = watch(srv, s->vm.pidfd, &s->w[W_PIDFD])) < 0)) {
 		unwatch(srv, conn);
-		unwatch(srv, s->pidfd);
-		s->conn = -1;
-		session_free(s);
-		refused(srv, conn, out_of_fds(-rc) ? no_fds : strerror(-rc));
+		unwatch(srv, s->vm.pidfd);
+		s->vm.conn = -1;
+		session_destroy(s);
+		refuse(srv, conn, out_of_fds(-rc) ? no_fds : strerror(-rc));
 		return;
 	}
 	s->record_fd = srv->in.record_fd;
@@ -3822,7 +4216,7 @@ static void
 gone_in_handshake(struct server *srv, struct session *s)
 {
 	logmsg(LOG_INFO, "VMM pid %d exited during the handshake (%zu bytes "
-	    "received)", (int)s->pid, s->got);
+	    "received)", (int)s->vm.pid, s->got);
 	session_end(srv, s, EXIT_VM_GONE);
 }
 
@@ -3830,8 +4224,17 @@ static void
 hung_up_in_handshake(struct server *srv, struct session *s)
 {
 	logmsg(LOG_ERROR, "handshake rejected: VMM pid %d closed the socket "
-	    "after %zu bytes of an incomplete message", (int)s->pid, s->got);
+	    "after %zu bytes of an incomplete message", (int)s->vm.pid, s->got);
 	fail_closed(srv, s, EXIT_HANDSHAKE);
+}
+
+/* Whether a handshake failed for what the VMM sent (exit 4), rather than
+ * for want of memory, descriptors or anything else of the handler's. */
+static int
+vmm_at_fault(int rc)
+{
+	return rc == -EINVAL || rc == -EMSGSIZE || rc == -EBADF ||
+	    rc == -ENOTTY || rc == -ETIMEDOUT || rc == -ECONNRESET;
 }
 
 /*
@@ -3844,16 +4247,14 @@ handshake_failed(struct server *srv, struct session *s, int rc, int64_t now)
 {
 	if (rc == -ECONNRESET && (s->ev[W_PIDFD] || vmm_gone(s))) {
 		gone_in_handshake(srv, s);
-	} else if (rc == -ECONNRESET && s->pidfd >= 0) {
-		unwatch(srv, s->conn);
+	} else if (rc == -ECONNRESET && s->vm.pidfd >= 0) {
+		unwatch(srv, s->vm.conn);
 		s->state = S_CLOSING;
 		s->deadline = now + CLOSING_MS;
 	} else if (rc == -ECONNRESET) {
 		hung_up_in_handshake(srv, s);
 	} else {
-		/* Short of memory or descriptors the VMM was not at fault. */
-		fail_closed(srv, s, rc == -ENOMEM || out_of_fds(-rc) ?
-		    EXIT_FATAL : EXIT_HANDSHAKE);
+		fail_closed(srv, s, vmm_at_fault(rc) ? EXIT_HANDSHAKE : EXIT_FATAL);
 	}
 }
 
@@ -3862,14 +4263,14 @@ start_serving(struct server *srv, struct session *s)
 {
 	int rc;
 
-	unwatch(srv, s->conn);
+	unwatch(srv, s->vm.conn);
 	if ((rc = lanes_open(s)) < 0) {
 		logmsg(LOG_ERROR, "setting up the session: %s", strerror(-rc));
 		return rc;
 	}
 	s->state = S_SERVING;
-	serve_start(s);
-	return opt.threads > 1 ? publish(srv, s) : watch(srv, s->uffd, &s->w[W_UFFD]);
+	population_begin(s);
+	return opt.threads > 1 ? publish(srv, s) : watch(srv, s->vm.uffd, &s->w[W_UFFD]);
 }
 
 /* The handshake as far as it has arrived, and its deadline. */
@@ -3923,7 +4324,7 @@ serving_step(struct server *srv, struct session *s)
 	int rc;
 
 	if (s->ev[W_PIDFD]) {
-		logmsg(LOG_INFO, "VMM pid %d exited", (int)s->pid);
+		logmsg(LOG_INFO, "VMM pid %d exited", (int)s->vm.pid);
 		session_end(srv, s, EXIT_VM_GONE);
 		return;
 	}
@@ -3937,7 +4338,7 @@ serving_step(struct server *srv, struct session *s)
 	}
 	if (!s->ev[W_UFFD] && s->lanes[0].nfaults == 0 && !s->populating)
 		return;
-	count(&s->n.syscalls, 1);		/* the loop's epoll_wait */
+	count(&s->n->syscalls, 1);		/* the loop's epoll_wait */
 	if ((rc = serve_round(&s->lanes[0], s->ev[W_UFFD])) < 0)
 		fail_closed(srv, s, EXIT_FATAL);
 	else if (rc > 0)
@@ -3981,7 +4382,7 @@ reap_sessions(struct server *srv)
 		else if (srv->s[i]->threaded)
 			bury(srv, srv->s[i]);
 		else
-			session_free(srv->s[i]);
+			session_destroy(srv->s[i]);
 	}
 	srv->n = kept;
 	sweep_graves(srv, 0);
@@ -4144,21 +4545,6 @@ run(struct server *srv)
 	}
 }
 
-/*
- * Each VM holds 3 descriptors (its socket, uffd and pidfd): the soft limit,
- * often 1024, goes up to the hard one, which needs no privilege.
- */
-static void
-raise_nofile(void)
-{
-	struct rlimit r;
-
-	if (getrlimit(RLIMIT_NOFILE, &r) == 0 && r.rlim_cur < r.rlim_max) {
-		r.rlim_cur = r.rlim_max;
-		setrlimit(RLIMIT_NOFILE, &r);
-	}
-}
-
 static int
 server_init(struct server *srv)
 {
@@ -4191,52 +4577,11 @@ server_close(struct server *srv)
 	srv->in.list = NULL;
 }
 
-/* The memory file and the list --populate names. */
-static int
-open_inputs(struct inputs *in, int sigfd)
-{
-	int rc;
-
-	if ((rc = chain_open(&in->chain, opt.layers, opt.nlayers, sigfd)) < 0)
-		return rc;
-	if (opt.populate_path != NULL)
-		return load_list(opt.populate_path, &in->list, &in->nlist);
-	return 0;
-}
-
-/*
- * The --record file, emptied only once everything else is set up, and
- * never when it is the memory file itself: a slip of the command line
- * must not destroy the snapshot. -EINVAL for that, a usage error. Opened
- * non-blocking, and left so: a FIFO nobody reads would hold up the start
- * with signals unanswered, and one whose reader stalls the end (see
- * write_record).
- */
-static int
-open_record(struct inputs *in)
-{
-	struct stat a;
-
-	if (opt.record_path == NULL)
-		return 0;
-	if ((in->record_fd = open(opt.record_path, O_WRONLY | O_CREAT | O_CLOEXEC |
-	    O_NONBLOCK, 0644)) < 0 || fstat(in->record_fd, &a) < 0) {
-		logmsg(LOG_ERROR, "open(%s): %s", opt.record_path, strerror(errno));
-		return -EIO;
-	}
-	for (int i = 0; i < in->chain.n; i++)
-		if (a.st_dev == in->chain.layer[i].dev &&
-		    a.st_ino == in->chain.layer[i].ino) {
-			logmsg(LOG_ERROR, "--record %s is the memory file; not "
-			    "overwriting it", opt.record_path);
-			return -EINVAL;
-		}
-	if (S_ISREG(a.st_mode) && ftruncate(in->record_fd, 0) < 0) {
-		logmsg(LOG_ERROR, "ftruncate(%s): %s", opt.record_path, strerror(errno));
-		return -EIO;
-	}
-	return 0;
-}
+/* ------------------------------------------------------------------------
+ * 12. Main
+ *
+ * Setup, the loop, one teardown.
+ * ------------------------------------------------------------------------ */
 
 /*
  * Signals are blocked into the signalfd before anything else, so a

@@ -64,6 +64,7 @@ setup(void)
 	    .features = UFFD_FEATURE_EVENT_REMOVE };
 	struct uffdio_register reg = { .mode = UFFDIO_REGISTER_MODE_MISSING };
 	uint64_t words = (NPAGES + 63) / 64;
+	struct vm_state *st;
 
 	U.uffd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
 	if (U.uffd < 0 || ioctl(U.uffd, UFFDIO_API, &api) < 0)
@@ -87,10 +88,12 @@ setup(void)
 	U.c.layer[0] = (struct layer){ .path = "src", .fd = -1, .mem = U.src };
 	U.c.map = malloc(NPAGES);
 	memset(U.c.map, 1, NPAGES);
-	U.s = (struct session){ .conn = -1, .uffd = U.uffd, .pidfd = -1,
+	st = calloc(1, sizeof(*st) + sizeof(st->regions[0]));
+	U.s = (struct session){ .vm = { .conn = -1, .uffd = U.uffd, .pidfd = -1,
+	    .statefd = -1, .st = st }, .n = &st->n,
 	    .chain = &U.c, .record_fd = -1, .regions = &U.r,
 	    .nregions = 1, .lanes = &U.l, .nlanes = 1 };
-	U.l = (struct lane){ .s = &U.s, .populates = 1, .chunk = UINT64_MAX,
+	U.l = (struct lane){ .s = &U.s, .populates = 1, .step = UINT64_MAX,
 	    .faults_cap = FAULT_QUEUE,
 	    .faults = calloc(FAULT_QUEUE, sizeof(struct fault)) };
 	pthread_mutex_init(&U.s.turn, NULL);
@@ -174,9 +177,9 @@ retried_fault_keeps_window(void)
 		return 1;
 	while ((rc = serve_fault(&U.l, &f1)) == IO_RETRY)
 		usleep(100);
-	if (rc != IO_DONE || U.s.n.prefetched != 1 || present(3))
+	if (rc != IO_DONE || U.s.n->prefetched != 1 || present(3))
 		return fail("served %d with %llu prefetched, page 3 %s", rc,
-		    (unsigned long long)U.s.n.prefetched,
+		    (unsigned long long)U.s.n->prefetched,
 		    present(3) ? "present" : "absent");
 	return 0;
 }
@@ -225,9 +228,9 @@ enoent_window_split(void)
 	for (uint64_t p = 0; p < 7; p++)
 		if (!present(p))
 			return fail("page %llu not installed", (unsigned long long)p);
-	if (U.s.n.unregistered != 0)
+	if (U.s.n->unregistered != 0)
 		return fail("%llu faults dropped as unregistered",
-		    (unsigned long long)U.s.n.unregistered);
+		    (unsigned long long)U.s.n->unregistered);
 	return 0;
 }
 
@@ -240,7 +243,7 @@ enoent_page_dropped(void)
 
 	if (ioctl(U.uffd, UFFDIO_UNREGISTER, &r) < 0)
 		return fail("UFFDIO_UNREGISTER: %s", strerror(errno));
-	if (fault_at(8, 0, &f) != IO_DONE || U.s.n.unregistered != 1)
+	if (fault_at(8, 0, &f) != IO_DONE || U.s.n->unregistered != 1)
 		return fail("the fault on an unregistered page was not dropped");
 	return 0;
 }
@@ -270,7 +273,7 @@ enoent_wakes_waiter(void)
 	if (mmap(U.mem + 8 * PAGE_4K, 8 * PAGE_4K, PROT_READ | PROT_WRITE,
 	    MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) == MAP_FAILED)
 		return fail("mmap(MAP_FIXED): %s", strerror(errno));
-	if (serve_pending(&U.l) != IO_DONE || U.s.n.unregistered != 1)
+	if (serve_pending(&U.l) != IO_DONE || U.s.n->unregistered != 1)
 		return fail("the fault was not dropped as unregistered");
 	clock_gettime(CLOCK_REALTIME, &by);
 	by.tv_sec += 2;
@@ -454,7 +457,7 @@ static int
 stale_fault_after_remove(void)
 {
 	struct fault f = { .addr = (uintptr_t)U.mem + 5 * PAGE_4K,
-	    .removes = U.s.removes };
+	    .removes = U.s.vm.st->removes };
 	uint64_t done = 0;
 	pthread_t t;
 
