@@ -16,6 +16,14 @@ cd "$(dirname "$0")"
 SRC="uffd.c json_min.c"
 WARN="-std=c11 -Wall -Wextra -Werror -pedantic -Wshadow -Wformat=2"
 
+# The commit a build comes from, in its --version and its upgrade lines.
+if BUILD_ID=$(git rev-parse --short HEAD 2>/dev/null); then
+	git diff --quiet HEAD -- $SRC uffd.h || BUILD_ID="$BUILD_ID+"
+else
+	BUILD_ID=unknown
+fi
+WARN="$WARN -DBUILD_ID=\"$BUILD_ID\""
+
 need_musl() {
 	command -v musl-gcc >/dev/null 2>&1 && return 0
 	if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

@@ -12,9 +12,10 @@
  * EOF says nothing; the VMM's exit is watched through a pidfd, from the
  * socket's SO_PEERPIDFD, or opened from its SO_PEERCRED pid.
  *
- * The loop. One epoll set over the listening socket, a signalfd and, for
- * each connection, its socket during the handshake, then the peer's pidfd
- * (and its uffd, with --threads 1). Handshakes are read as they arrive, so
+ * The loop. The server's one epoll set is over its socket with the keeper
+ * (which hands it each connection the keeper accepts) and, for each
+ * connection, its socket during the handshake, then the peer's pidfd (and
+ * its uffd, with --threads 1). Handshakes are read as they arrive, so
  * a peer that sends nothing holds up no other VM; each VM is a session of
  * its own (--max-vms serves many from one process). When a uffd is
  * readable, every queued event is read until none is left: REMOVE events
@@ -52,6 +53,18 @@
  * thread installed the page), and zeros would refill a page given back.
  * --threads 1 is the loop alone, reading and serving in turn.
  *
+ * Two processes. The process that is started is the keeper: it sets up,
+ * then holds what must outlive a crash (the listening socket, and for each
+ * connection its socket, the VMM's pidfd, the uffd, and a memfd of the
+ * session's state) and does nothing else: it reads no VMM's bytes and
+ * touches no guest memory. The work is done by its child, the server. A
+ * server that dies is replaced by one that adopts every session from its
+ * state and wakes every range (a fault the dead one read is delivered
+ * once, and lost); the one thing a server's death can lose is a REMOVE it
+ * read and had not recorded, and that session alone is then failed
+ * closed. SIGUSR2 replaces the keeper's own image by the binary at its
+ * path, keeping its pid and every descriptor.
+ *
  * Failing closed. Firecracker keeps its own copy of the uffd, so a handler
  * that stops serving freezes the guest forever, silently. A peer that has
  * sent a byte is a VMM that registered its memory: every fatal error after
@@ -68,11 +81,12 @@
  *   5. The fault path          windows, runs, kinds of page, ENOENT halving
  *   6. Events                  draining the uffd, REMOVEs into the bitmap
  *   7. Population              --populate, --detach, --record, a round
- *   8. The handshake           reading, parsing, checking, the state
+ *   8. The handshake           reading by peeking, checking, the state
  *   9. The session             its life, its killing, its counters line
- *  10. Setup and confinement   inputs, the socket, signals, seccomp
- *  11. The server loop         accepting, handshakes, threads, endings
- *  12. Main
+ *  10. The keeper              setup, seccomp, slots, servers, upgrades
+ *  11. The keeper's protocol   one message, what each side asks, answers
+ *  12. The server loop         handshakes, threads, endings, adoption
+ *  13. Main
  */
 
 #define _GNU_SOURCE
@@ -102,6 +116,7 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/un.h>
+#include <sys/wait.h>
 #include <grp.h>
 
 #include "uffd.h"
@@ -122,7 +137,11 @@
 #define SYS_pidfd_send_signal	424
 #endif
 
-#define VERSION		"0.1.0"
+#define VERSION		"0.2.0"
+#ifndef BUILD_ID
+#define BUILD_ID	"unknown"		/* build.sh gives the commit */
+#endif
+#define VERSION_LINE	VERSION " (" BUILD_ID ")"
 
 enum exit_code {
 	EXIT_VM_GONE = 0,	/* the VMM exited, or its address space is gone */
@@ -436,7 +455,7 @@ set_option(int c, char *arg, const char *as_given)
 		usage(stdout);
 		return 1;
 	case 'V':
-		printf("uffd-handler %s\n", VERSION);
+		printf("uffd-handler %s\n", VERSION_LINE);
 		return 1;
 	case ':':
 		fprintf(stderr, "uffd-handler: %s needs a value (try --help)\n",
@@ -572,7 +591,8 @@ setup_interrupted(int sigfd)
 	struct signalfd_siginfo si;
 
 	while (read(sigfd, &si, sizeof(si)) == (ssize_t)sizeof(si)) {
-		if (si.ssi_signo == SIGUSR1)
+		if (si.ssi_signo == SIGUSR1 || si.ssi_signo == SIGUSR2 ||
+		    si.ssi_signo == SIGCHLD)
 			continue;
 		logmsg(LOG_WARN, "received %s during setup", strsignal((int)si.ssi_signo));
 		return -ECANCELED;
@@ -704,17 +724,16 @@ chain_map(struct chain *c, int sigfd)
 	return 0;
 }
 
+/* Layer i of the chain, from its open descriptor fd: checked, mapped. */
 static int
-layer_open(struct chain *c, int i, const char *path)
+layer_take(struct chain *c, int i, const char *path, int fd)
 {
 	struct layer *y = &c->layer[i];
 	struct stat st;
 	void *m;
 
 	y->path = path;
-	/* Non-blocking: a FIFO would hold up the start in open(). */
-	if ((y->fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK)) < 0 ||
-	    fstat(y->fd, &st) < 0) {
+	if ((y->fd = fd) < 0 || fstat(y->fd, &st) < 0) {
 		logmsg(LOG_ERROR, "open(%s): %s", path, strerror(errno));
 		return -errno;
 	}
@@ -751,6 +770,13 @@ layer_open(struct chain *c, int i, const char *path)
 	return 0;
 }
 
+static int
+layer_open(struct chain *c, int i, const char *path)
+{
+	/* Non-blocking: a FIFO would hold up the start in open(). */
+	return layer_take(c, i, path, open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK));
+}
+
 /* MEMFILE and the DIFFs, oldest first; 0 or a negative errno, logged. */
 static int
 chain_open(struct chain *c, char *const *paths, int n, int sigfd)
@@ -766,6 +792,22 @@ chain_open(struct chain *c, char *const *paths, int n, int sigfd)
 		if ((rc = setup_interrupted(sigfd)) < 0 ||
 		    (rc = layer_open(c, c->n, paths[c->n])) < 0) {
 			c->n += rc != -ECANCELED;
+			return rc;
+		}
+	return chain_map(c, sigfd);
+}
+
+/* The chain from descriptors the image before this one opened (an
+ * upgrade): checked and mapped the same way, the map made again. */
+static int
+chain_take(struct chain *c, char *const *paths, const int *fds, int n,
+    int sigfd)
+{
+	int rc;
+
+	for (c->n = 0; c->n < n; c->n++)
+		if ((rc = layer_take(c, c->n, paths[c->n], fds[c->n])) < 0) {
+			c->n++;
 			return rc;
 		}
 	return chain_map(c, sigfd);
@@ -941,7 +983,7 @@ struct region {
 enum conn_state { S_HELLO, S_HANDSHAKE, S_SERVING, S_CLOSING, S_ENDED };
 
 /* What an epoll event points at: a session's fd, by W_*, or the server's. */
-enum { W_CONN, W_UFFD, W_PIDFD, W_LISTEN, W_SIGNAL, W_NOTE };
+enum { W_CONN, W_UFFD, W_PIDFD, W_LISTEN, W_SIGNAL, W_NOTE, W_CTL };
 
 struct watch {
 	struct session *s;
@@ -951,6 +993,9 @@ struct watch {
 /* A session: its durable part, and what a server can build again. */
 struct session {
 	struct vm vm;
+	int slot;			/* the keeper's, for this connection */
+	uint32_t gen;			/* and its generation */
+	int vmm;			/* it sent a byte */
 	struct counters *n;		/* &vm.st->n, or pre */
 	struct counters pre;		/* before the state, and after it */
 	struct region *regions;
@@ -1934,15 +1979,25 @@ list_entry(const char *line, uint64_t *off)
 static int
 load_list(const char *path, uint64_t **list, size_t *n)
 {
-	FILE *f = fopen(path, "re");
+	/* Non-blocking: a FIFO would hold up the start in open(). */
+	int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
 	size_t cap = 0, line = 0;
 	char buf[64];
 	uint64_t off, *grown;
+	struct stat st;
+	FILE *f;
 	int rc;
 
-	if (f == NULL) {
+	if (fd < 0 || fstat(fd, &st) < 0 || (f = fdopen(fd, "r")) == NULL) {
 		logmsg(LOG_ERROR, "open(%s): %s", path, strerror(errno));
+		if (fd >= 0)
+			close(fd);
 		return -errno;
+	}
+	if (!S_ISREG(st.st_mode)) {
+		logmsg(LOG_ERROR, "--populate %s is not a regular file", path);
+		fclose(f);
+		return -EINVAL;
 	}
 	*n = 0;
 	while (fgets(buf, sizeof(buf), f) != NULL) {
@@ -2329,29 +2384,23 @@ serve_round(struct lane *l, uint32_t uffd_events)
  * decimal offset a line. --populate FILE installs such a list first.
  *
  * The file may be a FIFO, whose reader may stall. Writes never block: the
- * fd is non-blocking, and between writes the wait is for the FIFO or a
- * signal, at most RECORD_STALL_MS without progress. A stopping signal or a
- * stalled reader ends the record, and the log says how much was lost.
+ * fd is non-blocking, and between writes the wait is for the FIFO or the
+ * keeper, at most RECORD_STALL_MS without progress. The keeper's word to
+ * stop or a stalled reader ends the record, and the log says how much was
+ * lost.
  */
 #define RECORD_STALL_MS	1000
 
-/* A stopping signal waits in the signalfd (SIGUSR1 stops nothing). */
-static int
-stop_pending(void)
-{
-	sigset_t set;
+/* Whether the keeper's first message waiting is to stop (see the
+ * protocol): a peek takes nothing off the socket. */
+static int stop_asked(int ctl);
 
-	return sigpending(&set) == 0 && (sigismember(&set, SIGTERM) ||
-	    sigismember(&set, SIGINT) || sigismember(&set, SIGHUP) ||
-	    sigismember(&set, SIGQUIT));
-}
-
-/* 0 once len bytes are out, or a negative errno: -ECANCELED for a signal,
- * -ETIMEDOUT for a reader that took nothing for RECORD_STALL_MS. */
+/* 0 once len bytes are out, or a negative errno: -ECANCELED when told to
+ * stop, -ETIMEDOUT for a reader that took nothing for RECORD_STALL_MS. */
 static int
-record_out(int fd, int sigfd, const char *buf, size_t len)
+record_out(int fd, int ctl, const char *buf, size_t len)
 {
-	struct pollfd p[2] = { { fd, POLLOUT, 0 }, { sigfd, POLLIN, 0 } };
+	struct pollfd p[2] = { { fd, POLLOUT, 0 }, { ctl, POLLIN, 0 } };
 	ssize_t n;
 
 	while (len > 0) {
@@ -2364,16 +2413,16 @@ record_out(int fd, int sigfd, const char *buf, size_t len)
 			return -errno;
 		if (poll(p, 2, RECORD_STALL_MS) == 0)
 			return -ETIMEDOUT;
-		if (p[1].revents && stop_pending())
+		if (p[1].revents && stop_asked(ctl))
 			return -ECANCELED;
 		if (p[1].revents)
-			p[1].fd = -1;	/* SIGUSR1: the loop prints after */
+			p[1].fd = -1;	/* another message: the loop takes it */
 	}
 	return 0;
 }
 
 static void
-write_record(struct session *s, int sigfd)
+write_record(struct session *s, int ctl)
 {
 	char buf[65536];
 	size_t n = 0, i, done = 0;
@@ -2383,7 +2432,7 @@ write_record(struct session *s, int sigfd)
 		return;
 	for (i = 0; i <= s->vm.st->norder && rc == 0; i++) {
 		if (i == s->vm.st->norder || n > sizeof(buf) - 32) {
-			rc = record_out(s->record_fd, sigfd, buf, n);
+			rc = record_out(s->record_fd, ctl, buf, n);
 			done = rc == 0 ? i : done;
 			n = 0;
 		}
@@ -2396,7 +2445,7 @@ write_record(struct session *s, int sigfd)
 	else
 		logmsg(LOG_ERROR, "writing %s: %s; %zu of %zu pages lost",
 		    opt.record_path, rc == -ETIMEDOUT ? "its reader took nothing "
-		    "for 1 s" : rc == -ECANCELED ? "a signal came" : strerror(-rc),
+		    "for 1 s" : rc == -ECANCELED ? "told to stop" : strerror(-rc),
 		    s->vm.st->norder - done, s->vm.st->norder);
 }
 
@@ -2437,8 +2486,13 @@ take_fds(struct session *s, struct msghdr *mh)
 	}
 }
 
-/* One recvmsg: the bytes received, 0 at EOF, or a negative errno (-EAGAIN
- * when nothing more has arrived). */
+/*
+ * One recvmsg, peeking: the message stays on the socket, which the keeper
+ * holds, until it is taken (consume_handshake), so a server that dies
+ * reading it leaves it whole for the next. SO_PEEK_OFF moves each peek on;
+ * the uffd comes with the first. The bytes received, 0 at EOF, or a
+ * negative errno (-EAGAIN when nothing more has arrived).
+ */
 static ssize_t
 recv_chunk(struct session *s, char *buf, size_t cap)
 {
@@ -2452,7 +2506,8 @@ recv_chunk(struct session *s, char *buf, size_t cap)
 	ssize_t n;
 
 	do
-		n = recvmsg(s->vm.conn, &mh, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+		n = recvmsg(s->vm.conn, &mh, MSG_CMSG_CLOEXEC | MSG_DONTWAIT |
+		    MSG_PEEK);
 	while (n < 0 && errno == EINTR);
 	if (n < 0)
 		return -errno;
@@ -2706,6 +2761,73 @@ state_create(struct session *s, size_t n)
 	return state_attach(s);
 }
 
+/* A state as a server left it, mapped and checked: its layout, and every
+ * offset inside it. -EPROTO for a state this version cannot read. */
+static int
+state_map(int fd, struct vm_state **out)
+{
+	struct vm_state *st;
+	struct stat sb;
+	uint64_t bytes, head;
+	int ok;
+
+	if (fstat(fd, &sb) < 0)
+		return -errno;
+	bytes = (uint64_t)sb.st_size;
+	if (bytes < sizeof(*st))
+		return -EPROTO;
+	st = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	if (st == MAP_FAILED)
+		return -errno;
+	head = sizeof(*st) + (uint64_t)st->nregions * sizeof(st->regions[0]);
+	ok = st->magic == STATE_MAGIC && st->layout == STATE_LAYOUT &&
+	    st->bytes == bytes && st->nregions > 0 && st->nregions <= MAX_MAPPINGS &&
+	    head <= bytes && st->steps_done + bitmap_bytes(st->steps) <= bytes;
+	for (uint32_t i = 0; ok && i < st->nregions; i++) {
+		const struct region_state *r = &st->regions[i];
+		uint64_t bits = r->page_size ? bitmap_bytes(r->size / r->page_size) : 0;
+
+		ok = (r->page_size == PAGE_4K || r->page_size == PAGE_2M) &&
+		    r->removed >= head && r->removed + bits <= bytes &&
+		    r->present >= head && r->present + bits <= bytes &&
+		    (r->recorded == 0 || r->recorded + bits <= bytes);
+	}
+	if (!ok) {
+		munmap(st, bytes);
+		return -EPROTO;
+	}
+	*out = st;
+	return 0;
+}
+
+/* The handshake off the socket, once it is taken (see take_handshake):
+ * it was read by peeking, and the fds that come with it again are closed. */
+static void
+consume_handshake(struct session *s)
+{
+	union {
+		char b[CMSG_SPACE(sizeof(int) * MAX_FDS)];
+		struct cmsghdr align;
+	} ctl;
+	char buf[4096];
+	struct iovec iov = { buf, sizeof(buf) };
+	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
+	int fd;
+
+	do {
+		mh.msg_control = ctl.b;
+		mh.msg_controllen = sizeof(ctl.b);
+		if (recvmsg(s->vm.conn, &mh, MSG_DONTWAIT | MSG_CMSG_CLOEXEC) <= 0)
+			break;
+		for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c))
+			for (size_t i = 0; c->cmsg_type == SCM_RIGHTS &&
+			    i < (c->cmsg_len - CMSG_LEN(0)) / sizeof(int); i++) {
+				memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+				close(fd);
+			}
+	} while (1);
+}
+
 /* Zeros to copy from: never written, so it costs no memory; mapped (to
  * the shared zero page) for the reason install_run gives. */
 static int
@@ -2775,6 +2897,7 @@ session_new(int conn, const struct chain *chain)
 	if (s == NULL)
 		return NULL;
 	s->vm = (struct vm){ .conn = conn, .uffd = -1, .pidfd = -1, .statefd = -1 };
+	s->slot = -1;
 	s->n = &s->pre;
 	s->chain = chain;
 	s->record_fd = -1;
@@ -2849,24 +2972,6 @@ peer_of(int conn, pid_t *pid, int *pidfd)
 	if (*pid > 0 && (*pidfd = (int)syscall(SYS_pidfd_open, *pid, 0)) < 0 &&
 	    out_of_fds(errno))
 		return -errno;
-	return 0;
-}
-
-static int
-session_open(struct session *s)
-{
-	int rc;
-
-	if (s->mappings == NULL)
-		return -ENOMEM;
-	if ((rc = peer_of(s->vm.conn, &s->vm.pid, &s->vm.pidfd)) < 0)
-		return rc;
-	if (s->vm.pidfd < 0)
-		logmsg(LOG_WARN, "no pidfd for the peer (pid %d): its exit is seen "
-		    "only through the uffd", (int)s->vm.pid);
-	if (s->vm.pid <= 0)
-		logmsg(LOG_WARN, "the peer's pid is not visible here (another pid "
-		    "namespace?): it cannot be killed on a fatal error");
 	return 0;
 }
 
@@ -2958,18 +3063,19 @@ session_destroy(struct session *s)
 
 /* The counters as they stand, while threads may be adding to them. */
 static const struct counters *
-counters_read(const struct session *s, struct counters *c)
+counters_read(const struct counters *live, struct counters *c)
 {
 	for (size_t i = 0; i < sizeof(*c) / sizeof(uint64_t); i++)
-		((uint64_t *)c)[i] = counted((const uint64_t *)s->n + i);
+		((uint64_t *)c)[i] = counted((const uint64_t *)live + i);
 	return c;
 }
 
+/* One JSON line of a VM's counters, on standard output. */
 static void
-print_counters(const struct session *s, int code)
+print_counters_of(pid_t pid, const struct counters *live, int code)
 {
 	struct counters now;
-	const struct counters *c = counters_read(s, &now);
+	const struct counters *c = counters_read(live, &now);
 	const struct {
 		const char *name;
 		uint64_t value;
@@ -2989,7 +3095,7 @@ print_counters(const struct session *s, int code)
 	};
 	char line[2048];
 	int n = snprintf(line, sizeof(line), "{\"exit_code\":%d,\"vmm_pid\":%d",
-	    code, (int)s->vm.pid);
+	    code, (int)pid);
 
 	for (size_t i = 0; i < sizeof(f) / sizeof(f[0]); i++)
 		n += snprintf(line + n, sizeof(line) - (size_t)n, ",\"%s\":%llu",
@@ -3003,20 +3109,200 @@ print_counters(const struct session *s, int code)
 	fflush(stdout);
 }
 
+static void
+print_counters(const struct session *s, int code)
+{
+	print_counters_of(s->vm.pid, s->n, code);
+}
+
 /* ------------------------------------------------------------------------
- * 10. Setup and confinement
+ * 10. The keeper
  *
- * What main opens before any VMM connects, the listening socket, the
- * signals, and the seccomp filters.
+ * The process that is started is the keeper. It sets up (the inputs, the
+ * socket, the signals, its own seccomp filter) and then holds what must
+ * outlive a crash: the listening socket, and for every connection its
+ * socket, the VMM's pidfd and, once the handshake is taken, the uffd and
+ * the memfd of the session's state. It does nothing else: it reads no
+ * VMM's bytes and touches no guest memory. All the work is done by its
+ * child, the server, forked from it with every descriptor it holds. When
+ * the server dies, for any reason, the keeper starts another, which adopts
+ * every session from the state and wakes every registered range (a fault
+ * the dead server read is never delivered again). A server that dies
+ * CRASH_LIMIT times in CRASH_WINDOW_MS is not started again: every VMM is
+ * killed, since a VM frozen for good is worse than one killed.
  * ------------------------------------------------------------------------ */
 
-/* What main opens before any VMM connects; sessions borrow it. */
+enum ctl_type {
+	/* keeper to server */
+	K_CONN = 1,	/* slot, pid: a connection accepted (fds: conn, pidfd) */
+	K_DROP,		/* slot: closed by the keeper, for room (it sent nothing) */
+	K_HELD,		/* slot: its uffd and state are held (see S_HOLD) */
+	K_UNHELD,	/* slot: they could not be (no descriptor): refuse it */
+	K_UNLISTENED,	/* the socket is closed: no K_CONN comes after it */
+	K_STOP,		/* arg: stop, with this exit code (or EXIT_HANDOVER) */
+	K_USR1,		/* print every served VM's counters */
+	/* server to keeper */
+	S_READY,	/* every slot adopted, serving */
+	S_VMM,		/* slot: it sent its first byte, a VMM */
+	S_HOLD,		/* slot: hold its uffd and state (fds: uffd, statefd) */
+	S_CLOSE,	/* slot, arg: its session ended, with this exit code */
+	S_UNLISTEN,	/* take no more connections */
+	S_DONE,		/* arg: the exit code this server leaves with */
+	CTL_TYPES
+};
+
+/* A slot number is used again once freed: its generation tells a late
+ * message about the old connection from one about the new. */
+struct ctl {
+	uint32_t type;
+	uint32_t slot, gen;
+	int32_t arg;
+	int32_t pid;
+};
+
+#define CTL_FDS		2
+
+/* What the keeper opens before any VMM connects; sessions borrow it. */
 struct inputs {
 	struct chain chain;
 	int record_fd;
 	uint64_t *list;			/* --populate FILE */
 	size_t nlist;
 };
+
+/* A connection, as the keeper holds it for the server. */
+enum slot_state { SLOT_FREE, SLOT_CONN, SLOT_HELD };
+
+struct slot {
+	struct vm vm;			/* conn, pidfd; uffd and statefd once held */
+	enum slot_state state;
+	uint32_t gen;			/* bumped each time it is taken */
+	int answer;			/* K_HELD or K_UNHELD owed; 0: none */
+	int vmm;			/* it sent a byte (S_VMM) */
+	int sent;			/* the current server has it */
+	int64_t since;			/* ms: accepted */
+};
+
+/* The listening socket. */
+struct listener {
+	int lfd;
+	struct stat sock_st;		/* SOCKET, as this handler made it */
+	int reserve[2];			/* spare descriptors, for EMFILE */
+	int64_t paused;			/* accepting off until then */
+	int pause_logged;
+	int owed;			/* K_UNLISTENED is owed to the server */
+};
+
+/* Where the server is in its life (see permitted[]). */
+enum server_life { LIFE_NONE, LIFE_STARTING, LIFE_READY, LIFE_STOPPING };
+
+#define CRASH_LIMIT	5		/* server deaths ... */
+#define CRASH_WINDOW_MS	10000		/* ... in this long fail closed */
+#define STOP_MS		3000		/* a server told to stop has this long */
+
+struct keeper {
+	struct inputs in;
+	struct listener ls;
+	int sigfd, epfd;
+	int ctl;			/* the keeper's end, with the server */
+	int ctl_full;			/* its buffer was full: EPOLLOUT */
+	pid_t server;
+	enum server_life life;
+	int ready_once;			/* a server got ready */
+	int done;			/* S_DONE's exit code; -1 before */
+	int stop;			/* a stopping signal's exit code; 0: none */
+	int64_t stop_by;		/* the server must be gone by then */
+	int worst;			/* the gravest ending so far */
+	long vmms;			/* connections that were VMMs, ever */
+	struct slot *slot;
+	size_t nslot, slotcap;
+	int64_t crash[CRASH_LIMIT];	/* the last deaths, ms, a ring */
+	unsigned ncrash;
+	int procfd;			/* /proc, for the server's oom_score_adj */
+	int oom;			/* the server's oom_score_adj */
+	char **argv;			/* as started, for an upgrade */
+	char exe[PATH_MAX];		/* the binary's path, resolved at start */
+	int self_fd;			/* that binary, to go back to */
+	int upgrade;			/* the new binary, while one is under way */
+	struct watch wl, ws, wc;
+};
+
+/* The serving and population threads (--threads 2 or more). */
+struct workers {
+	int wepfd;			/* the serving threads' set: the uffds */
+	int stopfd;			/* in it, readable once they must stop */
+	int notefd;			/* in the loop's: a thread ended a session */
+	int stop;
+	struct thread *threads;
+	int nthreads;			/* started */
+	struct thread *pops;		/* population's, when --populate */
+	int npops;			/* started */
+	pthread_mutex_t popmu;		/* popq, stop */
+	pthread_cond_t popcv;
+	struct session **popq;		/* sessions populating */
+	size_t npop, popcap;
+	uint64_t popgen;		/* sessions added to popq so far */
+	struct grave *graves;		/* ended, not yet freed */
+	size_t ngraves, gravecap;
+};
+
+/* What a session and the serving threads hang off. */
+#define EPOLL_BATCH	64
+#define MAX_SILENT	64		/* connections that sent nothing yet */
+#define CLOSING_MS	500		/* see handshake_failed */
+
+struct server {
+	int epfd;
+	int ctl;			/* the server's end, with the keeper */
+	struct keeper *k;		/* the keeper as forked: inputs, slots */
+	const struct inputs *in;
+	int listening;			/* the keeper still takes connections */
+	int unlisten_asked;
+	int stop;			/* K_STOP's exit code; 0: none */
+	struct session **s;		/* in the order accepted */
+	size_t n, cap;
+	long vmms;			/* connections that were VMMs, ever */
+	size_t live;			/* VMM sessions now */
+	int worst;			/* the exit code so far: note_exit */
+	int64_t idle_end;		/* --accept-timeout; INT64_MAX: off */
+	int tight;			/* the serving-only filter is on */
+	struct watch wc, wn;
+	int ctl_ev, note_ev;		/* ready this round */
+	struct workers w;		/* --threads 2 or more */
+};
+
+struct thread {
+	struct server *srv;
+	int id;				/* its lane in every session */
+	uint64_t epoch;			/* odd while waiting for events */
+	pthread_t tid;
+};
+
+struct grave {
+	struct session *s;
+	uint64_t epoch[MAX_THREADS];	/* the threads' when it ended */
+};
+
+/* Defined with the server loop and the protocol below. */
+static void keeper_unlisten(struct keeper *k);
+static int keeper_answer(struct keeper *k, const struct ctl *m, int fds[2]);
+static void add_peer(struct server *srv, const struct ctl *m, int conn,
+    int pidfd, int64_t now);
+static void session_end(struct server *srv, struct session *s, int code);
+static void keeper_upgrade(struct keeper *k, int64_t now);
+static void keeper_exec(struct keeper *k);
+static int keeper_init(struct keeper *k);
+static void fail_closed(struct server *srv, struct session *s, int code);
+static int ask_drop(struct keeper *k, size_t i);
+static int ask_held(struct keeper *k, size_t i);
+static int ask_conn(struct keeper *k, size_t i);
+static int ask_unlistened(struct keeper *k);
+static int ask_stop(struct keeper *k, int code);
+static int ask_usr1(struct keeper *k);
+static int ctl_recv(int fd, struct ctl *m, int fds[2]);
+static int server_main(struct keeper *k, int ctl);
+static int turn_away(int conn, int pidfd, pid_t pid, const char *why);
+static int sent_anything(int conn);
 
 /* The memory file and the list --populate names. */
 static int
@@ -3247,9 +3533,11 @@ listen_socket(const char *path, struct stat *own)
 }
 
 /*
- * SIGTERM, SIGINT, SIGHUP, SIGQUIT and SIGUSR1 arrive through a signalfd:
- * the loop decides. Left to their default action, the stopping signals
- * would end the handler without killing its VMMs, freezing their guests.
+ * SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2 and SIGCHLD arrive
+ * through the keeper's signalfd: the keeper decides. Left to their default
+ * action, the stopping signals would end the handler without killing its
+ * VMMs, freezing their guests. A server is born with them blocked and
+ * never reads them: it hears of them from the keeper.
  */
 static int
 signal_fd(void)
@@ -3265,6 +3553,8 @@ signal_fd(void)
 	sigaddset(&set, SIGHUP);
 	sigaddset(&set, SIGQUIT);
 	sigaddset(&set, SIGUSR1);
+	sigaddset(&set, SIGUSR2);
+	sigaddset(&set, SIGCHLD);
 	if (sigprocmask(SIG_BLOCK, &set, NULL) < 0 ||
 	    (fd = signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK)) < 0) {
 		logmsg(LOG_ERROR, "signalfd: %s", strerror(errno));
@@ -3289,14 +3579,17 @@ raise_nofile(void)
 }
 
 /*
- * Confinement. Before the first connection a filter allows what serving
- * needs (reading events, installing pages, writing logs, freeing memory,
- * signalling a VMM, ioctl only with the UFFDIO requests used) and what
- * accepting needs besides. Once the socket is closed and every handshake is
- * in, a second filter of the first list alone is stacked on it. A denied
- * call fails with EPERM rather than killing the handler: a dead handler
- * would leave the guest frozen, an EPERM is logged and ends in the
- * fail-closed path, which the filter keeps open.
+ * Confinement. The keeper's filter allows what serving needs (reading
+ * events, installing pages, writing logs, freeing memory, signalling a
+ * VMM, talking to the other process, ioctl only with the UFFDIO requests
+ * used), what a server needs before its own filter, and what the keeper
+ * needs besides: accepting, forking, reaping; no open (but for the
+ * server's oom_score_adj), no socket, no exec. A server stacks a filter of
+ * the first two lists, and once no connection can come and every
+ * handshake is in, one of the first list alone. A denied call fails with
+ * EPERM rather than killing the process: a dead handler would leave the
+ * guest frozen, an EPERM is logged and ends in the fail-closed path, which
+ * the filter keeps open.
  */
 
 #if defined(__x86_64__)
@@ -3310,11 +3603,11 @@ raise_nofile(void)
 static const long allowed_syscalls[] = {
 	SYS_read, SYS_write, SYS_writev, SYS_close, SYS_ppoll, SYS_mmap,
 	SYS_munmap, SYS_mremap, SYS_madvise, SYS_brk, SYS_exit, SYS_exit_group,
-	SYS_rt_sigreturn, SYS_rt_sigprocmask, SYS_rt_sigpending,
-	SYS_clock_gettime, SYS_lseek,
+	SYS_rt_sigreturn, SYS_rt_sigprocmask, SYS_clock_gettime, SYS_lseek,
 	SYS_newfstatat, SYS_kill, SYS_pidfd_send_signal, SYS_getpid, SYS_gettid,
 	SYS_tgkill, SYS_restart_syscall, SYS_epoll_pwait, SYS_epoll_ctl,
-	SYS_futex, SYS_clock_nanosleep, SYS_sched_yield,
+	SYS_futex, SYS_clock_nanosleep, SYS_sched_yield, SYS_sendmsg,
+	SYS_recvmsg,
 #ifdef SYS_nanosleep
 	SYS_nanosleep,
 #endif
@@ -3345,13 +3638,12 @@ static const long allowed_syscalls[] = {
 #endif
 };
 
-/* Accepting, the handshake, the pidfd, refusing, the spare descriptors,
- * the socket's removal (lstat first: musl's on x86_64), the second filter,
- * and starting the serving threads (clone3, rseq, set_robust_list: glibc's,
- * in the test builds). */
+/* The handshake, the peer's pidfd, refusing, the state's memfd, the
+ * second filter, and starting the serving threads (clone3, rseq,
+ * set_robust_list: glibc's, in the test builds). */
 static const long accepting_syscalls[] = {
-	SYS_accept4, SYS_recvmsg, SYS_getsockopt, SYS_pidfd_open, SYS_fcntl,
-	SYS_shutdown, SYS_unlinkat, SYS_seccomp, SYS_clone, SYS_mprotect,
+	SYS_getsockopt, SYS_setsockopt, SYS_pidfd_open, SYS_fcntl,
+	SYS_shutdown, SYS_seccomp, SYS_clone, SYS_mprotect,
 	SYS_epoll_create1, SYS_eventfd2, SYS_memfd_create, SYS_ftruncate,
 #ifdef SYS_clone3
 	SYS_clone3,
@@ -3360,6 +3652,21 @@ static const long accepting_syscalls[] = {
 	SYS_rseq,
 #endif
 	SYS_set_robust_list,
+};
+
+/* The keeper: accepting, the socket's removal (lstat first: musl's on
+ * x86_64), forking and reaping servers, and what its server needs before
+ * its own filter (which it inherits). */
+static const long keeper_syscalls[] = {
+	SYS_accept4, SYS_unlinkat, SYS_wait4, SYS_waitid, SYS_socketpair,
+	SYS_prctl, SYS_dup3, SYS_recvfrom, SYS_execveat, SYS_pread64,
+	SYS_set_tid_address, SYS_prlimit64, SYS_signalfd4, SYS_rt_sigaction,
+#ifdef SYS_arch_prctl
+	SYS_arch_prctl,
+#endif
+#ifdef SYS_fork
+	SYS_fork,
+#endif
 #ifdef SYS_lstat
 	SYS_lstat,
 #endif
@@ -3375,43 +3682,77 @@ static const uint32_t allowed_ioctls[] = {
 #define LOAD(off)	(struct sock_filter){ BPF_LD_W_ABS, 0, 0, (uint32_t)(off) }
 #define IS(k)		(struct sock_filter){ BPF_JEQ_K, 0, 1, (uint32_t)(k) }
 #define RET(k)		(struct sock_filter){ BPF_RET_K, 0, 0, (uint32_t)(k) }
+#define NCALLS(a)	(sizeof(a) / sizeof((a)[0]))
 
-static int
-seccomp_confine(int accepting)
+/* Who installs a filter: a server serving, a server accepting, the keeper. */
+enum stage { STAGE_SERVING, STAGE_ACCEPTING, STAGE_KEEPER };
+
+static size_t
+allow_calls(struct sock_filter *f, size_t n, const long *calls, size_t ncalls)
 {
-	struct sock_filter f[2 * (sizeof(allowed_syscalls) / sizeof(long) +
-	    sizeof(accepting_syscalls) / sizeof(long) +
-	    sizeof(allowed_ioctls) / sizeof(uint32_t)) + 16];
+	for (size_t i = 0; i < ncalls; i++) {
+		f[n++] = IS(calls[i]);
+		f[n++] = RET(SECCOMP_RET_ALLOW);
+	}
+	return n;
+}
+
+/* openat only relative to /proc (the server's oom_score_adj), or
+ * read-only (the new binary of an upgrade, to check and execute): checked
+ * on the descriptor and the flags, the arguments a filter can read. */
+static size_t
+allow_openat(struct sock_filter *f, size_t n, int procfd)
+{
+	f[n++] = (struct sock_filter){ BPF_JEQ_K, 0, 5, SYS_openat };
+	f[n++] = LOAD(offsetof(struct seccomp_data, args[0]));
+	f[n++] = (struct sock_filter){ BPF_JEQ_K, 2, 0, (uint32_t)procfd };
+	f[n++] = LOAD(offsetof(struct seccomp_data, args[2]));
+	f[n++] = (struct sock_filter){ BPF_JEQ_K, 0, 1, O_RDONLY | O_CLOEXEC };
+	f[n++] = RET(SECCOMP_RET_ALLOW);
+	f[n++] = LOAD(offsetof(struct seccomp_data, nr));
+	return n;
+}
+
+/*
+ * The filters stack, and the stricter wins: the keeper's, then in each
+ * server the accepting one, then, once no connection can come, the
+ * serving one. procfd: see allow_procfd (the keeper's only).
+ */
+static int
+seccomp_confine(enum stage stage, int procfd)
+{
+	struct sock_filter f[2 * (NCALLS(allowed_syscalls) +
+	    NCALLS(accepting_syscalls) + NCALLS(keeper_syscalls) +
+	    NCALLS(allowed_ioctls)) + 24];
 	struct sock_fprog prog = { 0, f };
-	size_t n = 0, i;
+	size_t n = 0;
 
 	/* Another ABI's numbers mean other calls: not a case to reason about. */
 	f[n++] = LOAD(offsetof(struct seccomp_data, arch));
 	f[n++] = (struct sock_filter){ BPF_JEQ_K, 1, 0, AUDIT_ARCH_NATIVE };
 	f[n++] = RET(SECCOMP_RET_KILL_PROCESS);
 	f[n++] = LOAD(offsetof(struct seccomp_data, nr));
-	for (i = 0; i < sizeof(allowed_syscalls) / sizeof(long); i++) {
-		f[n++] = IS(allowed_syscalls[i]);
-		f[n++] = RET(SECCOMP_RET_ALLOW);
-	}
-	for (i = 0; accepting && i < sizeof(accepting_syscalls) / sizeof(long); i++) {
-		f[n++] = IS(accepting_syscalls[i]);
-		f[n++] = RET(SECCOMP_RET_ALLOW);
+	n = allow_calls(f, n, allowed_syscalls, NCALLS(allowed_syscalls));
+	if (stage >= STAGE_ACCEPTING)
+		n = allow_calls(f, n, accepting_syscalls, NCALLS(accepting_syscalls));
+	if (stage == STAGE_KEEPER) {
+		n = allow_calls(f, n, keeper_syscalls, NCALLS(keeper_syscalls));
+		n = allow_openat(f, n, procfd);
 	}
 	f[n++] = (struct sock_filter){ BPF_JEQ_K, 1, 0, SYS_ioctl };
 	f[n++] = RET(SECCOMP_RET_ERRNO | EPERM);
 	/* The request's low 32 bits: musl passes it as a sign-extended int. */
 	f[n++] = LOAD(offsetof(struct seccomp_data, args[1]));
-	for (i = 0; i < sizeof(allowed_ioctls) / sizeof(uint32_t); i++) {
+	for (size_t i = 0; i < NCALLS(allowed_ioctls); i++) {
 		f[n++] = IS(allowed_ioctls[i]);
 		f[n++] = RET(SECCOMP_RET_ALLOW);
 	}
 	f[n++] = RET(SECCOMP_RET_ERRNO | EPERM);
 	prog.len = (unsigned short)n;
-	/* The first through prctl, which valgrind knows, before the serving
-	 * threads start: they inherit it. The second through seccomp(2), which
-	 * the first allows, with TSYNC: on every thread at once. */
-	if (accepting ? prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 ||
+	/* Through prctl, which valgrind knows, while the process has one
+	 * thread; the serving filter through seccomp(2), which the others
+	 * allow, with TSYNC: on every thread at once. */
+	if (stage != STAGE_SERVING ? prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 ||
 	    prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog) < 0 :
 	    syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER,
 	    opt.threads > 1 ? SECCOMP_FILTER_FLAG_TSYNC : 0, &prog) != 0) {
@@ -3441,77 +3782,1513 @@ drop_privileges(void)
 	return 0;
 }
 
-/* ------------------------------------------------------------------------
- * 11. The server loop
- *
- * One epoll loop accepts, reads handshakes, watches pidfds and signals,
- * and ends sessions; the serving threads serve the uffds.
- * ------------------------------------------------------------------------ */
 
 /*
- * The loop. One epoll set holds the listening socket, the signalfd and, for
- * each connection, its socket while the handshake arrives, then its uffd,
- * and the peer's pidfd throughout. A round waits once, notes what is ready
- * on each session, accepts, then steps only the sessions with something to
- * do (an event, a deferred fault, population) or a deadline passed: what
- * one round costs in syscalls does not grow with the number of sessions.
- *
- * A connection becomes a VMM when it sends its first byte (an fd comes with
- * one). Only a VMM is ever killed: a peer that sent nothing (a probe, a
- * second handler checking whether the socket is live) has registered no
- * memory with anyone, so it is closed and the handler goes on listening.
+ * The exit code with several VMs is the gravest ending: a stopping signal,
+ * then a fatal error (VMM killed), then a rejected handshake (VMM killed),
+ * then 0, every VM gone its own way. One VM is the same rule.
  */
-#define EPOLL_BATCH	64
-#define ACCEPT_BATCH	16		/* accepts a round, so sessions go on */
-#define MAX_SILENT	64		/* connections that sent nothing yet */
+static int
+exit_rank(int code)
+{
+	return code == EXIT_SIGNAL ? 4 : code == EXIT_FATAL ? 3 :
+	    code == EXIT_HANDSHAKE ? 2 : code == EXIT_SETUP ? 1 : 0;
+}
+
+#define ACCEPT_BATCH	16		/* accepts a round, so others go on */
 #define PAUSE_MS	100		/* when accepting fails */
-#define CLOSING_MS	500		/* see handshake_failed */
 
-struct server {
-	int epfd, lfd, sigfd;
-	int reserve[2];			/* spare descriptors, for EMFILE */
-	int listen_ev, signal_ev;	/* ready this round */
-	int64_t paused;			/* accepting off until then */
-	int pause_logged;
-	struct inputs in;
-	struct session **s;		/* in the order accepted */
-	size_t n, cap;
-	long vmms;			/* connections that were VMMs, ever */
-	size_t live;			/* VMM sessions now */
-	int worst;			/* the exit code so far: note_exit */
-	int64_t idle_end;		/* --accept-timeout; INT64_MAX: off */
-	int tight;			/* the serving-only filter is on */
-	struct stat sock_st;		/* SOCKET, as this handler made it */
-	struct watch wl, ws, wn;
-	/* --threads 2 or more: see "Threads". */
-	int wepfd;			/* the serving threads' set: the uffds */
-	int stopfd;			/* in it, readable once they must stop */
-	int notefd;			/* in the loop's: a thread ended a session */
-	int note_ev, stop;
-	struct thread *threads;
-	int nthreads;			/* started */
-	struct thread *pops;		/* population's, when --populate */
-	int npops;			/* started */
-	pthread_mutex_t popmu;		/* popq, stop */
-	pthread_cond_t popcv;
-	struct session **popq;		/* sessions populating */
-	size_t npop, popcap;
-	uint64_t popgen;		/* sessions added to popq so far */
-	struct grave *graves;		/* ended, not yet freed */
-	size_t ngraves, gravecap;
+/* The gravest of two endings (see exit_rank). */
+static void
+note_worst(int *worst, int code)
+{
+	if (exit_rank(code) > exit_rank(*worst))
+		*worst = code;
+}
+
+/* A slot for a connection just accepted; -ENOMEM. */
+static int
+slot_new(struct keeper *k, int conn, int pidfd, pid_t pid, int64_t now)
+{
+	struct slot *v;
+	size_t i;
+
+	for (i = 0; i < k->nslot && k->slot[i].state != SLOT_FREE; i++)
+		;
+	if (i == k->nslot) {
+		v = grow_array(k->slot, &k->slotcap, k->nslot, sizeof(*v), 16);
+		if (v == NULL)
+			return -ENOMEM;
+		k->slot = v;
+		k->nslot++;
+	}
+	k->slot[i] = (struct slot){ .vm = { conn, -1, pidfd, -1, pid, NULL },
+	    .state = SLOT_CONN, .gen = k->slot[i].gen + 1, .since = now };
+	return (int)i;
+}
+
+/* Closes what the slot holds; safe to call twice. */
+static void
+slot_free(struct slot *sl)
+{
+	closefd(&sl->vm.conn);
+	closefd(&sl->vm.uffd);
+	closefd(&sl->vm.pidfd);
+	closefd(&sl->vm.statefd);
+	sl->state = SLOT_FREE;
+	sl->vmm = sl->sent = 0;
+}
+
+static int
+server_alive(const struct keeper *k)
+{
+	return k->life != LIFE_NONE;
+}
+
+/*
+ * Sends the server what it has not had yet: the connections accepted
+ * since it was forked, in order, then K_UNLISTENED once every one of them
+ * is out. A full buffer (a burst of connections) waits for EPOLLOUT.
+ */
+static void
+keeper_flush(struct keeper *k)
+{
+	struct epoll_event e = { .events = EPOLLIN, .data.ptr = &k->wc };
+	int rc = 0;
+
+	for (size_t i = 0; server_alive(k) && rc == 0 && i < k->nslot; i++) {
+		if (k->slot[i].state == SLOT_CONN && !k->slot[i].sent &&
+		    (rc = ask_conn(k, i)) == 0)
+			k->slot[i].sent = 1;
+		if (rc == 0 && k->slot[i].answer && (rc = ask_held(k, i)) == 0)
+			k->slot[i].answer = 0;
+	}
+	if (server_alive(k) && rc == 0 && k->ls.owed && (rc = ask_unlistened(k)) == 0)
+		k->ls.owed = 0;
+	if (!server_alive(k) || (rc == -EAGAIN) == k->ctl_full)
+		return;
+	k->ctl_full = rc == -EAGAIN;
+	e.events |= k->ctl_full ? EPOLLOUT : 0;
+	epoll_ctl(k->epfd, EPOLL_CTL_MOD, k->ctl, &e);
+}
+
+static void
+reserve_release(struct listener *ls)
+{
+	closefd(&ls->reserve[0]);
+	closefd(&ls->reserve[1]);
+}
+
+/* Two spare descriptors: at EMFILE one accepts the connection and one
+ * takes the peer's pidfd, so a VMM is killed, not left in the backlog
+ * with its memory registered. */
+static int
+reserve_fill(struct listener *ls, int from)
+{
+	for (int i = 0; i < 2; i++)
+		if (ls->reserve[i] < 0 &&
+		    (ls->reserve[i] = fcntl(from, F_DUPFD_CLOEXEC, 0)) < 0)
+			return -errno;
+	return 0;
+}
+
+static const char no_fds[] = "out of file descriptors (EMFILE); each VM "
+    "needs 4 in the keeper, raise the limit (ulimit -n)";
+
+/* Accepting fails for a while (no descriptor, no memory): the listener
+ * leaves the set until then rather than wake every round. */
+static void
+pause_listener(struct keeper *k, int64_t now, const char *why)
+{
+	struct epoll_event e = { .events = 0, .data.ptr = &k->wl };
+
+	if (!k->ls.pause_logged)
+		logmsg(LOG_ERROR, "accept(%s): %s; accepting again every %d ms",
+		    opt.socket_path, why, PAUSE_MS);
+	k->ls.pause_logged = 1;
+	epoll_ctl(k->epfd, EPOLL_CTL_MOD, k->ls.lfd, &e);
+	k->ls.paused = now + PAUSE_MS;
+}
+
+static void
+resume_listener(struct keeper *k, int64_t now)
+{
+	struct epoll_event e = { .events = EPOLLIN, .data.ptr = &k->wl };
+
+	if (k->ls.paused == 0 || now < k->ls.paused || k->ls.lfd < 0)
+		return;
+	epoll_ctl(k->epfd, EPOLL_CTL_MOD, k->ls.lfd, &e);
+	k->ls.paused = 0;
+}
+
+/* A connection the keeper cannot hold: killed if it was a VMM, closed
+ * otherwise; a VMM's refusal is exit code 1. */
+static void
+keeper_refuse(struct keeper *k, int conn, const char *why)
+{
+	if (turn_away(conn, -1, 0, why))
+		note_worst(&k->worst, EXIT_FATAL);
+}
+
+/*
+ * Out of descriptors: the oldest connection that has sent nothing gives
+ * up its own (and the server its copies), before a VMM is refused for want
+ * of them. Not one accepted less than ROOM_MS ago: a VMM sends as soon as
+ * it connects, but may not have yet. Looked at without shutting it down
+ * first, so that a VMM whose bytes the server has not read yet is left
+ * alone. 1 when one did.
+ */
+#define ROOM_MS		100
+
+static int
+keeper_make_room(struct keeper *k)
+{
+	int64_t now = now_ms();
+	size_t oldest = k->nslot;
+	char c;
+
+	for (size_t i = 0; i < k->nslot; i++) {
+		struct slot *sl = &k->slot[i];
+
+		if (sl->state != SLOT_CONN || sl->vmm || now - sl->since < ROOM_MS ||
+		    recv(sl->vm.conn, &c, 1, MSG_PEEK | MSG_DONTWAIT) >= 0 ||
+		    errno != EAGAIN)
+			continue;
+		if (oldest == k->nslot || sl->since < k->slot[oldest].since)
+			oldest = i;
+	}
+	if (oldest == k->nslot || sent_anything(k->slot[oldest].vm.conn))
+		return 0;
+	logmsg(LOG_INFO, "peer pid %d made room: out of descriptors; it sent "
+	    "nothing, so it is no VMM in restore and is not killed",
+	    (int)k->slot[oldest].vm.pid);
+	if (server_alive(k) && k->slot[oldest].sent)
+		ask_drop(k, oldest);
+	slot_free(&k->slot[oldest]);
+	return 1;
+}
+
+/* EMFILE: the spare descriptors take one connection, to be refused. */
+static int
+accept_spare(struct keeper *k, int64_t now)
+{
+	int conn, err;
+
+	reserve_release(&k->ls);
+	conn = accept4(k->ls.lfd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+	err = errno;
+	if (conn >= 0)
+		keeper_refuse(k, conn, no_fds);
+	if (reserve_fill(&k->ls, k->sigfd) < 0 || (conn < 0 && err != EAGAIN)) {
+		pause_listener(k, now, conn < 0 ? strerror(err) :
+		    "no spare descriptor left");
+		return -1;
+	}
+	return conn >= 0 ? 0 : -1;
+}
+
+/* A connection accepted: its pidfd taken now, while its pid is surely
+ * the one that connected, and held in a slot for the server. */
+static int
+keeper_take(struct keeper *k, int conn, int64_t now)
+{
+	pid_t pid;
+	int pidfd, rc;
+
+	if ((rc = peer_of(conn, &pid, &pidfd)) < 0 && out_of_fds(-rc) &&
+	    keeper_make_room(k))
+		rc = peer_of(conn, &pid, &pidfd);
+	if (rc < 0) {
+		keeper_refuse(k, conn, no_fds);
+		return rc;
+	}
+	if ((rc = slot_new(k, conn, pidfd, pid, now)) < 0) {
+		closefd(&pidfd);
+		keeper_refuse(k, conn, "out of memory");
+		return rc;
+	}
+	return 0;
+}
+
+static void
+keeper_accept(struct keeper *k, int64_t now)
+{
+	for (int i = 0; k->ls.lfd >= 0 && i < ACCEPT_BATCH; i++) {
+		int conn = accept4(k->ls.lfd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+		int err = errno;
+
+		if (conn >= 0) {
+			k->ls.pause_logged = 0;
+			keeper_take(k, conn, now);
+		} else if (err == EAGAIN) {
+			break;
+		} else if (out_of_fds(err)) {
+			if (!keeper_make_room(k) && accept_spare(k, now) < 0)
+				break;
+		} else if (err != EINTR && err != ECONNABORTED) {
+			pause_listener(k, now, strerror(err));
+			break;
+		}
+	}
+	keeper_flush(k);
+}
+
+/* Removes SOCKET if it is still this handler's: another may have taken
+ * the path since. */
+static void
+unlink_own(const struct listener *ls)
+{
+	struct stat st;
+
+	if (lstat(opt.socket_path, &st) < 0 || !same_file(&st, &ls->sock_st))
+		return;
+	if (unlink(opt.socket_path) < 0)
+		logmsg(LOG_WARN, "unlink(%s): %s; the socket file stays (the next "
+		    "handler replaces it)", opt.socket_path, strerror(errno));
+}
+
+/*
+ * No more connections. The socket file goes first, so no new peer finds
+ * it; then the backlog is drained into slots, because a VMM waiting there
+ * has sent its uffd and would wait forever once the socket is closed: the
+ * server refuses each (killing those that sent anything), or, with no
+ * server left, the keeper does.
+ */
+static void
+keeper_unlisten(struct keeper *k)
+{
+	int conn;
+
+	if (k->ls.lfd < 0)
+		return;
+	unlink_own(&k->ls);
+	reserve_release(&k->ls);
+	while ((conn = accept4(k->ls.lfd, NULL, NULL, SOCK_CLOEXEC |
+	    SOCK_NONBLOCK)) >= 0 || errno == EINTR || errno == ECONNABORTED) {
+		if (conn < 0)
+			continue;
+		if (!server_alive(k) || k->life == LIFE_STOPPING)
+			keeper_refuse(k, conn, "it came as the handler stopped");
+		else
+			keeper_take(k, conn, now_ms());
+	}
+	epoll_ctl(k->epfd, EPOLL_CTL_DEL, k->ls.lfd, NULL);
+	closefd(&k->ls.lfd);
+	k->ls.owed = server_alive(k);
+	keeper_flush(k);
+}
+
+/*
+ * The keeper is the last process the OOM killer should pick: it is small,
+ * and its death is the only one the VMs do not survive. Where permitted
+ * (root, and /proc there) it sets its oom_score_adj to the lowest; each
+ * server sets its own back to what the keeper had, through a /proc kept
+ * open (the keeper's filter allows openat there only). Not with --uid:
+ * after setuid a server may not open its own oom_score_adj, and would stay
+ * at the lowest, below the VMs it serves.
+ */
+#define OOM_LOWEST	-1000
+
+static void
+keeper_oom(struct keeper *k)
+{
+	char buf[16] = "";
+	int fd;
+	ssize_t n;
+
+	k->procfd = -1;
+	if (geteuid() != 0 || opt.uid >= 0 ||
+	    (fd = open("/proc/self/oom_score_adj", O_RDWR | O_CLOEXEC)) < 0) {
+		logmsg(LOG_DEBUG, "oom_score_adj left as it is (not root, --uid, "
+		    "or no /proc)");
+		return;
+	}
+	if ((n = read(fd, buf, sizeof(buf) - 1)) > 0)
+		k->oom = atoi(buf);
+	if (n <= 0 || lseek(fd, 0, SEEK_SET) < 0 || write(fd, "-1000\n", 6) != 6 ||
+	    (k->procfd = open("/proc", O_RDONLY | O_DIRECTORY | O_CLOEXEC)) < 0)
+		logmsg(errno == EACCES || errno == EPERM ? LOG_INFO : LOG_WARN,
+		    "oom_score_adj of the keeper left at %d: %s%s", k->oom,
+		    strerror(errno), errno == EACCES ? " (lowering it needs "
+		    "CAP_SYS_RESOURCE)" : "");
+	close(fd);
+}
+
+/* The server's own oom_score_adj, back to what the keeper had. */
+static void
+server_oom(struct keeper *k)
+{
+	char buf[16];
+	int fd, n;
+
+	if (k->procfd < 0)
+		return;
+	fd = (int)syscall(SYS_openat, k->procfd, "self/oom_score_adj",
+	    O_WRONLY | O_CLOEXEC);
+	n = snprintf(buf, sizeof(buf), "%d\n", k->oom);
+	if (fd < 0 || write(fd, buf, (size_t)n) != n)
+		logmsg(LOG_WARN, "oom_score_adj of the server: %s", strerror(errno));
+	if (fd >= 0)
+		close(fd);
+	closefd(&k->procfd);
+}
+
+/*
+ * A new server, forked with every descriptor the keeper holds: it adopts
+ * each slot from the copy of the keeper it is born with, so only what the
+ * keeper takes after the fork is sent to it. -errno when none can start.
+ */
+static int
+keeper_spawn(struct keeper *k)
+{
+	struct epoll_event e = { .events = EPOLLIN, .data.ptr = &k->wc };
+	int sv[2];
+	pid_t pid;
+
+	if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0) {
+		logmsg(LOG_ERROR, "socketpair: %s", strerror(errno));
+		return -errno;
+	}
+	fflush(stdout);
+	if ((pid = fork()) < 0) {
+		logmsg(LOG_ERROR, "fork: %s", strerror(errno));
+		close(sv[0]);
+		close(sv[1]);
+		return -errno;
+	}
+	if (pid == 0) {
+		close(sv[0]);
+		exit(server_main(k, sv[1]));
+	}
+	close(sv[1]);
+	fcntl(sv[0], F_SETFL, O_NONBLOCK);
+	k->ctl = sv[0];
+	k->ctl_full = 0;
+	k->server = pid;
+	k->life = LIFE_STARTING;
+	k->done = -1;
+	k->ls.owed = 0;
+	for (size_t i = 0; i < k->nslot; i++)
+		k->slot[i].sent = 1;
+	if (epoll_ctl(k->epfd, EPOLL_CTL_ADD, k->ctl, &e) < 0)
+		logmsg(LOG_ERROR, "epoll_ctl(ADD, ctl): %s", strerror(errno));
+	logmsg(LOG_DEBUG, "server pid %d started", (int)pid);
+	return 0;
+}
+
+/* Everything the server sent before it went: the kernel keeps a dead
+ * sender's messages, descriptors included. */
+static void
+keeper_read_ctl(struct keeper *k)
+{
+	struct ctl m;
+	int fds[CTL_FDS], rc;
+
+	for (;;) {
+		/* Room for the descriptors a message may bring: the spares. */
+		reserve_release(&k->ls);
+		rc = k->ctl >= 0 ? ctl_recv(k->ctl, &m, fds) : 0;
+		if (reserve_fill(&k->ls, k->sigfd) < 0)
+			keeper_make_room(k);
+		if (rc == 0 || rc == -EAGAIN)
+			break;
+		if ((rc == 1 || rc == -EMFILE) && keeper_answer(k, &m, fds) == 0) {
+			closefd(&fds[0]);
+			closefd(&fds[1]);
+			continue;
+		}
+		closefd(&fds[0]);
+		closefd(&fds[1]);
+		/* A server that breaks the protocol is treated as dead. */
+		logmsg(LOG_ERROR, "server pid %d sent message %u (slot %u), "
+		    "which is not what it may send now: ending it", (int)k->server,
+		    rc == 1 ? m.type : 0, rc == 1 ? m.slot : 0);
+		kill(k->server, SIGKILL);
+		break;
+	}
+}
+
+/* The counters line of a held session, from its state. */
+static void
+keeper_counters(const struct slot *sl, int code)
+{
+	struct vm_state *st = NULL;
+
+	if (sl->state == SLOT_HELD && state_map(sl->vm.statefd, &st) == 0) {
+		print_counters_of(sl->vm.pid, &st->n, code);
+		munmap(st, st->bytes);
+	}
+}
+
+/*
+ * No server can serve on (it crashed too often, or is gone and the
+ * keeper was told to stop): every VMM is killed, which a frozen guest
+ * would be worse than, every other peer closed, the socket removed.
+ */
+static void
+keeper_fail_closed(struct keeper *k, int code, const char *why)
+{
+	logmsg(LOG_ERROR, "%s: killing every VMM", why);
+	keeper_unlisten(k);
+	for (size_t i = 0; i < k->nslot; i++) {
+		struct slot *sl = &k->slot[i];
+
+		if (sl->state == SLOT_FREE)
+			continue;
+		if (sl->state == SLOT_HELD || sl->vmm || sent_anything(sl->vm.conn)) {
+			kill_peer(sl->vm.pidfd, sl->vm.pid);
+			keeper_counters(sl, code);
+			note_worst(&k->worst, code);
+		}
+		slot_free(sl);
+	}
+	k->done = code;
+}
+
+/* Whether this death makes CRASH_LIMIT in CRASH_WINDOW_MS. */
+static int
+crash_loop(struct keeper *k, int64_t now)
+{
+	k->crash[k->ncrash++ % CRASH_LIMIT] = now;
+	/* The next to be overwritten: the oldest of the last CRASH_LIMIT. */
+	return k->ncrash >= CRASH_LIMIT &&
+	    now - k->crash[k->ncrash % CRASH_LIMIT] < CRASH_WINDOW_MS;
+}
+
+static void
+describe_status(int status, char *buf, size_t cap)
+{
+	if (WIFSIGNALED(status))
+		snprintf(buf, cap, "killed by %s", strsignal(WTERMSIG(status)));
+	else
+		snprintf(buf, cap, "exit %d", WEXITSTATUS(status));
+}
+
+/*
+ * The server is gone. If it said it was done, so is the keeper. Else it
+ * crashed: its messages are taken first (a uffd it handed over is held),
+ * then another is started, unless that makes a crash loop, or a stopping
+ * signal came (the keeper then stops the VMs itself).
+ */
+static void
+server_ended(struct keeper *k, int status, int64_t now)
+{
+	char how[64];
+
+	keeper_read_ctl(k);
+	epoll_ctl(k->epfd, EPOLL_CTL_DEL, k->ctl, NULL);
+	closefd(&k->ctl);
+	k->life = LIFE_NONE;
+	if (k->upgrade >= 0 && !k->stop) {
+		keeper_exec(k);
+		return;
+	}
+	closefd(&k->upgrade);
+	if (k->done >= 0)
+		return;
+	describe_status(status, how, sizeof(how));
+	if (k->stop) {
+		keeper_fail_closed(k, k->stop, "the server ended while stopping");
+		return;
+	}
+	if (crash_loop(k, now)) {
+		logmsg(LOG_ERROR, "server pid %d %s: %d deaths in %d s", (int)k->server,
+		    how, CRASH_LIMIT, CRASH_WINDOW_MS / 1000);
+		keeper_fail_closed(k, EXIT_FATAL, "the server keeps dying");
+		return;
+	}
+	logmsg(LOG_ERROR, "server pid %d %s: starting another, which adopts "
+	    "every session", (int)k->server, how);
+	if (keeper_spawn(k) < 0)
+		keeper_fail_closed(k, EXIT_FATAL, "no server could be started");
+}
+
+static void
+keeper_reap(struct keeper *k, int64_t now)
+{
+	int status;
+
+	if (server_alive(k) && waitpid(k->server, &status, WNOHANG) == k->server)
+		server_ended(k, status, now);
+}
+
+/* A stopping signal: the server stops the VMs, or, with none to, the
+ * keeper does. */
+static void
+keeper_stop(struct keeper *k, int code, int64_t now)
+{
+	if (k->stop)
+		return;
+	k->stop = code;
+	if (!server_alive(k)) {
+		keeper_fail_closed(k, code, "stopping with no server");
+		return;
+	}
+	ask_stop(k, code);
+	k->life = LIFE_STOPPING;
+	k->stop_by = now + STOP_MS;
+}
+
+static void
+keeper_signal(struct keeper *k, int64_t now)
+{
+	struct signalfd_siginfo si;
+
+	while (read(k->sigfd, &si, sizeof(si)) == (ssize_t)sizeof(si)) {
+		switch (si.ssi_signo) {
+		case SIGCHLD:
+			keeper_reap(k, now);
+			break;
+		case SIGUSR1:
+			if (server_alive(k))
+				ask_usr1(k);
+			break;
+		case SIGUSR2:
+			keeper_upgrade(k, now);
+			break;
+		default:
+			logmsg(LOG_WARN, "received %s", strsignal((int)si.ssi_signo));
+			keeper_stop(k, EXIT_SIGNAL, now);
+			break;
+		}
+	}
+}
+
+/* The wait: up to a paused listener's return or a stopping server's end. */
+static int
+keeper_wait_ms(const struct keeper *k)
+{
+	int64_t end = INT64_MAX;
+
+	if (k->ls.paused)
+		end = k->ls.paused;
+	if (k->life == LIFE_STOPPING && k->stop_by < end)
+		end = k->stop_by;
+	return ms_until(end);
+}
+
+/* Returns the exit code: the gravest of the server's and every ending. */
+static int
+keeper_run(struct keeper *k)
+{
+	struct epoll_event ev[8];
+	int64_t now;
+	int n;
+
+	while (k->done < 0 || server_alive(k)) {
+		n = epoll_wait(k->epfd, ev, 8, keeper_wait_ms(k));
+		now = now_ms();
+		for (int i = 0; i < n; i++) {
+			struct watch *w = ev[i].data.ptr;
+
+			if (w->what == W_LISTEN)
+				keeper_accept(k, now);
+			else if (w->what == W_SIGNAL)
+				keeper_signal(k, now);
+			else if (ev[i].events & EPOLLOUT)
+				keeper_flush(k);
+			else
+				keeper_read_ctl(k);
+		}
+		keeper_reap(k, now);
+		resume_listener(k, now);
+		if (k->life == LIFE_STOPPING && now >= k->stop_by) {
+			logmsg(LOG_ERROR, "server pid %d did not stop within %d ms",
+			    (int)k->server, STOP_MS);
+			kill(k->server, SIGKILL);
+			k->stop_by = INT64_MAX;
+		}
+	}
+	note_worst(&k->worst, k->done);
+	note_worst(&k->worst, k->stop);
+	return k->worst;
+}
+
+/*
+ * Upgrade in place (SIGUSR2). The keeper stops its server at a safe point
+ * (no read of a uffd under way), writes what it holds into a hand-over
+ * memfd, and executes the binary at the path it was started from, keeping
+ * its pid and every descriptor it holds. The new image reads the
+ * hand-over, checks every session's state, and starts a server of its own
+ * version, which adopts every session as after a crash. A binary that
+ * cannot start here (missing, not executable, not a static binary for
+ * this machine) is found out before the server is stopped; a new image
+ * that cannot read the hand-over or a state goes back to the old binary,
+ * kept open for that, before it has started anything.
+ *
+ * The hand-over's first fields keep their place in every format: a
+ * version that reads another format finds there the old binary to go
+ * back to, and the VMMs' pidfds to kill if even that fails.
+ */
+#define HANDOVER_MAGIC	0x55464648u	/* "UFFH" */
+#ifndef HANDOVER_FORMAT
+#define HANDOVER_FORMAT	1
+#endif
+#define HANDOVER_ENV	"UFFD_HANDLER_HANDOVER"
+#define HANDBACK_ENV	"UFFD_HANDLER_HANDBACK"	/* set by one going back */
+#define EXIT_HANDOVER	100		/* a server stopped for an upgrade */
+
+struct handover_slot {
+	int32_t conn, pidfd, uffd, statefd;
+	int32_t pid;
+	uint32_t state, gen, vmm;
+	int64_t since;
 };
 
-struct thread {
-	struct server *srv;
-	int id;				/* its lane in every session */
-	uint64_t epoch;			/* odd while waiting for events */
-	pthread_t tid;
+struct handover {
+	/* The same place in every format. */
+	uint32_t magic, format;
+	uint64_t bytes;
+	char version[64];		/* of the image that wrote it */
+	int32_t rollback_fd;		/* that image's binary */
+	uint32_t npidfd;
+	uint64_t pidfds;		/* offset of npidfd int32s */
+	/* HANDOVER_FORMAT 1 */
+	int32_t self_fd;		/* the binary being executed */
+	int32_t lfd, procfd, oom, record_fd;
+	uint64_t sock_dev, sock_ino;
+	int32_t worst;
+	int32_t nlayers;
+	int32_t layer_fd[MAX_LAYERS];
+	int64_t vmms;
+	uint64_t nlist, list;		/* --populate FILE, parsed: offset */
+	uint64_t nslot, slots;		/* struct handover_slot: offset */
+	char exe[PATH_MAX];
 };
 
-struct grave {
-	struct session *s;
-	uint64_t epoch[MAX_THREADS];	/* the threads' when it ended */
+/* The binary's path, resolved at the start: an upgrade replaces the file,
+ * /proc/self/exe would name the old inode, and a jail has no /proc. */
+static void
+keeper_find_self(struct keeper *k, const char *argv0)
+{
+	char cand[PATH_MAX];
+	const char *path = getenv("PATH"), *end;
+
+	k->self_fd = -1;
+	if (strchr(argv0, '/') != NULL) {
+		if (realpath(argv0, k->exe) == NULL)
+			k->exe[0] = '\0';
+	} else {
+		k->exe[0] = '\0';
+		for (; path != NULL && *path && k->exe[0] == '\0'; path = *end ?
+		    end + 1 : end) {
+			end = strchr(path, ':') ? strchr(path, ':') : path + strlen(path);
+			snprintf(cand, sizeof(cand), "%.*s/%s", (int)(end - path), path,
+			    argv0);
+			if (access(cand, X_OK) == 0 && realpath(cand, k->exe) == NULL)
+				k->exe[0] = '\0';
+		}
+	}
+	if (k->exe[0] != '\0')
+		k->self_fd = open(k->exe, O_PATH | O_CLOEXEC);
+	if (k->self_fd < 0)
+		logmsg(LOG_DEBUG, "the binary's path was not found: no upgrade "
+		    "in place");
+}
+
+/* Whether the file at fd can start under the keeper's filter: an ELF
+ * executable of this machine, static (a dynamic one's loader would open
+ * its libraries, which the filter forbids; the test builds allow it). */
+static int
+exec_ready(int fd, char *why, size_t cap)
+{
+	unsigned char h[64], ph[56];
+	struct stat st;
+	uint64_t phoff;
+	uint16_t phnum, phentsize;
+
+	if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode) || !(st.st_mode & 0111))
+		return snprintf(why, cap, "not an executable file"), -1;
+	if (pread(fd, h, sizeof(h), 0) != (ssize_t)sizeof(h) ||
+	    memcmp(h, "\177ELF", 4) != 0 || h[4] != 2)
+		return snprintf(why, cap, "not a 64-bit ELF file"), -1;
+	memcpy(&phoff, h + 32, 8);
+	memcpy(&phentsize, h + 54, 2);
+	memcpy(&phnum, h + 56, 2);
+	for (uint16_t i = 0; i < phnum && phentsize >= sizeof(ph); i++) {
+		uint32_t type;
+
+		if (pread(fd, ph, sizeof(ph), (off_t)(phoff + (uint64_t)i *
+		    phentsize)) != (ssize_t)sizeof(ph))
+			return snprintf(why, cap, "a truncated ELF file"), -1;
+		memcpy(&type, ph, 4);
+#if !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)
+		if (type == 3)		/* PT_INTERP */
+			return snprintf(why, cap, "dynamically linked"), -1;
+#endif
+	}
+	return 0;
+}
+
+/* Sets or clears FD_CLOEXEC: what the next image keeps. */
+static void
+inherit(int fd, int keep)
+{
+	if (fd >= 0)
+		fcntl(fd, F_SETFD, keep ? 0 : FD_CLOEXEC);
+}
+
+static size_t
+handover_size(const struct keeper *k)
+{
+	return sizeof(struct handover) + k->in.nlist * sizeof(uint64_t) +
+	    k->nslot * sizeof(struct handover_slot) + k->nslot * sizeof(int32_t);
+}
+
+/* What the keeper holds, for the next image: a memfd of struct handover,
+ * the --populate list, the slots and the pidfds. -errno. */
+static int
+handover_write(struct keeper *k, int newfd)
+{
+	size_t bytes = handover_size(k);
+	struct handover *h;
+	struct handover_slot *hs;
+	int32_t *pidfds;
+	int fd;
+
+	if ((fd = memfd_create("uffd-handler-handover", MFD_CLOEXEC)) < 0 ||
+	    ftruncate(fd, (off_t)bytes) < 0 || (h = mmap(NULL, bytes,
+	    PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)) == MAP_FAILED) {
+		if (fd >= 0)
+			close(fd);
+		return -errno;
+	}
+	*h = (struct handover){ HANDOVER_MAGIC, HANDOVER_FORMAT, bytes, "",
+	    k->self_fd, (uint32_t)k->nslot, sizeof(*h) + k->in.nlist * 8 +
+	    k->nslot * sizeof(*hs), newfd, k->ls.lfd, k->procfd, k->oom,
+	    k->in.record_fd, k->ls.sock_st.st_dev, k->ls.sock_st.st_ino, k->worst,
+	    k->in.chain.n, { 0 }, k->vmms, k->in.nlist, sizeof(*h), k->nslot,
+	    sizeof(*h) + k->in.nlist * 8, "" };
+	snprintf(h->version, sizeof(h->version), "%s", VERSION_LINE);
+	snprintf(h->exe, sizeof(h->exe), "%s", k->exe);
+	for (int i = 0; i < k->in.chain.n; i++)
+		h->layer_fd[i] = k->in.chain.layer[i].fd;
+	memcpy((char *)h + h->list, k->in.list, k->in.nlist * 8);
+	hs = (struct handover_slot *)(void *)((char *)h + h->slots);
+	pidfds = (int32_t *)(void *)((char *)h + h->pidfds);
+	for (size_t i = 0; i < k->nslot; i++) {
+		const struct slot *sl = &k->slot[i];
+
+		hs[i] = (struct handover_slot){ sl->vm.conn, sl->vm.pidfd, sl->vm.uffd,
+		    sl->vm.statefd, sl->vm.pid, sl->state, sl->gen, (uint32_t)sl->vmm,
+		    sl->since };
+		pidfds[i] = sl->state == SLOT_FREE ? -1 : sl->vm.pidfd;
+	}
+	munmap(h, bytes);
+	return fd;
+}
+
+/* Every descriptor the next image is to keep, kept or let go. */
+static void
+handover_fds(struct keeper *k, int hfd, int newfd, int keep)
+{
+	inherit(hfd, keep);
+	inherit(newfd, keep);
+	inherit(k->self_fd, keep);
+	inherit(k->ls.lfd, keep);
+	inherit(k->procfd, keep);
+	inherit(k->in.record_fd, keep);
+	for (int i = 0; i < k->in.chain.n; i++)
+		inherit(k->in.chain.layer[i].fd, keep);
+	for (size_t i = 0; i < k->nslot; i++) {
+		inherit(k->slot[i].vm.conn, keep);
+		inherit(k->slot[i].vm.pidfd, keep);
+		inherit(k->slot[i].vm.uffd, keep);
+		inherit(k->slot[i].vm.statefd, keep);
+	}
+}
+
+/* The environment with HANDOVER_ENV=hfd, and HANDBACK_ENV when going
+ * back (and no other value of either). */
+static char **
+handover_env(int hfd, int back, char *buf, size_t cap)
+{
+	extern char **environ;
+	size_t n = 0;
+	char **env;
+
+	while (environ[n] != NULL)
+		n++;
+	if ((env = calloc(n + 3, sizeof(*env))) == NULL)
+		return NULL;
+	n = 0;
+	for (char **e = environ; *e != NULL; e++)
+		if (strncmp(*e, HANDOVER_ENV "=", sizeof(HANDOVER_ENV)) != 0 &&
+		    strncmp(*e, HANDBACK_ENV "=", sizeof(HANDBACK_ENV)) != 0)
+			env[n++] = *e;
+	snprintf(buf, cap, "%s=%d", HANDOVER_ENV, hfd);
+	env[n++] = buf;
+	if (back)
+		env[n] = HANDBACK_ENV "=1";
+	return env;
+}
+
+/* Executes the binary at fd with the hand-over; returns only on failure. */
+static int
+exec_with(struct keeper *k, int fd, int hfd, int back)
+{
+	char buf[64];
+	char **env = handover_env(hfd, back, buf, sizeof(buf));
+
+	if (env == NULL)
+		return -ENOMEM;
+	fflush(stdout);
+	syscall(SYS_execveat, fd, "", k->argv, env, AT_EMPTY_PATH);
+	free(env);
+	return -errno;
+}
+
+/* SIGUSR2: the new binary checked, then the server stopped; the exec
+ * follows once it is gone (keeper_exec). */
+static void
+keeper_upgrade(struct keeper *k, int64_t now)
+{
+	char why[64];
+	int fd;
+
+	if (k->upgrade >= 0 || k->stop || !server_alive(k)) {
+		logmsg(LOG_WARN, "upgrade: not now (one is under way, the handler "
+		    "stops, or no server runs)");
+		return;
+	}
+	if (k->self_fd < 0) {
+		logmsg(LOG_ERROR, "upgrade: the binary's path was not found at the "
+		    "start; %s serves on", VERSION_LINE);
+		return;
+	}
+	if ((fd = (int)syscall(SYS_openat, AT_FDCWD, k->exe, O_RDONLY |
+	    O_CLOEXEC)) < 0 || exec_ready(fd, why, sizeof(why)) < 0) {
+		logmsg(LOG_ERROR, "upgrade: %s: %s; %s serves on", k->exe,
+		    fd < 0 ? strerror(errno) : why, VERSION_LINE);
+		if (fd >= 0)
+			close(fd);
+		return;
+	}
+	logmsg(LOG_INFO, "upgrade: stopping server pid %d to execute %s",
+	    (int)k->server, k->exe);
+	k->upgrade = fd;
+	ask_stop(k, EXIT_HANDOVER);
+	k->life = LIFE_STOPPING;
+	k->stop_by = now + STOP_MS;
+}
+
+/* The server is gone: the new image, or, if it cannot be executed, a
+ * server of this one. */
+static void
+keeper_exec(struct keeper *k)
+{
+	int hfd, rc;
+
+	k->done = -1;
+	if ((hfd = handover_write(k, k->upgrade)) < 0) {
+		rc = hfd;
+	} else {
+		handover_fds(k, hfd, k->upgrade, 1);
+		rc = exec_with(k, k->upgrade, hfd, 0);
+		handover_fds(k, hfd, k->upgrade, 0);
+		close(hfd);
+	}
+	logmsg(LOG_ERROR, "upgrade: executing %s: %s; %s serves on", k->exe,
+	    strerror(-rc), VERSION_LINE);
+	closefd(&k->upgrade);
+	if (keeper_spawn(k) < 0)
+		keeper_fail_closed(k, EXIT_FATAL, "no server could be started");
+}
+
+/*
+ * Back to the binary that wrote the hand-over, which reads it as it left
+ * it; if even that cannot run, every VMM is killed (their pidfds are where
+ * every format keeps them), since no one would serve them.
+ */
+static void __attribute__((noreturn))
+handover_back(struct keeper *k, const struct handover *h, int hfd,
+    const char *why)
+{
+	const int32_t *pidfd;
+
+	logmsg(LOG_ERROR, "upgrade to %s failed: %s; back to %s", VERSION_LINE,
+	    why, h->version);
+	exec_with(k, h->rollback_fd, hfd, 1);
+	logmsg(LOG_ERROR, "going back to %s: %s: killing every VMM", h->version,
+	    strerror(errno));
+	pidfd = (const int32_t *)(const void *)((const char *)h + h->pidfds);
+	for (uint32_t i = 0; h->pidfds + (i + 1) * 4 <= h->bytes && i < h->npidfd;
+	    i++)
+		kill_peer(pidfd[i], 0);
+	exit(EXIT_FATAL);
+}
+
+/* Why this version cannot take the hand-over, or NULL. */
+static const char *
+handover_unreadable(const struct handover *h, uint64_t bytes)
+{
+	static char why[96];
+
+	if (h->format != HANDOVER_FORMAT) {
+		snprintf(why, sizeof(why), "its hand-over has format %u, this "
+		    "version reads %u", h->format, (unsigned)HANDOVER_FORMAT);
+		return why;
+	}
+	if (bytes < sizeof(*h) || h->bytes != bytes || h->nlayers != opt.nlayers ||
+	    h->list + h->nlist * 8 > bytes ||
+	    h->slots + h->nslot * sizeof(struct handover_slot) > bytes)
+		return "its hand-over does not add up";
+	return NULL;
+}
+
+/* Each held session's state must be one this version reads. */
+static const char *
+states_unreadable(const struct handover *h)
+{
+	static char why[96];
+	const struct handover_slot *hs = (const void *)((const char *)h + h->slots);
+	struct vm_state *st;
+
+	for (uint64_t i = 0; i < h->nslot; i++) {
+		if (hs[i].state != SLOT_HELD)
+			continue;
+		if (state_map(hs[i].statefd, &st) < 0) {
+			snprintf(why, sizeof(why), "the state of VMM pid %d has a layout "
+			    "this version does not read (it reads %u)", (int)hs[i].pid,
+			    (unsigned)STATE_LAYOUT);
+			return why;
+		}
+		munmap(st, st->bytes);
+	}
+	return NULL;
+}
+
+/* The hand-over's slots, the keeper's from here. */
+static int
+take_slots(struct keeper *k, const struct handover *h)
+{
+	const struct handover_slot *hs = (const void *)((const char *)h + h->slots);
+
+	if (h->nslot > 0 && (k->slot = calloc(h->nslot, sizeof(*k->slot))) == NULL)
+		return -ENOMEM;
+	k->nslot = k->slotcap = h->nslot;
+	for (uint64_t i = 0; i < h->nslot; i++)
+		k->slot[i] = (struct slot){ .vm = { hs[i].conn, hs[i].uffd,
+		    hs[i].pidfd, hs[i].statefd, hs[i].pid, NULL },
+		    .state = (enum slot_state)hs[i].state, .gen = hs[i].gen,
+		    .vmm = (int)hs[i].vmm, .since = hs[i].since };
+	return 0;
+}
+
+/* What the image before held, taken as it is. */
+static int
+take_handover(struct keeper *k, const struct handover *h)
+{
+	int fds[MAX_LAYERS];
+	int rc;
+
+	k->ls.lfd = h->lfd;
+	k->ls.sock_st.st_dev = (dev_t)h->sock_dev;
+	k->ls.sock_st.st_ino = (ino_t)h->sock_ino;
+	k->procfd = h->procfd;
+	k->oom = h->oom;
+	k->in.record_fd = h->record_fd;
+	k->worst = h->worst;
+	k->vmms = (long)h->vmms;
+	k->self_fd = h->self_fd;
+	snprintf(k->exe, sizeof(k->exe), "%s", h->exe);
+	for (int i = 0; i < h->nlayers; i++)
+		fds[i] = h->layer_fd[i];
+	if ((rc = take_slots(k, h)) < 0)
+		return rc;
+	if (h->nlist > 0 && (k->in.list = malloc(h->nlist * 8)) == NULL)
+		return -ENOMEM;
+	memcpy(k->in.list, (const char *)h + h->list, h->nlist * 8);
+	k->in.nlist = h->nlist;
+	return chain_take(&k->in.chain, opt.layers, fds, h->nlayers, k->sigfd);
+}
+
+/*
+ * The new image of an upgrade: the hand-over read, checked and taken,
+ * then a server of this version. Anything this version cannot read sends
+ * it back to the old binary before it has changed anything.
+ */
+static int
+keeper_resume(struct keeper *k, int hfd)
+{
+	struct handover *h;
+	struct stat sb;
+	const char *why;
+	int rc;
+
+	if (fstat(hfd, &sb) < 0 || (uint64_t)sb.st_size < offsetof(struct handover,
+	    self_fd) || (h = mmap(NULL, (size_t)sb.st_size, PROT_READ, MAP_SHARED,
+	    hfd, 0)) == MAP_FAILED || h->magic != HANDOVER_MAGIC) {
+		logmsg(LOG_ERROR, "%s names no hand-over: killing nothing, "
+		    "serving nothing", HANDOVER_ENV);
+		return EXIT_SETUP;
+	}
+	if ((why = handover_unreadable(h, (uint64_t)sb.st_size)) != NULL ||
+	    (why = states_unreadable(h)) != NULL)
+		handover_back(k, h, hfd, why);
+	raise_nofile();
+	if ((k->sigfd = signal_fd()) < 0 || (rc = take_handover(k, h)) < 0 ||
+	    keeper_init(k) < 0)
+		handover_back(k, h, hfd, "its setup failed");
+	if (getenv(HANDBACK_ENV) != NULL)
+		logmsg(LOG_INFO, "%s serves on: the upgrade did not take",
+		    VERSION_LINE);
+	else
+		logmsg(LOG_INFO, "upgraded from %s to %s, %zu connection(s) handed "
+		    "over", h->version, VERSION_LINE, k->nslot);
+	if (h->rollback_fd != k->self_fd)
+		close(h->rollback_fd);
+	handover_fds(k, -1, -1, 0);
+	munmap(h, (size_t)sb.st_size);
+	close(hfd);
+	unsetenv(HANDOVER_ENV);
+	unsetenv(HANDBACK_ENV);
+	return keeper_spawn(k) < 0 ? EXIT_FATAL : 0;
+}
+
+/* ------------------------------------------------------------------------
+ * 11. The keeper's protocol
+ *
+ * The keeper and its server talk over a SOCK_SEQPACKET socketpair: one
+ * struct ctl a message, descriptors as SCM_RIGHTS. A request has one name
+ * on both sides, ask_X where it is sent and answer_X where it is taken (as
+ * OpenSSH's privilege separation names mm_X and mm_answer_X). What the
+ * keeper takes from a server depends on where that server is in its life:
+ * permitted[] says what; anything else ends that server as a crash would.
+ * ------------------------------------------------------------------------ */
+
+#define BIT(t)		(1u << (t))
+
+/* What a server may ask, by where it is in its life. */
+static const uint32_t permitted[] = {
+	[LIFE_NONE] = 0,
+	[LIFE_STARTING] = BIT(S_READY) | BIT(S_VMM) | BIT(S_HOLD) | BIT(S_CLOSE) |
+	    BIT(S_UNLISTEN) | BIT(S_DONE),
+	[LIFE_READY] = BIT(S_VMM) | BIT(S_HOLD) | BIT(S_CLOSE) | BIT(S_UNLISTEN) |
+	    BIT(S_DONE),
+	[LIFE_STOPPING] = BIT(S_VMM) | BIT(S_HOLD) | BIT(S_CLOSE) |
+	    BIT(S_UNLISTEN) | BIT(S_DONE),
 };
+
+/* One message; -EAGAIN when the socket's buffer is full (the keeper's
+ * end is non-blocking: a slow server never holds it up). */
+static int
+ctl_send(int fd, uint32_t type, uint32_t slot, uint32_t gen, int32_t arg,
+    int32_t pid, const int *fds, int nfds)
+{
+	union {
+		char b[CMSG_SPACE(sizeof(int) * CTL_FDS)];
+		struct cmsghdr align;
+	} cm;
+	struct ctl m = { type, slot, gen, arg, pid };
+	struct iovec iov = { &m, sizeof(m) };
+	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
+	struct cmsghdr *c;
+
+	if (nfds > 0) {
+		mh.msg_control = cm.b;
+		mh.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)nfds);
+		c = CMSG_FIRSTHDR(&mh);
+		*c = (struct cmsghdr){ .cmsg_len = CMSG_LEN(sizeof(int) * (size_t)nfds),
+		    .cmsg_level = SOL_SOCKET, .cmsg_type = SCM_RIGHTS };
+		memcpy(CMSG_DATA(c), fds, sizeof(int) * (size_t)nfds);
+	}
+	while (sendmsg(fd, &mh, MSG_NOSIGNAL) < 0)
+		if (errno != EINTR)
+			return -errno;
+	return 0;
+}
+
+/*
+ * One message, without waiting: 1, 0 at EOF (the other side is gone),
+ * -EAGAIN when none is there. fds gets what came with it (-1 for none);
+ * -EMFILE when the kernel could not install them all.
+ */
+static int
+ctl_recv(int fd, struct ctl *m, int fds[CTL_FDS])
+{
+	union {
+		char b[CMSG_SPACE(sizeof(int) * CTL_FDS)];
+		struct cmsghdr align;
+	} cm;
+	struct iovec iov = { m, sizeof(*m) };
+	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1,
+	    .msg_control = cm.b, .msg_controllen = sizeof(cm.b) };
+	ssize_t n;
+	int got = 0;
+
+	fds[0] = fds[1] = -1;
+	do
+		n = recvmsg(fd, &mh, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+	while (n < 0 && errno == EINTR);
+	/* A seqpacket peer that exited with messages unread reads as reset. */
+	if (n == 0 || (n < 0 && errno == ECONNRESET))
+		return 0;
+	if (n < 0)
+		return -errno;
+	for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c))
+		if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
+			got = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+			memcpy(fds, CMSG_DATA(c), sizeof(int) * (size_t)(got < CTL_FDS ?
+			    got : CTL_FDS));
+		}
+	if (n != (ssize_t)sizeof(*m) || m->type == 0 || m->type >= CTL_TYPES) {
+		closefd(&fds[0]);
+		closefd(&fds[1]);
+		return -EPROTO;
+	}
+	if (mh.msg_flags & MSG_CTRUNC) {
+		closefd(&fds[0]);
+		closefd(&fds[1]);
+		return -EMFILE;
+	}
+	return 1;
+}
+
+/* The keeper's side: what it tells its server. */
+
+static int
+ask_conn(struct keeper *k, size_t i)
+{
+	struct slot *sl = &k->slot[i];
+	int fds[2] = { sl->vm.conn, sl->vm.pidfd };
+
+	return ctl_send(k->ctl, K_CONN, (uint32_t)i, sl->gen, 0, sl->vm.pid, fds,
+	    sl->vm.pidfd >= 0 ? 2 : 1);
+}
+
+static int
+ask_drop(struct keeper *k, size_t i)
+{
+	return ctl_send(k->ctl, K_DROP, (uint32_t)i, k->slot[i].gen, 0, 0, NULL, 0);
+}
+
+static int
+ask_held(struct keeper *k, size_t i)
+{
+	return ctl_send(k->ctl, (uint32_t)k->slot[i].answer, (uint32_t)i,
+	    k->slot[i].gen, 0, 0, NULL, 0);
+}
+
+static int
+ask_unlistened(struct keeper *k)
+{
+	return ctl_send(k->ctl, K_UNLISTENED, 0, 0, 0, 0, NULL, 0);
+}
+
+static int
+ask_stop(struct keeper *k, int code)
+{
+	return ctl_send(k->ctl, K_STOP, 0, 0, code, 0, NULL, 0);
+}
+
+static int
+ask_usr1(struct keeper *k)
+{
+	return ctl_send(k->ctl, K_USR1, 0, 0, 0, 0, NULL, 0);
+}
+
+/* The keeper's answers to its server. */
+
+static void
+answer_ready(struct keeper *k)
+{
+	k->life = LIFE_READY;
+	k->ready_once = 1;
+}
+
+static void
+answer_vmm(struct keeper *k, struct slot *sl)
+{
+	if (!sl->vmm)
+		k->vmms++;
+	sl->vmm = 1;
+}
+
+/*
+ * The uffd and the state are the keeper's from here: a server that dies
+ * now leaves them to the next. The server takes the handshake off the
+ * socket only once told so (K_HELD). Without the descriptors (the keeper
+ * had none free for them), the server is told to refuse the VMM.
+ */
+static void
+answer_hold(struct keeper *k, struct slot *sl, int fds[CTL_FDS])
+{
+	if (fds[0] < 0 || fds[1] < 0) {
+		logmsg(LOG_ERROR, "VMM pid %d: %s", (int)sl->vm.pid, no_fds);
+		sl->answer = K_UNHELD;
+	} else {
+		closefd(&sl->vm.uffd);
+		closefd(&sl->vm.statefd);
+		sl->vm.uffd = fds[0];
+		sl->vm.statefd = fds[1];
+		fds[0] = fds[1] = -1;
+		sl->state = SLOT_HELD;
+		sl->answer = K_HELD;
+	}
+	keeper_flush(k);
+}
+
+/* -1: the server could not take the connection in (no descriptor for
+ * it): the keeper turns it away, killing it if it was a VMM. */
+static void
+answer_close(struct keeper *k, struct slot *sl, int code)
+{
+	if (code < 0) {
+		code = turn_away(sl->vm.conn, sl->vm.pidfd, sl->vm.pid, no_fds) ?
+		    EXIT_FATAL : EXIT_VM_GONE;
+		sl->vm.conn = sl->vm.pidfd = -1;
+	}
+	note_worst(&k->worst, code);
+	slot_free(sl);
+}
+
+static void
+answer_unlisten(struct keeper *k)
+{
+	keeper_unlisten(k);
+}
+
+static void
+answer_done(struct keeper *k, int code)
+{
+	k->done = code;
+}
+
+/* Takes one message from the server; -EPROTO for one its life does not
+ * permit, or about a slot it does not have. */
+static int
+keeper_answer(struct keeper *k, const struct ctl *m, int fds[CTL_FDS])
+{
+	struct slot *sl = m->slot < k->nslot ? &k->slot[m->slot] : NULL;
+
+	if (!(permitted[k->life] & BIT(m->type)))
+		return -EPROTO;
+	if ((m->type == S_VMM || m->type == S_HOLD || m->type == S_CLOSE) &&
+	    sl == NULL)
+		return -EPROTO;
+	/* About a connection the keeper dropped for room (K_DROP): gone. */
+	if ((m->type == S_VMM || m->type == S_HOLD || m->type == S_CLOSE) &&
+	    (sl->state == SLOT_FREE || sl->gen != m->gen))
+		return 0;
+	switch (m->type) {
+	case S_READY:
+		answer_ready(k);
+		break;
+	case S_VMM:
+		answer_vmm(k, sl);
+		break;
+	case S_HOLD:
+		answer_hold(k, sl, fds);
+		break;
+	case S_CLOSE:
+		answer_close(k, sl, m->arg);
+		break;
+	case S_UNLISTEN:
+		answer_unlisten(k);
+		break;
+	case S_DONE:
+		answer_done(k, m->arg);
+		break;
+	}
+	return 0;
+}
+
+/* The server's side: what it tells the keeper. Its end blocks: the
+ * keeper reads at once, and a message must not be lost. */
+
+static void
+ask_ready(struct server *srv)
+{
+	ctl_send(srv->ctl, S_READY, 0, 0, 0, 0, NULL, 0);
+}
+
+static void
+ask_vmm(struct server *srv, struct session *s)
+{
+	ctl_send(srv->ctl, S_VMM, (uint32_t)s->slot, s->gen, 0, 0, NULL, 0);
+}
+
+static int
+ask_hold(struct server *srv, struct session *s)
+{
+	int fds[2] = { s->vm.uffd, s->vm.statefd };
+
+	return ctl_send(srv->ctl, S_HOLD, (uint32_t)s->slot, s->gen, 0, 0, fds, 2);
+}
+
+static void
+ask_close(struct server *srv, int slot, uint32_t gen, int code)
+{
+	ctl_send(srv->ctl, S_CLOSE, (uint32_t)slot, gen, code, 0, NULL, 0);
+}
+
+static void
+ask_unlisten(struct server *srv)
+{
+	ctl_send(srv->ctl, S_UNLISTEN, 0, 0, 0, 0, NULL, 0);
+}
+
+static void
+ask_done(struct server *srv, int code)
+{
+	ctl_send(srv->ctl, S_DONE, 0, 0, code, 0, NULL, 0);
+}
+
+/* The server's answers to the keeper. */
+
+static void
+answer_conn(struct server *srv, const struct ctl *m, int fds[CTL_FDS],
+    int64_t now)
+{
+	add_peer(srv, m, fds[0], fds[1], now);
+	fds[0] = fds[1] = -1;
+}
+
+static struct session *
+session_of(struct server *srv, const struct ctl *m)
+{
+	for (size_t i = 0; i < srv->n; i++)
+		if (srv->s[i]->slot == (int)m->slot && srv->s[i]->gen == m->gen &&
+		    srv->s[i]->state != S_ENDED)
+			return srv->s[i];
+	return NULL;
+}
+
+/* The keeper holds the uffd and the state: the handshake can go, and the
+ * state's memfd (it stays mapped). */
+static void
+answer_held(struct server *srv, const struct ctl *m)
+{
+	struct session *s = session_of(srv, m);
+
+	if (s == NULL)
+		return;
+	closefd(&s->vm.statefd);
+	consume_handshake(s);
+}
+
+/* The keeper could not hold them: the VMM cannot outlive this server. */
+static void
+answer_unheld(struct server *srv, const struct ctl *m)
+{
+	struct session *s = session_of(srv, m);
+
+	if (s == NULL)
+		return;
+	logmsg(LOG_ERROR, "refused VMM pid %d: the keeper had no descriptor "
+	    "free to hold its uffd", (int)s->vm.pid);
+	fail_closed(srv, s, EXIT_FATAL);
+}
+
+/* The keeper closed a connection that had sent nothing, for room: the
+ * session goes without a word back (the slot is the keeper's again). */
+static void
+answer_drop(struct server *srv, const struct ctl *m)
+{
+	struct session *s = session_of(srv, m);
+
+	if (s == NULL)
+		return;
+	s->slot = -1;
+	session_end(srv, s, EXIT_VM_GONE);
+}
+
+static void
+answer_unlistened(struct server *srv)
+{
+	srv->listening = 0;
+}
+
+static void
+answer_stop(struct server *srv, int code)
+{
+	srv->stop = code;
+}
+
+static void
+answer_usr1(struct server *srv)
+{
+	for (size_t i = 0; i < srv->n; i++)
+		if (srv->s[i]->state == S_SERVING)
+			print_counters(srv->s[i], -1);
+}
+
+/* What the keeper said since the last round; -EPIPE once it is gone. */
+static int
+server_answer(struct server *srv, int64_t now)
+{
+	struct ctl m;
+	int fds[CTL_FDS], rc;
+
+	while ((rc = ctl_recv(srv->ctl, &m, fds)) != -EAGAIN) {
+		if (rc == 0)
+			return -EPIPE;
+		if (rc == -EMFILE && m.type == K_CONN) {
+			/* The connection could not be taken in: the keeper
+			 * turns it away, as it would at its own EMFILE. */
+			closefd(&fds[0]);
+			closefd(&fds[1]);
+			ask_close(srv, (int)m.slot, m.gen, -1);
+			continue;
+		}
+		if (rc < 0)
+			return rc;
+		switch (m.type) {
+		case K_CONN:
+			answer_conn(srv, &m, fds, now);
+			break;
+		case K_DROP:
+			answer_drop(srv, &m);
+			break;
+		case K_HELD:
+			answer_held(srv, &m);
+			break;
+		case K_UNHELD:
+			answer_unheld(srv, &m);
+			break;
+		case K_UNLISTENED:
+			answer_unlistened(srv);
+			break;
+		case K_STOP:
+			answer_stop(srv, m.arg);
+			break;
+		case K_USR1:
+			answer_usr1(srv);
+			break;
+		}
+		closefd(&fds[0]);
+		closefd(&fds[1]);
+	}
+	return 0;
+}
+
+static int
+stop_asked(int ctl)
+{
+	struct ctl m;
+	struct iovec iov = { &m, sizeof(m) };
+	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
+
+	return recvmsg(ctl, &mh, MSG_PEEK | MSG_DONTWAIT) == (ssize_t)sizeof(m) &&
+	    m.type == K_STOP;
+}
+
+/* ------------------------------------------------------------------------
+ * 12. The server loop
+ *
+ * The server's one epoll loop takes the connections the keeper hands it,
+ * reads handshakes, watches pidfds and ends sessions; the serving threads
+ * serve the uffds. A round waits once, notes what is ready on each
+ * session, then steps only the sessions with something to do (an event, a
+ * deferred fault, population) or a deadline passed: what one round costs
+ * in syscalls does not grow with the number of sessions.
+ *
+ * A connection becomes a VMM when it sends its first byte (an fd comes
+ * with one). Only a VMM is ever killed: a peer that sent nothing (a probe,
+ * a second handler checking whether the socket is live) has registered no
+ * memory with anyone, so it is closed and the handler goes on listening.
+ * ------------------------------------------------------------------------ */
 
 static int
 watch(struct server *srv, int fd, struct watch *w)
@@ -3573,7 +5350,7 @@ session_outcome(struct server *srv, struct session *s, int rc)
 
 	if (__atomic_compare_exchange_n(&s->outcome, &none, rc < 0 ? rc : 1, 0,
 	    __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
-		(void)!write(srv->notefd, &one, sizeof(one));
+		(void)!write(srv->w.notefd, &one, sizeof(one));
 }
 
 static void
@@ -3622,9 +5399,9 @@ serving_thread(void *arg)
 
 	for (;;) {
 		__atomic_fetch_add(&t->epoch, 1, __ATOMIC_SEQ_CST);
-		n = epoll_wait(t->srv->wepfd, &e, 1, -1);
+		n = epoll_wait(t->srv->w.wepfd, &e, 1, -1);
 		__atomic_fetch_add(&t->epoch, 1, __ATOMIC_SEQ_CST);
-		if (__atomic_load_n(&t->srv->stop, __ATOMIC_SEQ_CST))
+		if (__atomic_load_n(&t->srv->w.stop, __ATOMIC_SEQ_CST))
 			return NULL;
 		if (n == 1 && e.data.ptr != NULL)
 			serve_turn(t->srv, e.data.ptr, t->id, e.events);
@@ -3634,11 +5411,11 @@ serving_thread(void *arg)
 static void
 popq_remove(struct server *srv, struct session *s)
 {
-	pthread_mutex_lock(&srv->popmu);
-	for (size_t i = 0; i < srv->npop; i++)
-		if (srv->popq[i] == s)
-			srv->popq[i--] = srv->popq[--srv->npop];
-	pthread_mutex_unlock(&srv->popmu);
+	pthread_mutex_lock(&srv->w.popmu);
+	for (size_t i = 0; i < srv->w.npop; i++)
+		if (srv->w.popq[i] == s)
+			srv->w.popq[i--] = srv->w.popq[--srv->w.npop];
+	pthread_mutex_unlock(&srv->w.popmu);
 }
 
 static int
@@ -3647,17 +5424,17 @@ popq_add(struct server *srv, struct session *s)
 	struct session **q;
 	int rc = 0;
 
-	pthread_mutex_lock(&srv->popmu);
-	if ((q = grow_array(srv->popq, &srv->popcap, srv->npop, sizeof(*q), 16)) == NULL)
+	pthread_mutex_lock(&srv->w.popmu);
+	if ((q = grow_array(srv->w.popq, &srv->w.popcap, srv->w.npop, sizeof(*q), 16)) == NULL)
 		rc = -ENOMEM;
 	else
-		srv->popq = q;
+		srv->w.popq = q;
 	if (rc == 0) {
-		srv->popq[srv->npop++] = s;
-		srv->popgen++;
-		pthread_cond_broadcast(&srv->popcv);
+		srv->w.popq[srv->w.npop++] = s;
+		srv->w.popgen++;
+		pthread_cond_broadcast(&srv->w.popcv);
 	}
-	pthread_mutex_unlock(&srv->popmu);
+	pthread_mutex_unlock(&srv->w.popmu);
 	return rc;
 }
 
@@ -3687,21 +5464,21 @@ population_thread(void *arg)
 	int rc;
 
 	for (;;) {
-		pthread_mutex_lock(&srv->popmu);
-		if (dry >= srv->npop)
-			idle_gen = srv->popgen;
-		while ((srv->npop == 0 || idle_gen == srv->popgen) &&
-		    !__atomic_load_n(&srv->stop, __ATOMIC_SEQ_CST))
-			pthread_cond_wait(&srv->popcv, &srv->popmu);
-		if (__atomic_load_n(&srv->stop, __ATOMIC_SEQ_CST)) {
-			pthread_mutex_unlock(&srv->popmu);
+		pthread_mutex_lock(&srv->w.popmu);
+		if (dry >= srv->w.npop)
+			idle_gen = srv->w.popgen;
+		while ((srv->w.npop == 0 || idle_gen == srv->w.popgen) &&
+		    !__atomic_load_n(&srv->w.stop, __ATOMIC_SEQ_CST))
+			pthread_cond_wait(&srv->w.popcv, &srv->w.popmu);
+		if (__atomic_load_n(&srv->w.stop, __ATOMIC_SEQ_CST)) {
+			pthread_mutex_unlock(&srv->w.popmu);
 			return NULL;
 		}
-		if (idle_gen != srv->popgen)
+		if (idle_gen != srv->w.popgen)
 			dry = 0;
-		s = srv->popq[next++ % srv->npop];
+		s = srv->w.popq[next++ % srv->w.npop];
 		rc = session_enter(s);
-		pthread_mutex_unlock(&srv->popmu);
+		pthread_mutex_unlock(&srv->w.popmu);
 		if (!rc)
 			continue;
 		rc = serve_round(&s->lanes[t->id], 0);
@@ -3720,7 +5497,7 @@ quiesce(struct server *srv, struct session *s)
 {
 	popq_remove(srv, s);
 	__atomic_store_n(&s->open, 0, __ATOMIC_SEQ_CST);
-	epoll_ctl(srv->wepfd, EPOLL_CTL_DEL, s->vm.uffd, NULL);
+	epoll_ctl(srv->w.wepfd, EPOLL_CTL_DEL, s->vm.uffd, NULL);
 	while (__atomic_load_n(&s->users, __ATOMIC_SEQ_CST) > 0)
 		pause_us(DEFER_US);
 }
@@ -3732,9 +5509,9 @@ publish(struct server *srv, struct session *s)
 	struct epoll_event e = { .events = EPOLLIN | EPOLLONESHOT, .data.ptr = s };
 
 	s->threaded = 1;
-	s->wepfd = srv->wepfd;
+	s->wepfd = srv->w.wepfd;
 	__atomic_store_n(&s->open, 1, __ATOMIC_SEQ_CST);
-	if (epoll_ctl(srv->wepfd, EPOLL_CTL_ADD, s->vm.uffd, &e) < 0) {
+	if (epoll_ctl(srv->w.wepfd, EPOLL_CTL_ADD, s->vm.uffd, &e) < 0) {
 		logmsg(LOG_ERROR, "epoll_ctl(ADD, uffd %d): %s", s->vm.uffd,
 		    strerror(errno));
 		return -errno;
@@ -3745,8 +5522,8 @@ publish(struct server *srv, struct session *s)
 static int
 grave_ready(const struct server *srv, const struct grave *g)
 {
-	for (int i = 0; i < srv->nthreads; i++) {
-		uint64_t e = __atomic_load_n(&srv->threads[i].epoch, __ATOMIC_SEQ_CST);
+	for (int i = 0; i < srv->w.nthreads; i++) {
+		uint64_t e = __atomic_load_n(&srv->w.threads[i].epoch, __ATOMIC_SEQ_CST);
 
 		if (e < g->epoch[i] + (g->epoch[i] & 1 ? 2 : 1))
 			return 0;
@@ -3761,14 +5538,14 @@ bury(struct server *srv, struct session *s)
 {
 	struct grave *g;
 
-	if ((g = grow_array(srv->graves, &srv->gravecap, srv->ngraves, sizeof(*g),
+	if ((g = grow_array(srv->w.graves, &srv->w.gravecap, srv->w.ngraves, sizeof(*g),
 	    16)) == NULL)
 		return;
-	srv->graves = g;
-	g = &srv->graves[srv->ngraves++];
+	srv->w.graves = g;
+	g = &srv->w.graves[srv->w.ngraves++];
 	g->s = s;
-	for (int i = 0; i < srv->nthreads; i++)
-		g->epoch[i] = __atomic_load_n(&srv->threads[i].epoch, __ATOMIC_SEQ_CST);
+	for (int i = 0; i < srv->w.nthreads; i++)
+		g->epoch[i] = __atomic_load_n(&srv->w.threads[i].epoch, __ATOMIC_SEQ_CST);
 }
 
 static void
@@ -3776,12 +5553,12 @@ sweep_graves(struct server *srv, int all)
 {
 	size_t kept = 0;
 
-	for (size_t i = 0; i < srv->ngraves; i++)
-		if (all || grave_ready(srv, &srv->graves[i]))
-			session_destroy(srv->graves[i].s);
+	for (size_t i = 0; i < srv->w.ngraves; i++)
+		if (all || grave_ready(srv, &srv->w.graves[i]))
+			session_destroy(srv->w.graves[i].s);
 		else
-			srv->graves[kept++] = srv->graves[i];
-	srv->ngraves = kept;
+			srv->w.graves[kept++] = srv->w.graves[i];
+	srv->w.ngraves = kept;
 }
 
 static int
@@ -3824,25 +5601,25 @@ threads_start(struct server *srv)
 	if (opt.threads < 2)
 		return 0;
 	srv->wn = (struct watch){ NULL, W_NOTE };
-	if ((srv->wepfd = epoll_create1(EPOLL_CLOEXEC)) < 0 ||
-	    (srv->stopfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) < 0 ||
-	    (srv->notefd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) < 0 ||
-	    epoll_ctl(srv->wepfd, EPOLL_CTL_ADD, srv->stopfd, &e) < 0 ||
-	    watch(srv, srv->notefd, &srv->wn) < 0 ||
-	    (srv->threads = calloc((size_t)opt.threads, sizeof(*srv->threads))) == NULL) {
+	if ((srv->w.wepfd = epoll_create1(EPOLL_CLOEXEC)) < 0 ||
+	    (srv->w.stopfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) < 0 ||
+	    (srv->w.notefd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) < 0 ||
+	    epoll_ctl(srv->w.wepfd, EPOLL_CTL_ADD, srv->w.stopfd, &e) < 0 ||
+	    watch(srv, srv->w.notefd, &srv->wn) < 0 ||
+	    (srv->w.threads = calloc((size_t)opt.threads, sizeof(*srv->w.threads))) == NULL) {
 		logmsg(LOG_ERROR, "setting up the serving threads: %s", strerror(errno));
 		return -1;
 	}
-	if (start_group(srv, srv->threads, &srv->nthreads, 0, serving_thread) < 0)
+	if (start_group(srv, srv->w.threads, &srv->w.nthreads, 0, serving_thread) < 0)
 		return -1;
 	if (!opt.populate_all && !opt.populate_path)
 		return 0;
-	if ((srv->pops = calloc((size_t)opt.threads, sizeof(*srv->pops))) == NULL) {
+	if ((srv->w.pops = calloc((size_t)opt.threads, sizeof(*srv->w.pops))) == NULL) {
 		logmsg(LOG_ERROR, "setting up the population threads: %s",
 		    strerror(ENOMEM));
 		return -1;
 	}
-	return start_group(srv, srv->pops, &srv->npops, opt.threads,
+	return start_group(srv, srv->w.pops, &srv->w.npops, opt.threads,
 	    population_thread);
 }
 
@@ -3852,52 +5629,34 @@ threads_stop(struct server *srv)
 {
 	uint64_t one = 1;
 
-	pthread_mutex_lock(&srv->popmu);
-	__atomic_store_n(&srv->stop, 1, __ATOMIC_SEQ_CST);
-	pthread_cond_broadcast(&srv->popcv);
-	pthread_mutex_unlock(&srv->popmu);
-	if (srv->stopfd >= 0)
-		(void)!write(srv->stopfd, &one, sizeof(one));
-	for (int i = 0; i < srv->nthreads; i++)
-		pthread_join(srv->threads[i].tid, NULL);
-	for (int i = 0; i < srv->npops; i++)
-		pthread_join(srv->pops[i].tid, NULL);
-	srv->nthreads = srv->npops = 0;
+	pthread_mutex_lock(&srv->w.popmu);
+	__atomic_store_n(&srv->w.stop, 1, __ATOMIC_SEQ_CST);
+	pthread_cond_broadcast(&srv->w.popcv);
+	pthread_mutex_unlock(&srv->w.popmu);
+	if (srv->w.stopfd >= 0)
+		(void)!write(srv->w.stopfd, &one, sizeof(one));
+	for (int i = 0; i < srv->w.nthreads; i++)
+		pthread_join(srv->w.threads[i].tid, NULL);
+	for (int i = 0; i < srv->w.npops; i++)
+		pthread_join(srv->w.pops[i].tid, NULL);
+	srv->w.nthreads = srv->w.npops = 0;
 	sweep_graves(srv, 1);
-	free(srv->graves);
-	free(srv->threads);
-	free(srv->pops);
-	free(srv->popq);
-	srv->graves = NULL;
-	srv->threads = NULL;
-	srv->pops = NULL;
-	srv->popq = NULL;
-	closefd(&srv->wepfd);
-	closefd(&srv->stopfd);
-	closefd(&srv->notefd);
-}
-
-/*
- * The exit code with several VMs is the gravest ending: a stopping signal,
- * then a fatal error (VMM killed), then a rejected handshake (VMM killed),
- * then 0, every VM gone its own way. One VM is the same rule.
- */
-static int
-exit_rank(int code)
-{
-	return code == EXIT_SIGNAL ? 4 : code == EXIT_FATAL ? 3 :
-	    code == EXIT_HANDSHAKE ? 2 : code == EXIT_SETUP ? 1 : 0;
-}
-
-static void
-note_exit(struct server *srv, int code)
-{
-	if (exit_rank(code) > exit_rank(srv->worst))
-		srv->worst = code;
+	free(srv->w.graves);
+	free(srv->w.threads);
+	free(srv->w.pops);
+	free(srv->w.popq);
+	srv->w.graves = NULL;
+	srv->w.threads = NULL;
+	srv->w.pops = NULL;
+	srv->w.popq = NULL;
+	closefd(&srv->w.wepfd);
+	closefd(&srv->w.stopfd);
+	closefd(&srv->w.notefd);
 }
 
 /* A VMM's session ends with its record, its counter line and its code; a
- * peer that sent nothing just goes. Freed at the end of the round. */
+ * peer that sent nothing just goes. The keeper lets go of the slot. Freed
+ * at the end of the round. */
 static void
 session_end(struct server *srv, struct session *s, int code)
 {
@@ -3909,13 +5668,15 @@ session_end(struct server *srv, struct session *s, int code)
 	unwatch(srv, s->vm.uffd);
 	unwatch(srv, s->vm.pidfd);
 	if (s->state != S_HELLO) {
-		write_record(s, srv->sigfd);
+		write_record(s, srv->ctl);
 		print_counters(s, code);
-		note_exit(srv, code);
+		note_worst(&srv->worst, code);
 		srv->live--;
 	}
 	session_teardown(s);
 	s->state = S_ENDED;
+	if (s->slot >= 0)
+		ask_close(srv, s->slot, s->gen, s->vmm ? code : EXIT_VM_GONE);
 }
 
 static void
@@ -3930,7 +5691,8 @@ fail_closed(struct server *srv, struct session *s, int code)
  * any send of the peer's fails (EPIPE), so what is queued then is all it
  * will have sent: a byte means a VMM that registered its memory and
  * believes it handed it over, to be killed; nothing, a peer that is no VMM
- * in restore, whose send is yet to fail.
+ * in restore, whose send is yet to fail. The peek looks from the start of
+ * the queue, wherever a server's reading of it had come to.
  */
 static int
 sent_anything(int conn)
@@ -3938,10 +5700,15 @@ sent_anything(int conn)
 	char c;
 	struct iovec iov = { &c, 1 };
 	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
+	int off = -1;
 
 	shutdown(conn, SHUT_RDWR);
+	setsockopt(conn, SOL_SOCKET, SO_PEEK_OFF, &off, sizeof(off));
 	return recvmsg(conn, &mh, MSG_PEEK | MSG_DONTWAIT) > 0;
 }
+
+static const char after_last[] = "it came after the last VMM this handler "
+    "takes, or as it stopped";
 
 /* Closes a connection that has sent nothing so far, unless a byte came
  * since the last read: then it is a VMM, and killed. */
@@ -3949,9 +5716,14 @@ static void
 drop_peer(struct server *srv, struct session *s, const char *why)
 {
 	if (sent_anything(s->vm.conn)) {
-		logmsg(LOG_ERROR, "refused VMM pid %d: its handshake came as it "
-		    "was closed (it %s)", (int)s->vm.pid, why);
+		if (s->fresh)
+			logmsg(LOG_ERROR, "refused VMM pid %d: %s", (int)s->vm.pid,
+			    after_last);
+		else
+			logmsg(LOG_ERROR, "refused VMM pid %d: its handshake came as "
+			    "it was closed (it %s)", (int)s->vm.pid, why);
 		s->state = S_HANDSHAKE;
+		s->vmm = 1;
 		srv->live++;
 		fail_closed(srv, s, EXIT_HANDSHAKE);
 		return;
@@ -3961,86 +5733,42 @@ drop_peer(struct server *srv, struct session *s, const char *why)
 	session_end(srv, s, EXIT_VM_GONE);
 }
 
-static void
-reserve_release(struct server *srv)
-{
-	closefd(&srv->reserve[0]);
-	closefd(&srv->reserve[1]);
-}
-
-/* Two spare descriptors: at EMFILE one accepts the connection and one
- * takes the peer's pidfd, so a VMM is killed, not left in the backlog with
- * its memory registered. */
+/*
+ * A connection that cannot be taken: killed if it was a VMM (see
+ * sent_anything), closed otherwise; the descriptors given are closed.
+ * Returns 1 when it was a VMM.
+ */
 static int
-reserve_fill(struct server *srv)
+turn_away(int conn, int pidfd, pid_t pid, const char *why)
 {
-	for (int i = 0; i < 2; i++)
-		if (srv->reserve[i] < 0 &&
-		    (srv->reserve[i] = fcntl(srv->sigfd, F_DUPFD_CLOEXEC, 0)) < 0)
-			return -errno;
-	return 0;
-}
+	int vmm = sent_anything(conn);
 
-/* A connection the handler cannot take: killed if it was a VMM (see
- * sent_anything), closed otherwise. Returns 1 when it was a VMM. */
-static int
-turn_away(int conn, const char *why)
-{
-	int pidfd = -1, vmm = sent_anything(conn);
-	pid_t pid;
-
-	if (vmm) {
+	if (pidfd < 0 && pid == 0)
 		peer_of(conn, &pid, &pidfd);
+	if (vmm) {
 		logmsg(LOG_ERROR, "refused VMM pid %d: %s", (int)pid, why);
 		kill_peer(pidfd, pid);
-		closefd(&pidfd);
 	} else {
-		peer_of(conn, &pid, &pidfd);
-		closefd(&pidfd);
 		logmsg(LOG_WARN, "closed a connection from pid %d before it sent "
 		    "anything: %s", (int)pid, why);
 	}
+	closefd(&pidfd);
 	close(conn);
 	return vmm;
 }
 
-/* Removes SOCKET if it is still this handler's: another may have taken
- * the path since. */
-static void
-unlink_own(struct server *srv)
-{
-	struct stat st;
-
-	if (lstat(opt.socket_path, &st) < 0 || st.st_dev != srv->sock_st.st_dev ||
-	    st.st_ino != srv->sock_st.st_ino)
-		return;
-	if (unlink(opt.socket_path) < 0)
-		logmsg(LOG_WARN, "unlink(%s): %s; the socket file stays (the next "
-		    "handler replaces it)", opt.socket_path, strerror(errno));
-}
-
 /*
- * No more VMMs. The socket file goes first, so no new peer finds it; then
- * the backlog is drained, because a VMM waiting there has sent its uffd
- * and would wait forever once the socket is closed; then the peers that
- * sent nothing go.
+ * No more VMMs. The keeper removes the socket file, then hands over the
+ * backlog, which is refused here (a VMM waiting there has sent its uffd);
+ * the peers that sent nothing go.
  */
 static void
 stop_listening(struct server *srv, const char *why)
 {
-	int conn;
-
-	if (srv->lfd < 0)
+	if (srv->unlisten_asked)
 		return;
-	unlink_own(srv);
-	reserve_release(srv);
-	while ((conn = accept4(srv->lfd, NULL, NULL, SOCK_CLOEXEC)) >= 0 ||
-	    errno == EINTR || errno == ECONNABORTED)
-		if (conn >= 0 && turn_away(conn, "it came after the last VMM this "
-		    "handler takes, or as it stopped"))
-			note_exit(srv, EXIT_HANDSHAKE);
-	unwatch(srv, srv->lfd);
-	closefd(&srv->lfd);
+	srv->unlisten_asked = 1;
+	ask_unlisten(srv);
 	for (size_t i = 0; i < srv->n; i++)
 		if (srv->s[i]->state == S_HELLO)
 			drop_peer(srv, srv->s[i], why);
@@ -4059,68 +5787,23 @@ static void
 vmm_arrived(struct server *srv, struct session *s)
 {
 	s->state = S_HANDSHAKE;
+	s->vmm = 1;
 	srv->live++;
+	ask_vmm(srv, s);
 	count_vmm(srv);
 }
 
+/* A connection the keeper handed over that cannot be taken: code is the
+ * ending if it was a VMM. */
 static void
-refuse(struct server *srv, int conn, const char *why)
+refuse(struct server *srv, const struct ctl *m, int conn, int pidfd, int code,
+    const char *why)
 {
-	if (turn_away(conn, why)) {
-		note_exit(srv, EXIT_FATAL);
-		count_vmm(srv);
-	}
-}
+	int vmm = turn_away(conn, pidfd, (pid_t)m->pid, why);
 
-/* Accepting fails for a while (no descriptor, no memory): the listener
- * leaves the set until then rather than wake every round. */
-static void
-pause_listener(struct server *srv, int64_t now, const char *why)
-{
-	struct epoll_event e = { .events = 0, .data.ptr = &srv->wl };
-
-	if (!srv->pause_logged)
-		logmsg(LOG_ERROR, "accept(%s): %s; accepting again every %d ms",
-		    opt.socket_path, why, PAUSE_MS);
-	srv->pause_logged = 1;
-	epoll_ctl(srv->epfd, EPOLL_CTL_MOD, srv->lfd, &e);
-	srv->paused = now + PAUSE_MS;
-}
-
-static void
-resume_listener(struct server *srv, int64_t now)
-{
-	struct epoll_event e = { .events = EPOLLIN, .data.ptr = &srv->wl };
-
-	if (srv->paused == 0 || now < srv->paused || srv->lfd < 0)
-		return;
-	epoll_ctl(srv->epfd, EPOLL_CTL_MOD, srv->lfd, &e);
-	srv->paused = 0;
-}
-
-static const char no_fds[] = "out of file descriptors (EMFILE); each VM "
-    "needs 3, raise the limit (ulimit -n)";
-
-/* EMFILE: the spare descriptors take a connection, to be refused; -1
- * when there was none or accepting is paused. */
-static int
-accept_spare(struct server *srv, int64_t now)
-{
-	int conn, err;
-
-	reserve_release(srv);
-	conn = accept4(srv->lfd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
-	err = errno;
-	if (conn >= 0)
-		refuse(srv, conn, no_fds);
-	if (srv->lfd < 0)
-		return -1;
-	if (reserve_fill(srv) < 0 || (conn < 0 && err != EAGAIN)) {
-		pause_listener(srv, now, conn < 0 ? strerror(err) :
-		    "no spare descriptor left");
-		return -1;
-	}
-	return conn >= 0 ? 0 : -1;
+	if (vmm)
+		note_worst(&srv->worst, code);
+	ask_close(srv, (int)m->slot, m->gen, vmm ? code : EXIT_VM_GONE);
 }
 
 static int
@@ -4153,63 +5836,65 @@ evict_silent(struct server *srv, size_t max, const char *why)
 	return 1;
 }
 
+/* A session for a connection of the keeper's slot; NULL when it was
+ * refused. The handshake is read by peeking (see recv_chunk), from the
+ * start of the queue. */
+static struct session *
+session_for(struct server *srv, const struct ctl *m, int conn, int pidfd,
+    int64_t since)
+{
+	struct session *s;
+	pid_t pid = (pid_t)m->pid;
+	int off = 0;
+
+	if (grow(srv) < 0 || (s = session_new(conn, &srv->in->chain)) == NULL) {
+		refuse(srv, m, conn, pidfd, EXIT_FATAL, "out of memory");
+		return NULL;
+	}
+	s->slot = (int)m->slot;
+	s->gen = m->gen;
+	s->vm.pidfd = pidfd;
+	s->vm.pid = pid;
+	s->record_fd = srv->in->record_fd;
+	s->pop_list = srv->in->list;
+	s->pop_n = srv->in->nlist;
+	s->deadline = since + (int64_t)opt.handshake_timeout * 1000;
+	setsockopt(conn, SOL_SOCKET, SO_PEEK_OFF, &off, sizeof(off));
+	if (watch(srv, conn, &s->w[W_CONN]) < 0 ||
+	    (pidfd >= 0 && watch(srv, pidfd, &s->w[W_PIDFD]) < 0)) {
+		unwatch(srv, conn);
+		s->vm.conn = s->vm.pidfd = -1;
+		session_destroy(s);
+		refuse(srv, m, conn, pidfd, EXIT_FATAL, "epoll_ctl failed");
+		return NULL;
+	}
+	if (pidfd < 0)
+		logmsg(LOG_WARN, "no pidfd for the peer (pid %d): its exit is seen "
+		    "only through the uffd", (int)pid);
+	if (pid <= 0)
+		logmsg(LOG_WARN, "the peer's pid is not visible here (another pid "
+		    "namespace?): it cannot be killed on a fatal error");
+	srv->s[srv->n++] = s;
+	return s;
+}
+
 /* A new connection, in its handshake; Firecracker sends at once, so it is
  * read in this very round. */
 static void
-add_peer(struct server *srv, int conn, int64_t now)
+add_peer(struct server *srv, const struct ctl *m, int conn, int pidfd,
+    int64_t now)
 {
 	struct session *s;
-	int rc = -ENOMEM;
 
-	if (grow(srv) < 0 || (s = session_new(conn, &srv->in.chain)) == NULL) {
-		refuse(srv, conn, "out of memory");
+	if (srv->unlisten_asked) {
+		refuse(srv, m, conn, pidfd, EXIT_HANDSHAKE, after_last);
 		return;
 	}
-	rc = session_open(s);
-	if (out_of_fds(-rc) && evict_silent(srv, 0, "made room: out of descriptors"))
-		rc = session_open(s);
-	if (rc < 0 || (rc = watch(srv, conn, &s->w[W_CONN])) < 0 ||
-	    (s->vm.pidfd >= 0 && (rc = watch(srv, s->vm.pidfd, &s->w[W_PIDFD])) < 0)) {
-		unwatch(srv, conn);
-		unwatch(srv, s->vm.pidfd);
-		s->vm.conn = -1;
-		session_destroy(s);
-		refuse(srv, conn, out_of_fds(-rc) ? no_fds : strerror(-rc));
+	if ((s = session_for(srv, m, conn, pidfd, now)) == NULL)
 		return;
-	}
-	s->record_fd = srv->in.record_fd;
-	s->pop_list = srv->in.list;
-	s->pop_n = srv->in.nlist;
-	s->deadline = now + (int64_t)opt.handshake_timeout * 1000;
 	s->ev[W_CONN] = EPOLLIN;
 	s->fresh = 1;
-	srv->s[srv->n++] = s;
 	evict_silent(srv, MAX_SILENT, "made room for newer connections");
-}
-
-static void
-accept_all(struct server *srv, int64_t now)
-{
-	for (int i = 0; srv->lfd >= 0 && i < ACCEPT_BATCH; i++) {
-		int conn = accept4(srv->lfd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
-		int err = errno;
-
-		if (conn >= 0) {
-			srv->pause_logged = 0;
-			add_peer(srv, conn, now);
-		} else if (err == EAGAIN) {
-			return;
-		} else if (out_of_fds(err)) {
-			/* A peer that sent nothing gives up its descriptors
-			 * before a VMM is refused for want of them. */
-			if (!evict_silent(srv, 0, "made room: out of descriptors") &&
-			    accept_spare(srv, now) < 0)
-				return;
-		} else if (err != EINTR && err != ECONNABORTED) {
-			pause_listener(srv, now, strerror(err));
-			return;
-		}
-	}
 }
 
 static void
@@ -4270,7 +5955,26 @@ start_serving(struct server *srv, struct session *s)
 	}
 	s->state = S_SERVING;
 	population_begin(s);
-	return opt.threads > 1 ? publish(srv, s) : watch(srv, s->vm.uffd, &s->w[W_UFFD]);
+	return opt.threads > 1 ? publish(srv, s) :
+	    watch(srv, s->vm.uffd, &s->w[W_UFFD]);
+}
+
+/*
+ * The handshake is taken: the uffd and the state go to the keeper, and
+ * the VM is served at once. The message is taken off the socket (it was
+ * read by peeking) only once the keeper says it holds them (K_HELD), so a
+ * server that dies before leaves it for the next to read.
+ */
+static int
+take_handshake(struct server *srv, struct session *s)
+{
+	int rc;
+
+	if ((rc = ask_hold(srv, s)) < 0) {
+		logmsg(LOG_ERROR, "handing the uffd to the keeper: %s", strerror(-rc));
+		return rc;
+	}
+	return start_serving(srv, s);
 }
 
 /* The handshake as far as it has arrived, and its deadline. */
@@ -4302,7 +6006,7 @@ handshake_step(struct server *srv, struct session *s, int64_t now)
 		n = -ETIMEDOUT;
 	}
 	if (n >= 0 && (n = accept_handshake(s, n)) == 0) {
-		if (start_serving(srv, s) < 0)
+		if (take_handshake(srv, s) < 0)
 			fail_closed(srv, s, EXIT_FATAL);
 		return;
 	}
@@ -4388,7 +6092,7 @@ reap_sessions(struct server *srv)
 	sweep_graves(srv, 0);
 }
 
-/* Kills every VMM, closes every other peer, removes the socket. */
+/* Kills every VMM, closes every other peer, has the socket removed. */
 static void
 stop_all(struct server *srv, int code)
 {
@@ -4399,31 +6103,12 @@ stop_all(struct server *srv, int code)
 	reap_sessions(srv);
 }
 
-/* SIGUSR1 prints every VM's counters and goes on; a stopping signal
- * returns -ECANCELED. */
-static int
-take_signal(struct server *srv)
-{
-	struct signalfd_siginfo si;
-
-	while (read(srv->sigfd, &si, sizeof(si)) == (ssize_t)sizeof(si)) {
-		if (si.ssi_signo != SIGUSR1) {
-			logmsg(LOG_WARN, "received %s", strsignal((int)si.ssi_signo));
-			return -ECANCELED;
-		}
-		for (size_t i = 0; i < srv->n; i++)
-			if (srv->s[i]->state == S_SERVING)
-				print_counters(srv->s[i], -1);
-	}
-	return 0;
-}
-
 /* --accept-timeout: the clock runs while no VMM is connected and the
  * socket is open, from the start and again after the last VM. */
 static void
 idle_clock(struct server *srv, int64_t now)
 {
-	if (opt.accept_timeout == 0 || srv->lfd < 0 || srv->live > 0)
+	if (opt.accept_timeout == 0 || srv->unlisten_asked || srv->live > 0)
 		srv->idle_end = INT64_MAX;
 	else if (srv->idle_end == INT64_MAX)
 		srv->idle_end = now + (int64_t)opt.accept_timeout * 1000;
@@ -4449,8 +6134,6 @@ wait_ms(const struct server *srv)
 {
 	int64_t end = srv->idle_end, now = now_ms();
 
-	if (srv->paused && srv->paused < end)
-		end = srv->paused;
 	for (size_t i = 0; i < srv->n; i++) {
 		const struct session *s = srv->s[i];
 		int64_t t = s->deadline;
@@ -4473,13 +6156,13 @@ wait_ms(const struct server *srv)
 static void
 confine_serving(struct server *srv)
 {
-	if (!opt.seccomp || srv->tight || srv->lfd >= 0)
+	if (!opt.seccomp || srv->tight || srv->listening)
 		return;
 	for (size_t i = 0; i < srv->n; i++)
 		if (srv->s[i]->state == S_HELLO || srv->s[i]->state == S_HANDSHAKE)
 			return;
 	srv->tight = 1;
-	if (seccomp_confine(0) < 0)
+	if (seccomp_confine(STAGE_SERVING, -1) < 0)
 		logmsg(LOG_WARN, "serving on under the filter for accepting");
 }
 
@@ -4488,18 +6171,29 @@ dispatch(struct server *srv, const struct epoll_event *e)
 {
 	struct watch *w = e->data.ptr;
 
-	if (w->what == W_LISTEN)
-		srv->listen_ev = 1;
-	else if (w->what == W_SIGNAL)
-		srv->signal_ev = 1;
+	if (w->what == W_CTL)
+		srv->ctl_ev = 1;
 	else if (w->what == W_NOTE)
 		srv->note_ev = 1;
 	else
 		w->s->ev[w->what] |= e->events;
 }
 
-/* Returns the exit code once the last VM is gone, on a stopping signal or
- * at the accept timeout. */
+/* The keeper is gone (it never should be): the VMs served go on being
+ * served, and the server ends with the last of them. */
+static void
+keeper_gone(struct server *srv)
+{
+	logmsg(LOG_ERROR, "the keeper is gone: serving on until the last VM "
+	    "ends, taking no connection");
+	unwatch(srv, srv->ctl);
+	closefd(&srv->ctl);
+	srv->listening = 0;
+	srv->unlisten_asked = 1;
+}
+
+/* Returns the exit code once the last VM is gone, when the keeper says
+ * stop, or at the accept timeout. */
 static int
 run(struct server *srv)
 {
@@ -4508,13 +6202,17 @@ run(struct server *srv)
 	int n;
 
 	for (;;) {
-		/* After a round, so that a VMM queued at the deadline is
+		/* After a round, so that a VMM handed over at the deadline is
 		 * taken rather than refused. */
 		idle_clock(srv, now);
-		/* A stopping signal that came as the last VM ended (it may
-		 * have cut the record short) still makes the exit code. */
-		if (srv->lfd < 0 && srv->n == 0)
-			return take_signal(srv) < 0 ? EXIT_SIGNAL : srv->worst;
+		if (srv->stop == EXIT_HANDOVER)
+			return EXIT_HANDOVER;
+		if (srv->stop) {
+			stop_all(srv, srv->stop);
+			return srv->stop;
+		}
+		if (!srv->listening && srv->n == 0)
+			return srv->worst;
 		if (now >= srv->idle_end)
 			return idle_timeout(srv);
 		confine_serving(srv);
@@ -4527,19 +6225,14 @@ run(struct server *srv)
 		}
 		for (int i = 0; i < n; i++)
 			dispatch(srv, &ev[i]);
-		if (srv->signal_ev && take_signal(srv) < 0) {
-			stop_all(srv, EXIT_SIGNAL);
-			return EXIT_SIGNAL;
-		}
+		if (srv->ctl_ev && server_answer(srv, now) < 0)
+			keeper_gone(srv);
 		if (srv->note_ev) {
 			uint64_t v;
 
-			(void)!read(srv->notefd, &v, sizeof(v));
+			(void)!read(srv->w.notefd, &v, sizeof(v));
 		}
-		resume_listener(srv, now);
-		if (srv->listen_ev)
-			accept_all(srv, now);
-		srv->listen_ev = srv->signal_ev = srv->note_ev = 0;
+		srv->ctl_ev = srv->note_ev = 0;
 		step_all(srv, now);
 		reap_sessions(srv);
 	}
@@ -4548,83 +6241,354 @@ run(struct server *srv)
 static int
 server_init(struct server *srv)
 {
-	srv->wl = (struct watch){ NULL, W_LISTEN };
-	srv->ws = (struct watch){ NULL, W_SIGNAL };
+	srv->wc = (struct watch){ NULL, W_CTL };
 	if ((srv->epfd = epoll_create1(EPOLL_CLOEXEC)) < 0 ||
-	    watch(srv, srv->lfd, &srv->wl) < 0 ||
-	    watch(srv, srv->sigfd, &srv->ws) < 0 || reserve_fill(srv) < 0) {
+	    watch(srv, srv->ctl, &srv->wc) < 0) {
 		logmsg(LOG_ERROR, "setting up the loop: %s", strerror(errno));
 		return -1;
 	}
 	return 0;
 }
 
-/* Safe to call twice, and on a server half set up. */
+/* The server steps aside for an upgrade: its threads joined, every
+ * session left as it is (the keeper holds them, their state is in their
+ * memfds) and freed, with nothing said or killed. */
+static void
+server_leave(struct server *srv)
+{
+	for (size_t i = 0; i < srv->n; i++)
+		if (srv->s[i]->threaded)
+			quiesce(srv, srv->s[i]);
+	threads_stop(srv);
+	for (size_t i = 0; i < srv->n; i++)
+		session_destroy(srv->s[i]);
+	srv->n = 0;
+}
+
+/* Safe to call twice, and on a server half set up. What it inherited from
+ * the keeper and did not adopt is closed too. */
 static void
 server_close(struct server *srv)
 {
+	struct keeper *k = srv->k;
+
 	stop_all(srv, EXIT_FATAL);
 	threads_stop(srv);
 	free(srv->s);
 	srv->s = NULL;
 	srv->cap = 0;
 	closefd(&srv->epfd);
-	closefd(&srv->sigfd);
-	reserve_release(srv);
-	chain_close(&srv->in.chain);
-	closefd(&srv->in.record_fd);
-	free(srv->in.list);
-	srv->in.list = NULL;
+	closefd(&srv->ctl);
+	chain_close(&k->in.chain);
+	closefd(&k->in.record_fd);
+	free(k->in.list);
+	k->in.list = NULL;
+	free(k->slot);
+	k->slot = NULL;
+	k->nslot = 0;
+}
+
+/* What a dead server may have installed without marking it: taken as
+ * present (an EEXIST there is no exhausted pool), and, for a fault,
+ * recorded. */
+static void
+settle_marks(struct session *s)
+{
+	for (int i = 0; i < MAX_LANES; i++) {
+		struct install_mark *m = &s->vm.st->marks[i];
+		struct region *r = m->len ? find_region(s, m->dst) : NULL;
+		uint64_t idx, n;
+
+		if (r != NULL) {
+			idx = (m->dst - r->base) / r->page_size;
+			n = m->len / r->page_size;
+			n = idx + n > r->size / r->page_size ? r->size / r->page_size - idx : n;
+			for (uint64_t p = idx; p < idx + n; p++)
+				bit_set(r->present, p);
+			if (m->fault)
+				record_pages(s, r, idx, n);
+		}
+		m->len = 0;
+	}
+}
+
+/* Every registered range woken: the faults a dead server read and never
+ * served come again as new messages. */
+static void
+wake_all(struct session *s)
+{
+	int rc;
+
+	for (size_t i = 0; i < s->nregions; i++)
+		if ((rc = uffdio_wake(&s->lanes[0], s->regions[i].base,
+		    s->regions[i].size)) < 0)
+			log_failure(&s->lanes[0], LOG_WARN, rc);
+}
+
+/* Population had finished, with --detach, when the server before died:
+ * the regions are let go of here. */
+static int
+detach_due(const struct session *s)
+{
+	const struct vm_state *st = s->vm.st;
+
+	return opt.detach && (st->detaching || (st->steps > 0 &&
+	    s->steps_left == 0 && !st->pop_failed));
+}
+
+/* The detach a server before began, or was about to, done before any
+ * thread can enter the session. */
+static void
+adopt_detach(struct server *srv, struct session *s)
+{
+	int rc = lanes_open(s);
+
+	if (rc == 0) {
+		s->state = S_SERVING;
+		rc = detach(&s->lanes[0]);
+	}
+	if (rc < 0)
+		fail_closed(srv, s, EXIT_FATAL);
+	else
+		session_end(srv, s, EXIT_VM_GONE);
+}
+
+/*
+ * A session the keeper held when this server was forked, as the server
+ * before left its state. If that server died between reading the uffd and
+ * recording the REMOVEs it read, nobody can know which pages must read as
+ * zero: that VMM, and only it, is killed. Otherwise what the dead server
+ * may have installed is settled, the session serves on, and every range is
+ * woken.
+ */
+static void
+adopt_held(struct server *srv, size_t i, struct slot *sl)
+{
+	struct ctl m = { K_CONN, (uint32_t)i, sl->gen, 0, sl->vm.pid };
+	struct session *s = session_for(srv, &m, sl->vm.conn, sl->vm.pidfd,
+	    sl->since);
+	int rc;
+
+	if (s == NULL) {
+		closefd(&sl->vm.uffd);
+		closefd(&sl->vm.statefd);
+		return;
+	}
+	s->vm.uffd = sl->vm.uffd;
+	s->vm.statefd = sl->vm.statefd;
+	s->state = S_HANDSHAKE;
+	s->vmm = 1;
+	srv->live++;
+	rc = state_map(s->vm.statefd, &s->vm.st);
+	closefd(&s->vm.statefd);	/* the keeper's copy keeps it */
+	if (rc < 0) {
+		logmsg(LOG_ERROR, "VMM pid %d: its state cannot be read (%s): the "
+		    "pages it removed are not known", (int)s->vm.pid, strerror(-rc));
+		fail_closed(srv, s, EXIT_FATAL);
+		return;
+	}
+	if (s->vm.st->reading & 1) {
+		logmsg(LOG_ERROR, "VMM pid %d: the server before died while reading "
+		    "its uffd, so a REMOVE it read may be lost", (int)s->vm.pid);
+		fail_closed(srv, s, EXIT_FATAL);
+		return;
+	}
+	if ((rc = state_attach(s)) < 0 || (rc = zeros_map(s)) < 0) {
+		logmsg(LOG_ERROR, "adopting VMM pid %d: %s", (int)s->vm.pid,
+		    strerror(-rc));
+		fail_closed(srv, s, EXIT_FATAL);
+		return;
+	}
+	settle_marks(s);
+	consume_handshake(s);
+	population_begin(s);
+	if (detach_due(s)) {
+		adopt_detach(srv, s);
+		return;
+	}
+	if ((rc = start_serving(srv, s)) < 0) {
+		fail_closed(srv, s, EXIT_FATAL);
+		return;
+	}
+	wake_all(s);
+}
+/*
+ * A session the keeper held when this server was forked, in its
+ * handshake: read again from the start of its queue, which a server
+ * before may have peeked at but never took.
+ */
+static void
+adopt_conn(struct server *srv, size_t i, struct slot *sl)
+{
+	struct ctl m = { K_CONN, (uint32_t)i, sl->gen, 0, sl->vm.pid };
+	struct session *s = session_for(srv, &m, sl->vm.conn, sl->vm.pidfd,
+	    sl->since);
+
+	if (s == NULL)
+		return;
+	s->ev[W_CONN] = EPOLLIN;
+	if (sl->vmm) {
+		s->state = S_HANDSHAKE;
+		s->vmm = 1;
+		srv->live++;
+	}
+}
+
+static void
+adopt_slots(struct server *srv)
+{
+	struct keeper *k = srv->k;
+	size_t adopted = 0;
+
+	for (size_t i = 0; i < k->nslot; i++) {
+		struct slot *sl = &k->slot[i];
+
+		if (sl->state == SLOT_CONN)
+			adopt_conn(srv, i, sl);
+		else if (sl->state == SLOT_HELD)
+			adopt_held(srv, i, sl);
+		adopted += sl->state != SLOT_FREE;
+		/* Its descriptors are the session's now, or closed. */
+		sl->vm = (struct vm){ -1, -1, -1, -1, 0, NULL };
+		sl->state = SLOT_FREE;
+	}
+	if (adopted > 0)
+		logmsg(LOG_INFO, "server pid %d adopted %zu session(s)", (int)getpid(),
+		    adopted);
+}
+
+/*
+ * The server, forked from the keeper with a copy of it: its own
+ * oom_score_adj, the keeper's descriptors it has no use for closed, its
+ * filter and threads, every slot adopted; then the loop, and the exit
+ * code told to the keeper.
+ */
+static int
+server_main(struct keeper *k, int ctl)
+{
+	struct server srv = { .epfd = -1, .ctl = ctl, .k = k, .in = &k->in,
+	    .listening = k->ls.lfd >= 0, .vmms = k->vmms, .worst = k->worst,
+	    .idle_end = INT64_MAX, .w = { .wepfd = -1, .stopfd = -1, .notefd = -1,
+	    .popmu = PTHREAD_MUTEX_INITIALIZER, .popcv = PTHREAD_COND_INITIALIZER } };
+	int code = EXIT_SETUP;
+
+	server_oom(k);
+	closefd(&k->ls.lfd);
+	reserve_release(&k->ls);
+	closefd(&k->sigfd);
+	closefd(&k->epfd);
+	if ((opt.seccomp && seccomp_confine(STAGE_ACCEPTING, -1) < 0) ||
+	    server_init(&srv) < 0 || threads_start(&srv) < 0) {
+		ask_done(&srv, code);
+	} else {
+		adopt_slots(&srv);
+		ask_ready(&srv);
+		code = run(&srv);
+		ask_done(&srv, code);
+	}
+	if (code == EXIT_HANDOVER)
+		server_leave(&srv);
+	server_close(&srv);
+	return code;
 }
 
 /* ------------------------------------------------------------------------
- * 12. Main
+ * 13. Main
  *
- * Setup, the loop, one teardown.
+ * The keeper's setup, its loop, one teardown.
  * ------------------------------------------------------------------------ */
+
+static int
+keeper_init(struct keeper *k)
+{
+	k->wl = (struct watch){ NULL, W_LISTEN };
+	k->ws = (struct watch){ NULL, W_SIGNAL };
+	k->wc = (struct watch){ NULL, W_CTL };
+	if ((k->epfd = epoll_create1(EPOLL_CLOEXEC)) < 0 || (k->ls.lfd >= 0 &&
+	    epoll_ctl(k->epfd, EPOLL_CTL_ADD, k->ls.lfd, &(struct epoll_event){
+	    .events = EPOLLIN, .data.ptr = &k->wl }) < 0) ||
+	    epoll_ctl(k->epfd, EPOLL_CTL_ADD, k->sigfd, &(struct epoll_event){
+	    .events = EPOLLIN, .data.ptr = &k->ws }) < 0 ||
+	    reserve_fill(&k->ls, k->sigfd) < 0) {
+		logmsg(LOG_ERROR, "setting up the keeper: %s", strerror(errno));
+		return -1;
+	}
+	return 0;
+}
 
 /*
  * Signals are blocked into the signalfd before anything else, so a
  * stopping signal during setup (a long chain takes a second to map) ends
- * it with exit 5 instead of the default action.
+ * it with exit 5. The oom_score_adj needs root, before --uid drops it.
  */
 static int
-server_setup(struct server *srv)
+keeper_setup(struct keeper *k)
 {
 	int rc;
 
 	raise_nofile();
-	if ((srv->sigfd = signal_fd()) < 0)
+	if ((k->sigfd = signal_fd()) < 0)
 		return EXIT_SETUP;
-	if ((rc = open_inputs(&srv->in, srv->sigfd)) < 0 ||
-	    (rc = setup_interrupted(srv->sigfd)) < 0)
+	keeper_find_self(k, k->argv[0]);
+	if ((rc = open_inputs(&k->in, k->sigfd)) < 0 ||
+	    (rc = setup_interrupted(k->sigfd)) < 0)
 		return rc == -ECANCELED ? EXIT_SIGNAL : EXIT_SETUP;
-	if ((srv->lfd = listen_socket(opt.socket_path, &srv->sock_st)) < 0)
+	if ((k->ls.lfd = listen_socket(opt.socket_path, &k->ls.sock_st)) < 0)
 		return EXIT_SETUP;
-	if ((rc = open_record(&srv->in)) < 0)
+	if ((rc = open_record(&k->in)) < 0)
 		return rc == -EINVAL ? EXIT_USAGE : EXIT_SETUP;
-	if (drop_privileges() < 0 || server_init(srv) < 0 ||
-	    (opt.seccomp && seccomp_confine(1) < 0) || threads_start(srv) < 0)
+	keeper_oom(k);
+	if (drop_privileges() < 0 || keeper_init(k) < 0 ||
+	    (opt.seccomp && seccomp_confine(STAGE_KEEPER, k->procfd) < 0) ||
+	    keeper_spawn(k) < 0)
 		return EXIT_SETUP;
 	return 0;
+}
+
+/* Safe to call twice, and on a keeper half set up. */
+static void
+keeper_close(struct keeper *k)
+{
+	keeper_unlisten(k);
+	for (size_t i = 0; i < k->nslot; i++)
+		slot_free(&k->slot[i]);
+	free(k->slot);
+	k->slot = NULL;
+	k->nslot = 0;
+	reserve_release(&k->ls);
+	closefd(&k->ctl);
+	closefd(&k->epfd);
+	closefd(&k->sigfd);
+	closefd(&k->procfd);
+	closefd(&k->self_fd);
+	closefd(&k->upgrade);
+	chain_close(&k->in.chain);
+	closefd(&k->in.record_fd);
+	free(k->in.list);
+	k->in.list = NULL;
 }
 
 int
 main(int argc, char **argv)
 {
-	struct server srv = { .epfd = -1, .lfd = -1, .sigfd = -1,
-	    .reserve = { -1, -1 }, .in = { .record_fd = -1 },
-	    .idle_end = INT64_MAX, .wepfd = -1, .stopfd = -1, .notefd = -1,
-	    .popmu = PTHREAD_MUTEX_INITIALIZER, .popcv = PTHREAD_COND_INITIALIZER };
+	struct keeper k = { .ls = { .lfd = -1, .reserve = { -1, -1 } },
+	    .in = { .record_fd = -1 }, .sigfd = -1, .epfd = -1, .ctl = -1,
+	    .procfd = -1, .done = -1, .argv = argv, .self_fd = -1, .upgrade = -1 };
+	const char *handover = getenv(HANDOVER_ENV);
+	uint64_t hfd;
 	int rc, code;
 
 	if ((rc = parse_options(argc, argv)) != 0)
 		return rc > 0 ? 0 : EXIT_USAGE;
-	if ((code = server_setup(&srv)) == 0) {
+	if (handover != NULL) {
+		code = parse_number(handover, 10, INT_MAX, NULL, &hfd) < 0 ?
+		    EXIT_SETUP : keeper_resume(&k, (int)hfd);
+	} else if ((code = keeper_setup(&k)) == 0) {
 		logmsg(LOG_INFO, "listening on %s for %s", opt.socket_path,
 		    opt.max_vms == 1 ? "a VMM" : "VMMs");
-		code = run(&srv);
 	}
-	server_close(&srv);
+	if (code == 0)
+		code = keeper_run(&k);
+	keeper_close(&k);
 	return code;
 }
