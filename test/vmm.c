@@ -914,6 +914,8 @@ static pthread_mutex_t *stripe_lock;
 static uint64_t stripe_pages;		/* pages per lock */
 static uint64_t stress_end;		/* now_ns() when it stops */
 static atomic_uint_fast64_t removes, writes;
+/* Each touch's time: the pause a vCPU sees, as across a handler's restart. */
+static atomic_uint_fast64_t touch_max_ns, touch_log2_us[16];
 
 static uint64_t
 next_rand(uint64_t *s)
@@ -1049,17 +1051,33 @@ stress_chunk(void)
 	return o.huge ? HUGE : 16 * PAGE;
 }
 
+static void
+note_touch(uint64_t ns)
+{
+	uint64_t us = ns / 1000, max = atomic_load(&touch_max_ns);
+	int k = 0;
+
+	while (ns > max && !atomic_compare_exchange_weak(&touch_max_ns, &max, ns))
+		;
+	while (us > 0 && k < 15) {
+		us >>= 1;
+		k++;
+	}
+	atomic_fetch_add(&touch_log2_us[k], 1);
+}
+
 static void *
 stress_vcpu(void *arg)
 {
 	uint64_t seed = 0x9e3779b97f4a7c15ull * ((uintptr_t)arg + 1);
-	uint64_t npages = o.l.total / PAGE;
+	uint64_t npages = o.l.total / PAGE, t0;
 
 	while (now_ns() < stress_end) {
 		uint64_t p = next_rand(&seed) % npages;
 		int r;
 
 		lock_pages(p, 1);
+		t0 = now_ns();
 		if (next_rand(&seed) % 4 == 0) {
 			uint64_t v = next_rand(&seed);
 
@@ -1067,7 +1085,10 @@ stress_vcpu(void *arg)
 			oracle[p].written = 1;
 			oracle[p].value = v;
 			atomic_fetch_add(&writes, 1);
+		} else {
+			(void)((volatile uint64_t *)page_addr(p, &r))[0];
 		}
+		note_touch(now_ns() - t0);
 		check_oracle(p, "on touch");
 		unlock_pages(p, 1);
 	}
@@ -1122,6 +1143,11 @@ run_stress(void)
 	    " writes; at the end %" PRIu64 " pages removed, %" PRIu64 " written\n",
 	    o.stress, (uint64_t)removes, stress_chunk() / 1024, (uint64_t)writes,
 	    removed, written);
+	printf("touches: max %" PRIu64 " us; by 2^k us:", (uint64_t)touch_max_ns /
+	    1000);
+	for (int k = 0; k < 16; k++)
+		printf(" %" PRIu64, (uint64_t)touch_log2_us[k]);
+	printf("\n");
 }
 
 /*
