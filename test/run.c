@@ -193,6 +193,18 @@ wait_listening(struct proc *h)
 	return -1;
 }
 
+/* The handler's server: the keeper's child (0 if none). */
+static pid_t
+server_of(pid_t keeper)
+{
+	char path[96], buf[256];
+
+	snprintf(path, sizeof(path), "/proc/%d/task/%d/children", (int)keeper,
+	    (int)keeper);
+	read_text(path, buf, sizeof(buf));
+	return (pid_t)atoi(buf);
+}
+
 /*
  * A restore: the handler under test and the test VMM, side by side.
  */
@@ -1932,22 +1944,25 @@ many_vms_no_fd_left(const void *arg)
 {
 	struct pair p = { .hargs = { "--max-vms", "0", NULL } };
 	struct proc v[16];
-	int before, after;
+	int before, after, sbefore, safter;
 
 	(void)arg;
 	if (start_handler(&p) < 0)
 		return FAIL;
 	before = count_fds(p.h.pid);
+	sbefore = count_fds(server_of(p.h.pid));
 	start_vmms(v, 16, p.sock, NULL);
 	for (int i = 0; i < 16; i++)
 		if (reap(&v[i], 60000) < 0 || !exited(&v[i], 0))
 			return fail("VMM %d: %s", i, how(&v[i]));
 	usleep(200000);
 	after = count_fds(p.h.pid);
+	safter = count_fds(server_of(p.h.pid));
 	kill(p.h.pid, SIGTERM);
 	reap(&p.h, 5000);
-	if (before < 0 || after != before)
-		return fail("fds before the first VM: %d, after 16: %d", before, after);
+	if (before < 0 || after != before || sbefore < 0 || safter != sbefore)
+		return fail("fds before the first VM: keeper %d, server %d; after "
+		    "16: %d and %d", before, sbefore, after, safter);
 	return exited(&p.h, 5) ? PASS : fail("SIGTERM: handler %s", how(&p.h));
 }
 
@@ -2405,11 +2420,11 @@ event_cost_16_idle(const void *arg)
 	for (int i = 0; i < 16; i++)
 		if (wait_text(idle[i].out, "verified", 20000) < 0)
 			return fail("idle VMM %d was not served", i);
-	r0 = syscr(p.h.pid);
+	r0 = syscr(server_of(p.h.pid));
 	spawn_vmm(&p, &p.v);
 	reap(&p.v, 60000);
 	usleep(100000);
-	reads = syscr(p.h.pid) - r0;
+	reads = syscr(server_of(p.h.pid)) - r0;
 	stop_handler(&p, SIGTERM);
 	for (int i = 0; i < 16; i++)
 		reap(&idle[i], 5000);
@@ -2762,13 +2777,17 @@ limit_fds(const void *arg)
 		_exit(125);
 }
 
-/* Out of descriptors before the socket: exit 3 with the reason. */
+/*
+ * Out of descriptors during setup, at every limit from 6 to 12 with 4
+ * layers: never a silent exit. Each start that fails exits 3 with a line
+ * naming the call that failed, one of them socket(), and leaves nothing.
+ */
 static int
 socket_emfile_logged(const void *arg)
 {
-	static const rlim_t eight = 8;
 	char sock[160], err[4096];
 	char *argv[8] = { (char *)T.handler, sock, T.snap };
+	int at_socket = 0;
 	struct proc p;
 
 	(void)arg;
@@ -2777,13 +2796,24 @@ socket_emfile_logged(const void *arg)
 	for (int i = 0; i < 3; i++)
 		argv[3 + i] = chain_diffs[i];
 	snprintf(sock, sizeof(sock), "%s/emfile.sock", T.dir);
-	spawn_hooked(&p, argv, limit_fds, &eight);
-	reap(&p, 5000);
-	read_text(p.err, err, sizeof(err));
-	if (!exited(&p, 3) || !strstr(err, "socket(AF_UNIX)") ||
-	    !strstr(err, strerror(EMFILE)))
-		return fail("%s, expected exit 3 naming socket(): \"%s\"", how(&p), err);
-	return access(sock, F_OK) != 0 ? PASS : fail("%s was left behind", sock);
+	for (rlim_t n = 6; n <= 12; n++) {
+		spawn_hooked(&p, argv, limit_fds, &n);
+		if (wait_text(p.err, "listening on", 2000) == 0)
+			kill(p.pid, SIGTERM);
+		reap(&p, 5000);
+		read_text(p.err, err, sizeof(err));
+		if (exited(&p, 5))
+			continue;
+		if (!exited(&p, 3) || !strstr(err, strerror(EMFILE)) ||
+		    strstr(err, "error: ") == NULL)
+			return fail("ulimit -n %d: %s, expected exit 3 and the call "
+			    "that failed: \"%s\"", (int)n, how(&p), err);
+		at_socket += strstr(err, "socket(AF_UNIX)") != NULL;
+		if (access(sock, F_OK) == 0)
+			return fail("ulimit -n %d: %s was left behind", (int)n, sock);
+	}
+	return at_socket ? PASS : fail("no limit made socket() the call that "
+	    "failed");
 }
 
 static void
@@ -2816,8 +2846,9 @@ socket_chown_fails_removed(const void *arg)
 	return access(sock, F_OK) != 0 ? PASS : fail("%s was left behind", sock);
 }
 
-/* A chain of 255 layers (the base and 254 diffs of 1%), which takes a
- * while to map: the window for a signal during setup. */
+/* A chain of 255 layers (the base and 254 diffs of 10%, dirty runs of up
+ * to 16 pages), which takes a while to map: the window for a signal
+ * during setup. */
 static char *long_chain[256];
 
 static int
@@ -2831,7 +2862,7 @@ long_chain_fixture(void)
 		long_chain[i] = names[i];
 		if (access(names[i], F_OK) == 0)
 			continue;
-		snprintf(cmd, sizeof(cmd), "%s mkdiff %s %s --dirty 1 --seed %d "
+		snprintf(cmd, sizeof(cmd), "%s mkdiff %s %s --dirty 10 --seed %d "
 		    ">/dev/null", T.vmm, T.snap, names[i], 1000 + i);
 		if (system(cmd) != 0)
 			return fail("%s failed", cmd);
@@ -2839,29 +2870,36 @@ long_chain_fixture(void)
 	return 0;
 }
 
+/* Whether the process has a file open whose path contains name. */
 static int
-fds_open(pid_t pid)
+has_open(pid_t pid, const char *name)
 {
-	char path[64];
+	char dir[64], path[400], link[400];
 	struct dirent *e;
+	ssize_t n;
 	DIR *d;
-	int n = 0;
+	int found = 0;
 
-	snprintf(path, sizeof(path), "/proc/%d/fd", (int)pid);
-	if ((d = opendir(path)) == NULL)
-		return -1;
-	while ((e = readdir(d)) != NULL)
-		n += e->d_name[0] != '.';
+	snprintf(dir, sizeof(dir), "/proc/%d/fd", (int)pid);
+	if ((d = opendir(dir)) == NULL)
+		return 0;
+	while (!found && (e = readdir(d)) != NULL) {
+		snprintf(path, sizeof(path), "%s/%s", dir, e->d_name);
+		if ((n = readlink(path, link, sizeof(link) - 1)) > 0) {
+			link[n] = '\0';
+			found = strstr(link, name) != NULL;
+		}
+	}
 	closedir(d);
-	return n;
+	return found;
 }
 
-/* Stops the process once it has opened at least n descriptors. */
+/* Stops the process once it has a file named name open. */
 static int
-stop_at_fds(pid_t pid, int n, int ms)
+stop_at_open(pid_t pid, const char *name, int ms)
 {
 	for (int64_t end = now_ms() + ms; now_ms() < end;)
-		if (fds_open(pid) >= n) {
+		if (has_open(pid, name)) {
 			kill(pid, SIGSTOP);
 			return 0;
 		}
@@ -2887,7 +2925,7 @@ signal_during_setup(const void *arg)
 	snprintf(sock, sizeof(sock), "%s/setup-%s.sock", T.dir, (const char *)arg);
 	spawn(&p, argv, NULL);
 	/* Stopped while it opens its layers, it takes the signal there. */
-	if (stop_at_fds(p.pid, 10, 5000) < 0) {
+	if (stop_at_open(p.pid, "/d255-", 5000) < 0) {
 		reap(&p, 1000);
 		return fail("the handler never opened its layers: %s", how(&p));
 	}
@@ -3391,6 +3429,8 @@ fuzz_short(const void *arg)
 	return PASS;
 }
 
+/* The keeper's status; the server's threads and how many are under the
+ * keeper's, the accepting and the serving filters. */
 static void
 read_status(struct pair *p)
 {
@@ -3402,7 +3442,7 @@ read_status(struct pair *p)
 
 	snprintf(path, sizeof(path), "/proc/%d/status", (int)p->h.pid);
 	read_text(path, p->status, sizeof(p->status));
-	snprintf(path, sizeof(path), "/proc/%d/task", (int)p->h.pid);
+	snprintf(path, sizeof(path), "/proc/%d/task", (int)server_of(p->h.pid));
 	if ((d = opendir(path)) == NULL)
 		return;
 	while ((e = readdir(d)) != NULL) {
@@ -3413,14 +3453,14 @@ read_status(struct pair *p)
 		snprintf(tpath, sizeof(tpath), "%s/%s/status", path, e->d_name);
 		read_text(tpath, task, sizeof(task));
 		p->tasks++;
-		p->tasks_2 += strstr(task, "Seccomp_filters:\t2\n") != NULL;
+		p->tasks_2 += strstr(task, "Seccomp_filters:\t3\n") != NULL;
 	}
 	closedir(d);
 }
 
-/* The handler confines itself from the start, and once the VMM's
- * handshake is in stacks the serving-only filter; --no-seccomp turns both
- * off. */
+/* The keeper confines itself from the start, under one filter; its
+ * server stacks the accepting one, and once the VMM's handshake is in the
+ * serving-only one, on every thread; --no-seccomp turns all off. */
 static int
 seccomp_status(const void *arg)
 {
@@ -3435,15 +3475,15 @@ seccomp_status(const void *arg)
 	if (!strstr(p.status, want))
 		return pair_fail(&p, arg ? "confined despite --no-seccomp" :
 		    "not confined");
-	if (!arg && !strstr(p.status, "Seccomp_filters:\t2\n"))
-		return pair_fail(&p, "no second filter while serving");
-	/* The loop and its two serving threads (the default), every one
-	 * under both filters. */
+	if (!arg && !strstr(p.status, "Seccomp_filters:\t1\n"))
+		return pair_fail(&p, "the keeper is not under its one filter");
+	/* The server's loop and its two serving threads (the default),
+	 * every one under the three filters. */
 	if (!arg && (p.tasks != 3 || p.tasks_2 != 3)) {
 		char what[128];
 
-		snprintf(what, sizeof(what), "%d threads, %d of them under the "
-		    "second filter; expected 3 and 3", p.tasks, p.tasks_2);
+		snprintf(what, sizeof(what), "%d server threads, %d of them under "
+		    "three filters; expected 3 and 3", p.tasks, p.tasks_2);
 		return pair_fail(&p, what);
 	}
 	return PASS;
