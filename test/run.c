@@ -14,6 +14,7 @@
 #include <dirent.h>
 #include <fnmatch.h>
 #include <inttypes.h>
+#include <limits.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -3401,6 +3402,455 @@ stress_two_vms(const void *arg)
 	    pair_fail(&p, "fewer than 1000 deferrals in both VMs together");
 }
 
+/*
+ * Restarts: the keeper holds what outlives its server, and a server that
+ * dies is replaced by one that adopts every session.
+ */
+
+/* Waits for the keeper's server to be one other than last; 0 if none
+ * came within ms. */
+static pid_t
+next_server(pid_t keeper, pid_t last, int ms)
+{
+	pid_t s = 0;
+
+	for (int64_t end = now_ms() + ms; now_ms() < end; usleep(2000))
+		if ((s = server_of(keeper)) != 0 && s != last)
+			return s;
+	return 0;
+}
+
+/*
+ * SIGKILLs the keeper's server up to n times at random moments, a random
+ * 150 to 900 ms apart, while the VMM v runs; the number killed.
+ */
+static int
+kill_servers(pid_t keeper, int n, unsigned *seed, const struct proc *v)
+{
+	pid_t s = 0;
+	int done = 0;
+
+	for (int i = 0; i < n && alive(v); i++) {
+		usleep((useconds_t)(150 + rand_r(seed) % 750) * 1000);
+		if ((s = next_server(keeper, s, 2000)) == 0 || !alive(v))
+			break;
+		kill(s, SIGKILL);
+		done++;
+	}
+	return done;
+}
+
+struct crash_cell {
+	const char *h[6];		/* handler options */
+	const char *vcpus;
+	int huge, chain, vms;
+};
+
+static const struct crash_cell cr_t1 = { { "--threads", "1" }, "2", 0, 0, 1 },
+	cr_t4 = { { "--threads", "4" }, "4", 0, 0, 1 },
+	cr_t1_huge = { { "--threads", "1" }, "2", 1, 0, 1 },
+	cr_t4_huge = { { "--threads", "4" }, "4", 1, 0, 1 },
+	cr_chain = { { "--threads", "4" }, "4", 0, 1, 1 },
+	cr_two = { { "--threads", "4", "--max-vms", "2" }, "2", 0, 0, 2 },
+	cr_pop = { { "--threads", "4", "--populate", "all" }, "4", 0, 0, 1 },
+	cr_pop_huge = { { "--threads", "1", "--populate", "all" }, "2", 1, 0, 1 };
+
+#define CRASH_KILLS	4		/* under the keeper's limit of 5 */
+
+/* The VMM either verified every page, or was killed where the log says
+ * its server died reading a REMOVE; 1 for the latter, -1 for neither. */
+static int
+crash_outcome(const struct pair *p, const struct proc *v)
+{
+	char pat[128];
+
+	if (exited(v, 0))
+		return 0;
+	snprintf(pat, sizeof(pat), "VMM pid %d: the server before died while "
+	    "reading", (int)v->pid);
+	return killed(v) && strstr(p->herr, pat) ? 1 : -1;
+}
+
+/* The longest touch the VMM saw (its "touches: max N us" line). */
+static long
+max_touch_us(const char *vout)
+{
+	const char *at = strstr(vout, "touches: max ");
+
+	return at ? strtol(at + 13, NULL, 10) : -1;
+}
+
+/*
+ * The stress oracle (random reads and writes, a balloon racing them)
+ * while the server is SIGKILLed at random moments, CRASH_KILLS times:
+ * every page right (the oracle) and no VM frozen (its watchdog), and a
+ * VMM killed only where the log says why.
+ */
+static int
+crash_oracle(const void *arg)
+{
+	const struct crash_cell *c = arg;
+	char secs[16] = "6", vout[4096];
+	struct pair p = { .snap = T.big };
+	struct proc v[2];
+	unsigned seed = (unsigned)time(NULL) ^ (unsigned)getpid();
+	int kills, n = 0, lost = 0, uffd_kept;
+	long worst = 0;
+
+	for (int i = 0; i < 6 && c->h[i]; i++)
+		p.hargs[i] = c->h[i];
+	if (c->chain && chain_pair(&p, NULL) < 0)
+		return FAIL;
+	if (!c->chain) {
+		p.vargs[n++] = "--regions";
+		p.vargs[n++] = "32,16,16";
+	}
+	p.vargs[n++] = "--stress";
+	p.vargs[n++] = secs;
+	p.vargs[n++] = "--threads";
+	p.vargs[n++] = c->vcpus;
+	p.vargs[n++] = c->huge ? "--huge" : NULL;
+	if (c->huge && huge_reserve(36) < 0)
+		return skip("cannot reserve 36 hugetlb pages of 2 MiB");
+	if (start_handler(&p) < 0)
+		return FAIL;
+	for (int i = 0; i < c->vms; i++)
+		spawn_vmm(&p, &v[i]);
+	/* Firecracker keeps its own copy of the uffd: without it a dead
+	 * handler would let faults resolve as zero pages. */
+	uffd_kept = wait_text(v[0].out, "connected", 10000) == 0 &&
+	    has_open(v[0].pid, "userfaultfd");
+	kills = kill_servers(p.h.pid, CRASH_KILLS, &seed, &v[0]);
+	for (int i = 0; i < c->vms; i++)
+		reap(&v[i], 90000);
+	p.v = v[0];
+	finish_pair(&p);
+	for (int i = 0; i < c->vms; i++) {
+		int rc = crash_outcome(&p, &v[i]);
+
+		read_text(v[i].out, vout, sizeof(vout));
+		if (rc < 0) {
+			p.v = v[i];
+			read_text(v[i].err, p.verr, sizeof(p.verr));
+			snprintf(p.vout, sizeof(p.vout), "%s", vout);
+			return pair_fail(&p, "a VMM saw a wrong page or froze, or was "
+			    "killed for no reason the log gives");
+		}
+		lost += rc;
+		worst = max_touch_us(vout) > worst ? max_touch_us(vout) : worst;
+	}
+	printf("  %d server kills; %d of %d VMs verified, %d killed in a REMOVE "
+	    "window; longest touch %ld us\n", kills, c->vms - lost, c->vms, lost,
+	    worst);
+	if (!uffd_kept)
+		return pair_fail(&p, "the test VMM does not keep its own uffd");
+	if (kills < 2)
+		return pair_fail(&p, "the server was not killed at least twice");
+	return exited(&p.h, lost ? 1 : 0) ? PASS :
+	    pair_fail(&p, "the handler did not end as its VMs did");
+}
+
+/* A server killed while a VMM's handshake arrives in pieces: the next
+ * reads it again, from the start, and serves the VM. */
+static int
+crash_during_handshake(const void *arg)
+{
+	struct pair p = { .vargs = { "--split", "4", NULL } };
+	pid_t s;
+
+	(void)arg;
+	if (start_handler(&p) < 0)
+		return FAIL;
+	s = server_of(p.h.pid);
+	spawn_vmm(&p, &p.v);
+	if (wait_text(p.v.out, "connected", 5000) < 0)
+		return fail("the VMM did not connect");
+	usleep(60000);		/* a part or two of four, 50 ms apart */
+	kill(s, SIGKILL);
+	finish_pair(&p);
+	if (!exited(&p.v, 0) || !exited(&p.h, 0))
+		return pair_fail(&p, "the VMM was not served across the restart");
+	return strstr(p.herr, "starting another") ? PASS :
+	    pair_fail(&p, "the server was not restarted");
+}
+
+/*
+ * A server that dies as soon as it starts, every time (killed here, five
+ * times): after 5 deaths in 10 s the keeper fails closed, within that
+ * window: the VMM killed, the socket removed, exit 1.
+ */
+static int
+crash_loop_fails_closed(const void *arg)
+{
+	struct pair p = { .vargs = { "--linger", "30", NULL } };
+	pid_t s = 0;
+	int64_t t0;
+	int kills = 0;
+
+	(void)arg;
+	if (start_both(&p) < 0 || wait_text(p.v.out, "verified", 10000) < 0) {
+		finish_pair(&p);
+		return pair_fail(&p, "the VM was not served");
+	}
+	t0 = now_ms();
+	/* The documented five, each as soon as it is there; then no more:
+	 * after that a child may be no server (the sanitizer's leak check
+	 * forks one at exit). */
+	while (kills < 5 && (s = next_server(p.h.pid, s, 2000)) != 0)
+		kills += kill(s, SIGKILL) == 0;
+	reap(&p.h, 5000);
+	reap(&p.v, 5000);
+	finish_pair(&p);
+	printf("  %d server deaths; the keeper failed closed %" PRId64 " ms after "
+	    "the first\n", kills, p.h.ended - t0);
+	if (kills != 5)
+		return pair_fail(&p, "fewer than 5 servers came to be killed");
+	if (!exited(&p.h, 1) || !killed(&p.v) || !strstr(p.herr, "keeps dying"))
+		return pair_fail(&p, "the crash loop did not fail closed");
+	if (p.h.ended - t0 > 10000)
+		return pair_fail(&p, "it took longer than the documented 10 s");
+	return access(p.sock, F_OK) != 0 ? PASS :
+	    pair_fail(&p, "the socket file was left behind");
+}
+
+/*
+ * Upgrades in place (SIGUSR2): the binary at the handler's path replaced,
+ * the keeper executes it with its pid and everything it holds.
+ */
+
+static char repo_dir[PATH_MAX];		/* the checkout the suite runs in */
+
+/* Puts the file at from in place of the handler's binary at to, as an
+ * operator would: a new file renamed over the old. */
+static int
+install_binary(const char *from, const char *to)
+{
+	char cmd[2 * PATH_MAX + 64];
+
+	snprintf(cmd, sizeof(cmd), "cp '%s' '%s.new' && mv '%s.new' '%s'", from,
+	    to, to, to);
+	return system(cmd) == 0 ? 0 : -1;
+}
+
+/* The release build of the commit before HEAD, made once, at path; and
+ * whether its hand-over and state are this one's (it can take ours). */
+static int
+previous_build(char path[PATH_MAX], size_t cap, int *same_formats)
+{
+	static char built[PATH_MAX];
+	static int same = -1;
+	char cmd[3 * PATH_MAX], dir[128];
+
+	snprintf(dir, sizeof(dir), "%s/prev", T.dir);
+	snprintf(path, cap, "%s/build/uffd-handler", dir);
+	if (built[0] == '\0') {
+		snprintf(cmd, sizeof(cmd), "git clone -q '%s' '%s' && cd '%s' && "
+		    "git checkout -q HEAD~1 && grep -q HANDOVER_FORMAT uffd.c && "
+		    "./build.sh >/dev/null 2>&1", repo_dir, dir, dir);
+		if (system(cmd) != 0) {
+			fail("the commit before HEAD has no upgrade in place, or did "
+			    "not build: %s", cmd);
+			return -1;
+		}
+		snprintf(cmd, sizeof(cmd), "cd '%s' && for d in HANDOVER_FORMAT "
+		    "STATE_LAYOUT; do a=$(grep \"^#define $d\" '%s/uffd.c'); "
+		    "b=$(grep \"^#define $d\" uffd.c); [ \"$a\" = \"$b\" ] || exit 1; "
+		    "done", dir, repo_dir);
+		same = system(cmd) == 0;
+		snprintf(built, sizeof(built), "%s", path);
+	}
+	*same_formats = same;
+	return 0;
+}
+
+/* The version line a binary prints. */
+static void
+version_of(const char *bin, char *out, size_t cap)
+{
+	char cmd[PATH_MAX + 32];
+	FILE *f;
+
+	snprintf(cmd, sizeof(cmd), "'%s' --version", bin);
+	out[0] = '\0';
+	if ((f = popen(cmd, "r")) != NULL) {
+		if (fgets(out, (int)cap, f) != NULL)
+			out[strcspn(out, "\n")] = '\0';
+		pclose(f);
+	}
+}
+
+/* Replaces the binary and sends SIGUSR2; 0 once the log says want. */
+static int
+upgrade_to(struct pair *p, const char *path, const char *bin, const char *want)
+{
+	if (install_binary(bin, path) < 0)
+		return -1;
+	kill(p->h.pid, SIGUSR2);
+	return wait_text(p->h.err, want, 10000);
+}
+
+/*
+ * The stress oracle while the handler is upgraded from the previous
+ * commit's build to this one, and back, each while its VMs fault, write
+ * and balloon: every page right, none frozen, the pid kept. Back goes
+ * only if the two read each other's hand-over; else it must go back to
+ * this one cleanly.
+ */
+static int
+upgrade_oracle(const void *arg)
+{
+	const struct crash_cell *c = arg;
+	char prev[PATH_MAX], path[PATH_MAX + 32], vprev[96], vcur[96], want[256];
+	char secs[16] = "6";
+	struct pair p = { .snap = T.big, .handler = path };
+	struct proc v[2];
+	int n = 0, same, lost = 0;
+
+	if (previous_build(prev, sizeof(prev), &same) < 0)
+		return FAIL;		/* T.why says why */
+	snprintf(path, sizeof(path), "%s/upgrade-bin", T.dir);
+	if (install_binary(prev, path) < 0)
+		return fail("cannot install %s at %s", prev, path);
+	version_of(prev, vprev, sizeof(vprev));
+	version_of(T.release, vcur, sizeof(vcur));
+	for (int i = 0; i < 6 && c->h[i]; i++)
+		p.hargs[i] = c->h[i];
+	if (c->chain && chain_pair(&p, NULL) < 0)
+		return FAIL;
+	if (!c->chain) {
+		p.vargs[n++] = "--regions";
+		p.vargs[n++] = "32,16,16";
+	}
+	p.vargs[n++] = "--stress";
+	p.vargs[n++] = secs;
+	p.vargs[n++] = "--threads";
+	p.vargs[n++] = c->vcpus;
+	p.vargs[n++] = c->huge ? "--huge" : NULL;
+	if (c->huge && huge_reserve(36) < 0)
+		return skip("cannot reserve 36 hugetlb pages of 2 MiB");
+	if (start_handler(&p) < 0)
+		return FAIL;
+	for (int i = 0; i < c->vms; i++)
+		spawn_vmm(&p, &v[i]);
+	usleep(1200000);
+	snprintf(want, sizeof(want), "upgraded from %s to %s", vprev + 13, vcur + 13);
+	if (upgrade_to(&p, path, T.release, want) < 0) {
+		finish_pair(&p);
+		return pair_fail(&p, "the upgrade to this build did not happen");
+	}
+	usleep(1500000);
+	if (same)
+		snprintf(want, sizeof(want), "upgraded from %s to %s", vcur + 13,
+		    vprev + 13);
+	else
+		snprintf(want, sizeof(want), "%s serves on", vcur + 13);
+	if (upgrade_to(&p, path, prev, want) < 0) {
+		finish_pair(&p);
+		return pair_fail(&p, "the upgrade back did not go as it should");
+	}
+	for (int i = 0; i < c->vms; i++)
+		reap(&v[i], 90000);
+	p.v = v[0];
+	finish_pair(&p);
+	for (int i = 0; i < c->vms; i++) {
+		int rc = crash_outcome(&p, &v[i]);
+
+		if (rc < 0) {
+			p.v = v[i];
+			read_text(v[i].out, p.vout, sizeof(p.vout));
+			read_text(v[i].err, p.verr, sizeof(p.verr));
+			return pair_fail(&p, "a VMM saw a wrong page or froze across "
+			    "the upgrades");
+		}
+		lost += rc;
+	}
+	printf("  %s -> %s -> %s; %d of %d VMs verified; longest touch %ld us\n",
+	    vprev + 13, vcur + 13, same ? vprev + 13 : "(back: did not take)",
+	    c->vms - lost, c->vms, max_touch_us(p.vout));
+	return exited(&p.h, lost ? 1 : 0) ? PASS :
+	    pair_fail(&p, "the handler did not end as its VMs did");
+}
+
+/*
+ * Binaries that cannot start under the keeper: missing, not executable,
+ * not an ELF file, dynamically linked. Each is refused before the server
+ * is touched, with a line; the running version serves on.
+ */
+static int
+upgrade_refused(const void *arg)
+{
+	static const char *const why[] = { "No such file", "not a 64-bit ELF",
+		"not an executable file", "dynamically linked" };
+	char path[PATH_MAX + 32], cmd[4 * PATH_MAX];
+	struct pair p = { .handler = path, .vargs = { "--linger", "3", NULL } };
+
+	(void)arg;
+	snprintf(path, sizeof(path), "%s/refused-bin", T.dir);
+	if (install_binary(T.release, path) < 0)
+		return fail("cannot install %s", T.release);
+	if (start_both(&p) < 0 || wait_text(p.v.out, "verified", 10000) < 0) {
+		finish_pair(&p);
+		return pair_fail(&p, "the VM was not served");
+	}
+	for (size_t i = 0; i < sizeof(why) / sizeof(why[0]); i++) {
+		snprintf(cmd, sizeof(cmd), i == 0 ? "rm -f '%s'" : i == 1 ?
+		    "printf '#!/bin/sh\\n' > '%s' && chmod 755 '%s'" : i == 2 ?
+		    "rm -f '%s' && cp /bin/true '%s' && chmod 644 '%s'" :
+		    "rm -f '%s' && cp /bin/true '%s'", path, path, path);
+		if (system(cmd) != 0)
+			return fail("%s failed", cmd);
+		kill(p.h.pid, SIGUSR2);
+		if (wait_text(p.h.err, why[i], 5000) < 0) {
+			finish_pair(&p);
+			return pair_fail(&p, "a binary that cannot start was not refused "
+			    "with its reason");
+		}
+	}
+	finish_pair(&p);
+	if (!exited(&p.v, 0) || !exited(&p.h, 0) || strstr(p.herr, "upgraded"))
+		return pair_fail(&p, "the running version did not serve on");
+	return PASS;
+}
+
+/*
+ * A new version that cannot read the hand-over (its format differs: a
+ * build of this source with HANDOVER_FORMAT 99) goes back to the binary
+ * that wrote it, which serves on; the VM never notices.
+ */
+static int
+upgrade_unreadable_goes_back(const void *arg)
+{
+	char path[PATH_MAX + 32], f99[PATH_MAX], cmd[4 * PATH_MAX];
+	struct pair p = { .handler = path, .vargs = { "--stress", "4", "--threads",
+	    "2", NULL } };
+
+	(void)arg;
+	snprintf(path, sizeof(path), "%s/back-bin", T.dir);
+	snprintf(f99, sizeof(f99), "%s/format99", T.dir);
+	snprintf(cmd, sizeof(cmd), "musl-gcc -std=c11 -Os -static "
+	    "-DHANDOVER_FORMAT=99 -o '%s' '%s/uffd.c' '%s/json_min.c'", f99,
+	    repo_dir, repo_dir);
+	if (system(cmd) != 0)
+		return fail("%s failed", cmd);
+	if (install_binary(T.release, path) < 0)
+		return fail("cannot install %s", T.release);
+	if (start_both(&p) < 0) {
+		finish_pair(&p);
+		return pair_fail(&p, "the handler did not start");
+	}
+	usleep(1000000);
+	if (upgrade_to(&p, path, f99, "serves on: the upgrade did not take") < 0) {
+		finish_pair(&p);
+		return pair_fail(&p, "the version that could not read the hand-over "
+		    "did not go back");
+	}
+	finish_pair(&p);
+	if (!strstr(p.herr, "has format 1, this version reads 99"))
+		return pair_fail(&p, "the log does not say why it went back");
+	return exited(&p.v, 0) && exited(&p.h, 0) ? PASS :
+	    pair_fail(&p, "the VM did not verify across the attempt");
+}
+
 /* A bounded libFuzzer run over the parser and the region checks. */
 static int
 fuzz_short(const void *arg)
@@ -3941,7 +4391,8 @@ in_tsan_pass(const char *name)
 		"tsan/unit_", "tsan/kernel_", "tsan/abi", "tsan/static_binary",
 		"tsan/aarch64_", "tsan/podman_", "tsan/chroot_", "tsan/release_",
 		"tsan/fuzz_", "tsan/no_fds_left_at_exit",
-		"tsan/stress_faults_removes_oracle" };
+		"tsan/stress_faults_removes_oracle", "tsan/upgrade_",
+		"tsan/cli_value_missing_named" };
 
 	if (T.prefix[0] == '\0')
 		return 1;
@@ -4167,6 +4618,23 @@ static const struct tcase cases[] = {
 	{ "stress_threads_4_hugetlb", stress_threads, &st_four_huge },
 	{ "stress_threads_4_populate_all", stress_threads, &st_four_pop },
 	{ "stress_threads_4_populate_all_hugetlb", stress_threads, &st_four_pop_huge },
+	{ "crash_oracle_threads_1", crash_oracle, &cr_t1 },
+	{ "crash_oracle_threads_4", crash_oracle, &cr_t4 },
+	{ "crash_oracle_threads_1_hugetlb", crash_oracle, &cr_t1_huge },
+	{ "crash_oracle_threads_4_hugetlb", crash_oracle, &cr_t4_huge },
+	{ "crash_oracle_chain", crash_oracle, &cr_chain },
+	{ "crash_oracle_max_vms_2", crash_oracle, &cr_two },
+	{ "crash_oracle_populate_all", crash_oracle, &cr_pop },
+	{ "crash_oracle_populate_all_hugetlb", crash_oracle, &cr_pop_huge },
+	{ "crash_during_handshake", crash_during_handshake, NULL },
+	{ "crash_loop_fails_closed", crash_loop_fails_closed, NULL },
+	{ "upgrade_oracle_threads_4", upgrade_oracle, &cr_t4 },
+	{ "upgrade_oracle_threads_1_hugetlb", upgrade_oracle, &cr_t1_huge },
+	{ "upgrade_oracle_chain", upgrade_oracle, &cr_chain },
+	{ "upgrade_oracle_max_vms_2", upgrade_oracle, &cr_two },
+	{ "upgrade_oracle_populate_all", upgrade_oracle, &cr_pop },
+	{ "upgrade_refused_binaries", upgrade_refused, NULL },
+	{ "upgrade_unreadable_goes_back", upgrade_unreadable_goes_back, NULL },
 	{ "fuzz_handshake_short", fuzz_short, NULL },
 	{ "sigterm_kills_vmm", sigterm, &sig_term },
 	{ "sighup_kills_vmm", sigterm, &sig_hup },
@@ -4331,6 +4799,8 @@ main(int argc, char **argv)
 		    "check /tmp\n");
 		return 2;
 	}
+	if (getcwd(repo_dir, sizeof(repo_dir)) == NULL)
+		return 2;
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	run_cases(argv + optind, argc - optind, counts);
 	run_matrix(argv + optind, argc - optind, counts);
