@@ -691,9 +691,13 @@ enum { ST_FILE, ST_UFFD, ST_T1, ST_T8, ST_REP, NST };
 static const char *const st_names[NST] = { "file", "uffd", "uffd_t1",
 	"uffd_t8", "uffd_rep" };
 static const char *const st_threads[NST] = { NULL, NULL, "1", "8", NULL };
-enum { SM_MS, SM_STORAGE, SM_READS, SM_CACHED, SM_INSTALLED, SM_FAULTS, NSM };
+/* in flight: the reads storage served at once on average, the delay each
+ * read waits times the reads over the time taken (slow only). */
+enum { SM_MS, SM_STORAGE, SM_READS, SM_INFLIGHT, SM_CACHED, SM_INSTALLED,
+	SM_FAULTS, NSM };
 static const char *const sm_names[NSM] = { "total_ms", "storage_mb",
-	"storage_reads", "cached_mb", "installed_mb", "faults" };
+	"storage_reads", "reads_in_flight", "cached_mb", "installed_mb",
+	"faults" };
 static const char *const st_wl[2] = { "ws5", "seqread" };
 
 struct storage {
@@ -869,9 +873,10 @@ storage_fill(struct storage *s, int b, double *m, const char *vline,
 	if (s == &storage[1]) {
 		m[SM_STORAGE] = (slowfs_counter("bytes") - bytes0) / (1024 * 1024);
 		m[SM_READS] = slowfs_counter("reads") - reads0;
+		m[SM_INFLIGHT] = m[SM_READS] * (double)slow_delay_us / 1e3 / m[SM_MS];
 	} else {
 		m[SM_STORAGE] = (double)ru->ru_inblock * 512 / (1024 * 1024);
-		m[SM_READS] = -1;
+		m[SM_READS] = m[SM_INFLIGHT] = -1;
 	}
 }
 
@@ -993,12 +998,16 @@ count_or_dash(double v, char *buf, size_t cap)
 static void
 storage_row(const char *wl, const char *name, const double *m, double file_ms)
 {
-	char reads[32], faults[32];
+	char reads[32], faults[32], inflight[32];
 
-	printf("  %-8s %-9s %9.1f %6.2fx %10.1f %8s %9.1f %10.1f %8.2f %7s\n",
+	if (m[SM_INFLIGHT] < 0)
+		snprintf(inflight, sizeof(inflight), "-");
+	else
+		snprintf(inflight, sizeof(inflight), "%.2f", m[SM_INFLIGHT]);
+	printf("  %-8s %-9s %9.1f %6.2fx %10.1f %7s %9s %9.1f %10.1f %8.2f %7s\n",
 	    wl, name, m[SM_MS], ratio(m[SM_MS], file_ms), m[SM_STORAGE],
-	    count_or_dash(m[SM_READS], reads, sizeof(reads)), m[SM_CACHED],
-	    m[SM_INSTALLED], ratio(m[SM_STORAGE], m[SM_INSTALLED]),
+	    count_or_dash(m[SM_READS], reads, sizeof(reads)), inflight,
+	    m[SM_CACHED], m[SM_INSTALLED], ratio(m[SM_STORAGE], m[SM_INSTALLED]),
 	    count_or_dash(m[SM_FAULTS], faults, sizeof(faults)));
 }
 
@@ -1012,9 +1021,9 @@ print_storage(const struct storage *s)
 	    "block reads of the reading process (wait4 ru_inblock)", reps);
 	if (s == &storage[1])
 		printf("  slowfs delays each read %ld us\n", slow_delay_us);
-	printf("  %-8s %-9s %9s %7s %10s %8s %9s %10s %8s %7s\n", "workload",
-	    "backend", "total ms", "/file", "storage MB", "reads", "cached MB",
-	    "install MB", "stor/ins", "faults");
+	printf("  %-8s %-9s %9s %7s %10s %7s %9s %9s %10s %8s %7s\n", "workload",
+	    "backend", "total ms", "/file", "storage MB", "reads", "in flight",
+	    "cached MB", "install MB", "stor/ins", "faults");
 	for (int w = 0; w < 2; w++)
 		for (int b = 0; b < (w == 0 ? NST : ST_REP); b++)
 			storage_row(b ? "" : st_wl[w], st_names[b], s->med[w][b],
@@ -1022,7 +1031,7 @@ print_storage(const struct storage *s)
 	storage_row("ws5", "uffd_rec", s->rec, s->med[0][ST_FILE][SM_MS]);
 	printf("  (file: install MB is MB touched; uffd: --threads 2 (default), "
 	    "_t1/_t8: --threads 1/8; uffd_rec: the one --record run, uffd_rep: "
-	    "--populate with its list)\n");
+	    "--populate with its list; in flight: reads x delay / total ms)\n");
 }
 
 static void
