@@ -671,18 +671,24 @@ print_threads(void)
  * through slowfs, a FUSE mount that delays every read ("slow", -d US,
  * 2 ms unless given), as a restore from an uncached file or network
  * storage reads it. Every other run here finds the file in the page
- * cache, which hides what the handler reads to serve a fault: through its
- * mapping of the file, with the kernel's readahead around each page. One 256 MiB snapshot (128,64,64:
- * a fifth of the pages zero, a 16 MiB hole); 4 vCPUs touch a random 5%
- * of it (ws5), or 1 vCPU reads it in order (seqread). Before every run
- * the file's pages are dropped with posix_fadvise(POSIX_FADV_DONTNEED);
- * slowfs's own source file stays cached, so its delay is the only cost
- * of storage there. Bytes from storage: slowfs's counters for slow; for
- * cold the block reads of the process that faulted the file in (the
- * handler, or the VMM for the File backend), wait4's ru_inblock, which
- * is /proc/PID/io's read_bytes. Cached: the file's pages in the page
+ * cache, which hides what a fault costs when the handler (or the File
+ * backend) reads the file through a mapping, with the kernel's readahead
+ * around each page: the readahead of the file's device is printed.
+ *
+ * One 256 MiB snapshot (128,64,64: a fifth of the pages zero, a 16 MiB
+ * hole); 4 threads of the test VMM touch a random 5% of it (ws5), or one
+ * reads it in order (seqread). Before every run the file's pages are
+ * dropped with posix_fadvise(POSIX_FADV_DONTNEED), which needs no root;
+ * slowfs's own source file stays cached, so its delay is the only cost of
+ * storage there.
+ *
+ * Bytes from storage: slowfs's counters for slow; for cold the block
+ * reads of the process that faulted the file in (the handler, or the VMM
+ * for the File backend): wait4's ru_inblock, which is /proc/PID/io's
+ * read_bytes, and counts no hole. Cached: the file's pages in the page
  * cache after the run (mincore). Installed: the handler's pages copied
  * and zero pages (for the File backend, the pages touched).
+ *
  * The record/replay pair: one cold on-demand run with --record FILE
  * before the repetitions, then in each repetition one with --populate
  * FILE, the VM touching from the first instant.
