@@ -13,8 +13,9 @@
  *      in the foreground and prints "slowfs: mounted SRCDIR on MOUNTPOINT
  *      (pid N)" on standard output once the mount is up: a harness waits
  *      for that line.
- * -o   more mount options, passed to libfuse (e.g. max_readahead=N in
- *      bytes, max_background=N).
+ * -o   more options for libfuse, comma-separated: mount options, and the
+ *      connection's max_readahead=BYTES (the kernel's 128 KiB unless
+ *      given), max_background=N, congestion_threshold=N.
  *
  * SIGTERM, SIGINT and SIGHUP end the loop and unmount cleanly; the last
  * line then gives the counters.
@@ -53,6 +54,7 @@
 #include <fcntl.h>
 #include <fuse.h>
 #include <inttypes.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -71,6 +73,7 @@
 static struct {
 	int src;			/* SRCDIR, opened once */
 	long delay_us;
+	struct fuse_conn_info_opts *conn;	/* -o max_readahead= and the like */
 	atomic_uint_fast64_t reads, bytes, inflight, max_inflight;
 } fs = { .src = -1 };
 
@@ -238,6 +241,7 @@ sfs_readdir(const char *path, void *buf, fuse_fill_dir_t fill, off_t off,
 static void *
 sfs_init(struct fuse_conn_info *conn, struct fuse_config *cfg)
 {
+	fuse_apply_conn_info_opts(fs.conn, conn);
 	/* 0 means nobody gave -o max_background, and the kernel's 12. */
 	if (conn->max_background == 0) {
 		conn->max_background = MAX_BACKGROUND;
@@ -290,6 +294,11 @@ serve(struct fuse *f, const char *src, const char *mnt, int background)
 	struct fuse_loop_config *cfg;
 	int rc;
 
+	/* A shell starts a background job with SIGINT ignored, and libfuse
+	 * leaves an ignored signal alone: slowfs would not stop on it. */
+	signal(SIGINT, SIG_DFL);
+	signal(SIGTERM, SIG_DFL);
+	signal(SIGHUP, SIG_DFL);
 	if (fuse_daemonize(!background) != 0 || fuse_set_signal_handlers(se) != 0)
 		return 1;
 	printf("slowfs: mounted %s on %s (pid %d, delay %ld us)\n", src, mnt,
@@ -342,7 +351,10 @@ main(int argc, char **argv)
 		return 1;
 	}
 	fuse_args_for(&args, extra);
-	if ((f = fuse_new(&args, &ops, sizeof(ops), NULL)) == NULL)
+	/* The high-level fuse_new refuses the connection's options: they
+	 * are taken out here and applied in init. */
+	if ((fs.conn = fuse_parse_conn_info_opts(&args)) == NULL ||
+	    (f = fuse_new(&args, &ops, sizeof(ops), NULL)) == NULL)
 		return 1;
 	if (fuse_mount(f, mnt) != 0) {
 		fuse_destroy(f);
@@ -351,6 +363,7 @@ main(int argc, char **argv)
 	rc = serve(f, argv[optind], mnt, background);
 	fuse_destroy(f);
 	fuse_opt_free_args(&args);
+	free(fs.conn);
 	free(mnt);
 	return rc;
 }
