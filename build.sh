@@ -49,6 +49,24 @@ need() {
 	exit 1
 }
 
+# libfuse3's headers and library and the fuse3 mount helper, for
+# test/slowfs. Only the slow-storage bench needs it, so without them and
+# without root it says what to install and the rest goes on.
+need_fuse() {
+	[ -f /usr/include/fuse3/fuse.h ] && command -v fusermount3 >/dev/null 2>&1 &&
+		return 0
+	if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+		echo "build.sh: installing libfuse3-dev fuse3" >&2
+		apt-get update -qq >/dev/null
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libfuse3-dev \
+			fuse3 >/dev/null
+		return 0
+	fi
+	echo "build.sh: libfuse3 not found, build/test/slowfs not built: run" \
+		"'apt-get install libfuse3-dev fuse3' as root" >&2
+	return 1
+}
+
 # The shipped binary: musl, static, no PT_INTERP, no DT_NEEDED.
 release() {
 	need_musl
@@ -104,6 +122,14 @@ test_programs() {
 		-pthread -o build/test/unit test/unit.c json_min.c
 }
 
+# The FUSE filesystem that delays reads (bench's slow-storage runs).
+slowfs() {
+	need_fuse || return 0
+	cc -std=c11 -Wall -Wextra -Werror -pedantic -Wshadow -Wformat=2 -O2 -g \
+		-I/usr/include/fuse3 -pthread -o build/test/slowfs test/slowfs.c \
+		-lfuse3
+}
+
 # libFuzzer over the parser and the region checks.
 fuzz() {
 	need clang clang
@@ -117,6 +143,7 @@ fuzz() {
 bench() {
 	release
 	test_programs
+	slowfs
 	cc -std=c11 -Wall -Wextra -Werror -O2 -o build/test/bench bench/bench.c -lm
 	build/test/bench "$@"
 }
@@ -129,7 +156,8 @@ demo() {
 
 case "${1:-release}" in
 release)	release ;;
-test)		release; aarch64 optional; sanitized; tsan; test_programs; fuzz; shift
+test)		release; aarch64 optional; sanitized; tsan; test_programs; slowfs; fuzz
+		shift
 		build/test/run "$@" ;;
 aarch64)	aarch64 ;;
 fuzz)		fuzz ;;

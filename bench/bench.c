@@ -2,9 +2,14 @@
  * bench - uffd-handler against the kernel's File backend and the copy
  * limit, side by side in one run (./build.sh bench).
  *
- *   bench [-r REPS] [-o DIR] [-H HANDLER] [-t N] [WORKLOAD...]
+ *   bench [-r REPS] [-o DIR] [-H HANDLER] [-t N] [-d US] [WORKLOAD...]
  *                     (WORKLOAD "many": --max-vms; "chain": diff layers;
- *                     "threads": --threads 1 against --threads N, 2 unless -t)
+ *                     "threads": --threads 1 against --threads N, 2 unless -t;
+ *                     "cold": a 256 MiB memory file read from the local
+ *                     disk cold; "slow": the same behind slowfs delaying
+ *                     each read by -d US microseconds, 2000 unless given.
+ *                     slow runs only when named: about 30 s a repetition,
+ *                     and it needs /dev/fuse, root and build/test/slowfs)
  *
  * -H runs another build of the handler (default build/uffd-handler), to
  * compare two versions on the same machine.
@@ -21,14 +26,20 @@
  * Writes DIR/results.json and DIR/results.svg and prints the table.
  */
 #define _GNU_SOURCE
+#include <fcntl.h>
 #include <fnmatch.h>
 #include <math.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include <sys/mman.h>
+#include <sys/mount.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <sys/utsname.h>
 #include <sys/wait.h>
 
@@ -98,6 +109,8 @@ static const char *const th_names[NTH] = { "seqread total ms",
 	"seqwrite total ms", "rand2 us per page", "ws10 on demand ms",
 	"ws10 --populate FILE ms", "1 VM MiB/s", "4 VMs MiB/s", "16 VMs MiB/s" };
 static double th_v[2][NTH][MAXREP], th_med[2][NTH];
+
+static void storage_json(FILE *f);	/* the cold and slow sections, below */
 
 static const char *
 layout(const struct workload *w)
@@ -357,7 +370,9 @@ write_json(const char *mach)
 		for (int k = 0; k < NTH; k++)
 			fprintf(f, ",\"%s %s\":%.2f", m ? "N" : "1", th_names[k],
 			    th_med[m][k]);
-	fprintf(f, "}}\n");
+	fprintf(f, "}");
+	storage_json(f);
+	fprintf(f, "}\n");
 	fclose(f);
 }
 
@@ -651,6 +666,412 @@ print_threads(void)
 	    ratio(th_med[1][TH_WS10], th_med[1][TH_WS10_REC]), threads_n);
 }
 
+/*
+ * Storage: the memory file read cold, from the local disk ("cold") or
+ * through slowfs, a FUSE mount that delays every read ("slow", -d US,
+ * 2 ms unless given), as a restore from an uncached file or network
+ * storage reads it. Every other run here finds the file in the page
+ * cache, which hides what a fault costs when the handler (or the File
+ * backend) reads the file through a mapping, with the kernel's readahead
+ * around each page: the readahead of the file's device is printed.
+ *
+ * One 256 MiB snapshot (128,64,64: a fifth of the pages zero, a 16 MiB
+ * hole); 4 threads of the test VMM touch a random 5% of it (ws5), or one
+ * reads it in order (seqread). Before every run the file's pages are
+ * dropped with posix_fadvise(POSIX_FADV_DONTNEED), which needs no root;
+ * slowfs's own source file stays cached, so its delay is the only cost of
+ * storage there.
+ *
+ * Bytes from storage: slowfs's counters for slow; for cold the block
+ * reads of the process that faulted the file in (the handler, or the VMM
+ * for the File backend): wait4's ru_inblock, which is /proc/PID/io's
+ * read_bytes, and counts no hole. Cached: the file's pages in the page
+ * cache after the run (mincore). Installed: the handler's pages copied
+ * and zero pages (for the File backend, the pages touched).
+ *
+ * The record/replay pair: one cold on-demand run with --record FILE
+ * before the repetitions, then in each repetition one with --populate
+ * FILE, the VM touching from the first instant.
+ */
+enum { ST_FILE, ST_UFFD, ST_T1, ST_T8, ST_REP, NST };
+static const char *const st_names[NST] = { "file", "uffd", "uffd_t1",
+	"uffd_t8", "uffd_rep" };
+static const char *const st_threads[NST] = { NULL, NULL, "1", "8", NULL };
+/* in flight: the reads storage served at once on average, the delay each
+ * read waits times the reads over the time taken (slow only). */
+enum { SM_MS, SM_STORAGE, SM_READS, SM_INFLIGHT, SM_CACHED, SM_INSTALLED,
+	SM_FAULTS, NSM };
+static const char *const sm_names[NSM] = { "total_ms", "storage_mb",
+	"storage_reads", "reads_in_flight", "cached_mb", "installed_mb",
+	"faults" };
+static const char *const st_wl[2] = { "ws5", "seqread" };
+
+struct storage {
+	const char *name;
+	int selected;
+	char snap[512];			/* the memory file as the runs open it */
+	double v[2][NST][MAXREP][NSM], med[2][NST][NSM];
+	double rec[NSM];		/* the one --record run (ws5) */
+	long ra_kb;			/* the file's readahead, read_ahead_kb */
+};
+static struct storage storage[2] = { { .name = "cold" }, { .name = "slow" } };
+static long slow_delay_us = 2000;
+static const char *slowfs_bin = "build/test/slowfs";
+static char slow_mnt[300];
+static pid_t slowfs_pid;
+
+/* The pages of path in the page cache: mapping a file reads nothing,
+ * and mincore says which of its pages are there. */
+static double
+cached_mb(const char *path)
+{
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	struct stat st;
+	unsigned char *vec = NULL;
+	void *m = MAP_FAILED;
+	double n = -1;
+
+	if (fd >= 0 && fstat(fd, &st) == 0 && st.st_size > 0)
+		m = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_SHARED, fd, 0);
+	if (m != MAP_FAILED && (vec = malloc((size_t)st.st_size / 4096 + 1)) &&
+	    mincore(m, (size_t)st.st_size, vec) == 0) {
+		n = 0;
+		for (off_t i = 0; i < (st.st_size + 4095) / 4096; i++)
+			n += vec[i] & 1;
+	}
+	free(vec);
+	if (m != MAP_FAILED)
+		munmap(m, (size_t)st.st_size);
+	if (fd >= 0)
+		close(fd);
+	return n < 0 ? -1 : n * 4096 / (1024 * 1024);
+}
+
+/* Every run starts cold: the file's pages leave the page cache. */
+static void
+drop_file(const char *path)
+{
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	double left;
+
+	if (fd >= 0) {
+		posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+		close(fd);
+	}
+	if ((left = cached_mb(path)) != 0)
+		fprintf(stderr, "\nbench: %s: %.1f MiB still cached after "
+		    "POSIX_FADV_DONTNEED\n", path, left);
+}
+
+/* The readahead of the device path lives on, in KiB; -1 if unknown. */
+static long
+readahead_kb(const char *path)
+{
+	char sys[128], buf[32];
+	struct stat st;
+
+	if (stat(path, &st) != 0)
+		return -1;
+	snprintf(sys, sizeof(sys), "/sys/class/bdi/%u:%u/read_ahead_kb",
+	    major(st.st_dev), minor(st.st_dev));
+	slurp(sys, buf, sizeof(buf));
+	return buf[0] ? atol(buf) : -1;
+}
+
+/* One of slowfs's counters ("reads", "bytes"), read at the mount root. */
+static double
+slowfs_counter(const char *key)
+{
+	char path[600], buf[512], *at;
+	size_t len = strlen(key);
+
+	snprintf(path, sizeof(path), "%s/.slowfs", slow_mnt);
+	slurp(path, buf, sizeof(buf));
+	for (at = buf; (at = strstr(at, key)) != NULL; at += len)
+		if ((at == buf || at[-1] == '\n') && at[len] == ' ')
+			return strtod(at + len + 1, NULL);
+	return -1;
+}
+
+static void
+slowfs_stop(void)
+{
+	int st;
+
+	if (slowfs_pid > 0) {
+		kill(slowfs_pid, SIGTERM);
+		waitpid(slowfs_pid, &st, 0);
+		slowfs_pid = 0;
+	}
+}
+
+/* Mounts slowfs over DIR/slow (a snapshot of its own, kept cached) on
+ * DIR/slowmnt, and waits for its "mounted" line. */
+static int
+slowfs_start(void)
+{
+	char cmd[2048], delay[32], src[300], out[300], buf[1024];
+	char *argv[] = { (char *)slowfs_bin, "-d", delay, src, slow_mnt, NULL };
+
+	if (access(slowfs_bin, X_OK) != 0) {
+		fprintf(stderr, "bench: no %s: install libfuse3-dev and fuse3 "
+		    "(./build.sh bench does as root)\n", slowfs_bin);
+		return -1;
+	}
+	snprintf(src, sizeof(src), "%s/slow", dir);
+	snprintf(slow_mnt, sizeof(slow_mnt), "%s/slowmnt", dir);
+	snprintf(delay, sizeof(delay), "%ld", slow_delay_us);
+	snprintf(out, sizeof(out), "%s/slowfs.out", dir);
+	/* A mount a killed bench left behind goes first. */
+	umount2(slow_mnt, MNT_DETACH);
+	snprintf(cmd, sizeof(cmd), "mkdir -p %s %s && { [ -f %s/s256.mem ] || %s "
+	    "mksnap %s/s256.mem --regions 128,64,64 >/dev/null; } && cat "
+	    "%s/s256.mem >/dev/null", src, slow_mnt, src, vmm, src, src);
+	if (system(cmd) != 0)
+		return -1;
+	unlink(out);
+	slowfs_pid = spawn(argv, out, out);
+	atexit(slowfs_stop);
+	for (int i = 0; i < 5000; i++) {
+		slurp(out, buf, sizeof(buf));
+		if (strstr(buf, "slowfs: mounted"))
+			return 0;
+		usleep(1000);
+	}
+	fprintf(stderr, "bench: slowfs did not mount: %s\n", buf);
+	return -1;
+}
+
+/* The handler's command line for a storage run; rec: --record FILE. */
+static void
+storage_hargv(struct storage *s, int b, int rec, char **argv, char *sock,
+    char *buf, size_t cap)
+{
+	int n = 0;
+
+	argv[n++] = (char *)handler;
+	if (st_threads[b]) {
+		argv[n++] = "--threads";
+		argv[n++] = (char *)st_threads[b];
+	}
+	if (rec || b == ST_REP) {
+		snprintf(buf, cap, "--%s=%s/ws5-%s.rec", rec ? "record" : "populate",
+		    dir, s->name);
+		argv[n++] = buf;
+	}
+	argv[n++] = sock;
+	argv[n++] = s->snap;
+	argv[n] = NULL;
+}
+
+static void
+storage_fill(struct storage *s, int b, double *m, const char *vline,
+    const char *hline, const struct rusage *ru, double reads0, double bytes0)
+{
+	double pages = field(hline, "pages_copied") + field(hline, "zero_pages") +
+	    field(hline, "zero_data_pages");
+
+	m[SM_MS] = field(vline, "total_ms");
+	m[SM_CACHED] = cached_mb(s->snap);
+	m[SM_INSTALLED] = b == ST_FILE ? field(vline, "touched_mb") :
+	    pages * 4096 / (1024 * 1024);
+	m[SM_FAULTS] = b == ST_FILE ? -1 : field(hline, "faults");
+	if (s == &storage[1]) {
+		m[SM_STORAGE] = (slowfs_counter("bytes") - bytes0) / (1024 * 1024);
+		m[SM_READS] = slowfs_counter("reads") - reads0;
+		m[SM_INFLIGHT] = m[SM_READS] * (double)slow_delay_us / 1e3 / m[SM_MS];
+	} else {
+		m[SM_STORAGE] = (double)ru->ru_inblock * 512 / (1024 * 1024);
+		m[SM_READS] = m[SM_INFLIGHT] = -1;
+	}
+}
+
+/* One cold run of workload w on backend b into m. */
+static int
+storage_run(struct storage *s, int w, int b, int rec, double *m)
+{
+	char sock[256], out[256], err[256], vline[4096], hline[4096], opt[600];
+	char *hargv[8], *argv[] = { (char *)vmm, "bench", b == ST_FILE ? "-" : sock,
+		s->snap, "--regions", "128,64,64", "--backend", b == ST_FILE ?
+		"file" : "uffd", "--workload", (char *)st_wl[w], "--threads",
+		w == 0 ? "4" : "1", NULL };
+	struct rusage vru = { 0 }, hru = { 0 };
+	double reads0 = -1, bytes0 = -1;
+	pid_t h = 0, v;
+	int st = 0;
+
+	snprintf(sock, sizeof(sock), "%s/bench.sock", dir);
+	snprintf(out, sizeof(out), "%s/vmm.out", dir);
+	snprintf(err, sizeof(err), "%s/vmm.err", dir);
+	drop_file(s->snap);
+	if (s == &storage[1]) {
+		reads0 = slowfs_counter("reads");
+		bytes0 = slowfs_counter("bytes");
+	}
+	if (b != ST_FILE) {
+		storage_hargv(s, b, rec, hargv, sock, opt, sizeof(opt));
+		h = start_handler(hargv, sock);
+	}
+	v = spawn(argv, out, err);
+	wait4(v, &st, 0, &vru);
+	if (h > 0)
+		wait4(h, NULL, 0, &hru);
+	slurp(out, vline, sizeof(vline));
+	snprintf(out, sizeof(out), "%s/handler.out", dir);
+	slurp(out, hline, sizeof(hline));
+	if (!WIFEXITED(st) || WEXITSTATUS(st) != 0 || !strstr(vline, "{\"backend\"")) {
+		slurp(err, vline, sizeof(vline));
+		fprintf(stderr, "\nbench: %s %s on %s failed: %s\n", s->name, st_wl[w],
+		    st_names[b], vline);
+		return -1;
+	}
+	storage_fill(s, b, m, vline, hline, b == ST_FILE ? &vru : &hru, reads0,
+	    bytes0);
+	return 0;
+}
+
+/* Readies a selected storage section: its snapshot and the recording. */
+static int
+storage_setup(struct storage *s)
+{
+	char cmd[1024];
+
+	if (s == &storage[1]) {
+		if (slowfs_start() != 0)
+			return -1;
+		snprintf(s->snap, sizeof(s->snap), "%s/s256.mem", slow_mnt);
+	} else {
+		snprintf(cmd, sizeof(cmd), "[ -f %s/s256.mem ] || %s mksnap "
+		    "%s/s256.mem --regions 128,64,64 >/dev/null", dir, vmm, dir);
+		if (system(cmd) != 0)
+			return -1;
+		/* Dirty pages would stay in the page cache. */
+		sync();
+		snprintf(s->snap, sizeof(s->snap), "%s/s256.mem", dir);
+	}
+	s->ra_kb = readahead_kb(s->snap);
+	fprintf(stderr, "\rbench: %s, recording ws5 with --record          ",
+	    s->name);
+	return storage_run(s, 0, ST_UFFD, 1, s->rec);
+}
+
+/* One repetition of a storage section; the backends' order turns with
+ * each repetition, so none always runs first. */
+static int
+storage_rep(struct storage *s, int r)
+{
+	for (int w = 0; w < 2; w++) {
+		int nb = w == 0 ? NST : ST_REP;
+
+		for (int k = 0; k < nb; k++) {
+			int b = (k + r) % nb;
+
+			fprintf(stderr, "\rbench: run %d/%d, %s %-7s %-8s   ", r + 1,
+			    reps, s->name, st_wl[w], st_names[b]);
+			if (storage_run(s, w, b, 0, s->v[w][b][r]) < 0)
+				return -1;
+		}
+	}
+	return 0;
+}
+
+static void
+storage_medians(struct storage *s)
+{
+	double v[MAXREP];
+
+	for (int w = 0; w < 2; w++)
+		for (int b = 0; b < NST; b++)
+			for (int i = 0; i < NSM; i++) {
+				for (int r = 0; r < reps; r++)
+					v[r] = s->v[w][b][r][i];
+				qsort(v, (size_t)reps, sizeof(v[0]), cmp_double);
+				s->med[w][b][i] = v[reps / 2];
+			}
+}
+
+/* A count, or "-" where it does not apply (-1). */
+static const char *
+count_or_dash(double v, char *buf, size_t cap)
+{
+	if (v < 0)
+		snprintf(buf, cap, "-");
+	else
+		snprintf(buf, cap, "%.0f", v);
+	return buf;
+}
+
+static void
+storage_row(const char *wl, const char *name, const double *m, double file_ms)
+{
+	char reads[32], faults[32], inflight[32];
+
+	if (m[SM_INFLIGHT] < 0)
+		snprintf(inflight, sizeof(inflight), "-");
+	else
+		snprintf(inflight, sizeof(inflight), "%.2f", m[SM_INFLIGHT]);
+	printf("  %-8s %-9s %9.1f %6.2fx %10.1f %7s %9s %9.1f %10.1f %8.2f %7s\n",
+	    wl, name, m[SM_MS], ratio(m[SM_MS], file_ms), m[SM_STORAGE],
+	    count_or_dash(m[SM_READS], reads, sizeof(reads)), inflight,
+	    m[SM_CACHED], m[SM_INSTALLED], ratio(m[SM_STORAGE], m[SM_INSTALLED]),
+	    count_or_dash(m[SM_FAULTS], faults, sizeof(faults)));
+}
+
+static void
+print_storage(const struct storage *s)
+{
+	printf("\n%s: 256 MiB snapshot (128,64,64), %s, page cache dropped "
+	    "before every run; readahead %ld KiB; storage: %s; medians of %d\n",
+	    s->name, s == &storage[1] ? "behind slowfs" : "local file",
+	    s->ra_kb, s == &storage[1] ? "slowfs's counters" :
+	    "block reads of the reading process (wait4 ru_inblock)", reps);
+	if (s == &storage[1])
+		printf("  slowfs delays each read %ld us\n", slow_delay_us);
+	printf("  %-8s %-9s %9s %7s %10s %7s %9s %9s %10s %8s %7s\n", "workload",
+	    "backend", "total ms", "/file", "storage MB", "reads", "in flight",
+	    "cached MB", "install MB", "stor/ins", "faults");
+	for (int w = 0; w < 2; w++)
+		for (int b = 0; b < (w == 0 ? NST : ST_REP); b++)
+			storage_row(b ? "" : st_wl[w], st_names[b], s->med[w][b],
+			    s->med[w][ST_FILE][SM_MS]);
+	storage_row("ws5", "uffd_rec", s->rec, s->med[0][ST_FILE][SM_MS]);
+	printf("  (file: install MB is MB touched; uffd: --threads 2 (default), "
+	    "_t1/_t8: --threads 1/8; uffd_rec: the one --record run, uffd_rep: "
+	    "--populate with its list; in flight: reads x delay / total ms)\n");
+}
+
+static void
+storage_json(FILE *f)
+{
+	fprintf(f, ",\"storage\":{\"slow_delay_us\":%ld", slow_delay_us);
+	for (int i = 0; i < 2; i++) {
+		const struct storage *s = &storage[i];
+
+		if (!s->selected)
+			continue;
+		fprintf(f, ",\"%s\":{\"readahead_kb\":%ld", s->name, s->ra_kb);
+		for (int w = 0; w < 2; w++)
+			for (int b = 0; b < (w == 0 ? NST : ST_REP); b++) {
+				fprintf(f, ",\"%s %s\":{", st_wl[w], st_names[b]);
+				for (int m = 0; m < NSM; m++)
+					fprintf(f, "\"%s\":%.2f,", sm_names[m], s->med[w][b][m]);
+				fprintf(f, "\"runs\":{");
+				for (int m = 0; m < NSM; m++) {
+					fprintf(f, "%s\"%s\":[", m ? "," : "", sm_names[m]);
+					for (int r = 0; r < reps; r++)
+						fprintf(f, "%s%.2f", r ? "," : "", s->v[w][b][r][m]);
+					fprintf(f, "]");
+				}
+				fprintf(f, "}}");
+			}
+		fprintf(f, ",\"ws5 uffd_rec\":{");
+		for (int m = 0; m < NSM; m++)
+			fprintf(f, "%s\"%s\":%.2f", m ? "," : "", sm_names[m], s->rec[m]);
+		fprintf(f, "}}");
+	}
+	fprintf(f, "}");
+}
+
 /* The table the README carries: medians, and the ratios the targets use. */
 static void
 print_table(const char *mach)
@@ -691,6 +1112,13 @@ selected(const char *name, char **pats, int n)
 	return n == 0;
 }
 
+/* Sections too long for the default run: only when named. */
+static int
+named(const char *name, char **pats, int n)
+{
+	return n > 0 && selected(name, pats, n);
+}
+
 /* The working set uffd_rec replays: one untimed ws10 run with --record. */
 static int
 record_ws10(void)
@@ -723,7 +1151,7 @@ main(int argc, char **argv)
 	char mach[512];
 	int c;
 
-	while ((c = getopt(argc, argv, "r:o:H:t:")) != -1) {
+	while ((c = getopt(argc, argv, "r:o:H:t:d:")) != -1) {
 		if (c == 'r' && atoi(optarg) > 0 && atoi(optarg) <= MAXREP)
 			reps = atoi(optarg);
 		else if (c == 'o')
@@ -732,15 +1160,19 @@ main(int argc, char **argv)
 			handler = optarg;
 		else if (c == 't' && atoi(optarg) > 0)
 			threads_n = optarg;
+		else if (c == 'd' && atol(optarg) >= 0)
+			slow_delay_us = atol(optarg);
 		else {
 			fprintf(stderr, "usage: bench [-r REPS (1-%d)] [-o DIR] "
-			    "[-H HANDLER] [-t N] [WORKLOAD...]\n", MAXREP);
+			    "[-H HANDLER] [-t N] [-d US] [WORKLOAD...]\n", MAXREP);
 			return 2;
 		}
 	}
 	many = selected("many", argv + optind, argc - optind);
 	chain = selected("chain", argv + optind, argc - optind);
 	threads_exp = selected("threads", argv + optind, argc - optind);
+	storage[0].selected = selected("cold", argv + optind, argc - optind);
+	storage[1].selected = named("slow", argv + optind, argc - optind);
 	for (int i = 0; i < NW; i++) {
 		work[i].selected = selected(work[i].name, argv + optind, argc - optind);
 		if (work[i].selected && strcmp(work[i].name, "kvm") == 0 &&
@@ -757,6 +1189,9 @@ main(int argc, char **argv)
 	machine(mach, sizeof(mach));
 	if ((workload("ws10")->selected || threads_exp) && record_ws10() != 0)
 		return 1;
+	for (int i = 0; i < 2; i++)
+		if (storage[i].selected && storage_setup(&storage[i]) != 0)
+			return 1;
 	for (int r = 0; r < reps; r++)
 		for (int i = 0; i < NW; i++)
 			for (int b = 0; work[i].selected && b < NB; b++) {
@@ -782,7 +1217,15 @@ main(int argc, char **argv)
 	for (int r = 0; threads_exp && r < reps; r++)
 		if (run_threads(r) < 0)
 			return 1;
+	for (int r = 0; r < reps; r++)
+		for (int i = 0; i < 2; i++)
+			if (storage[i].selected && storage_rep(&storage[i], r) < 0)
+				return 1;
+	slowfs_stop();
 	fprintf(stderr, "\n");
+	for (int i = 0; i < 2; i++)
+		if (storage[i].selected)
+			storage_medians(&storage[i]);
 	for (int m = 0; threads_exp && m < 2; m++)
 		for (int k = 0; k < NTH; k++) {
 			qsort(th_v[m][k], (size_t)reps, sizeof(double), cmp_double);
@@ -802,13 +1245,21 @@ main(int argc, char **argv)
 			medians(&work[i]);
 	write_json(mach);
 	write_svg(mach);
-	print_table(mach);
+	for (c = 0; c < NW && !work[c].selected; c++)
+		;
+	if (c < NW)
+		print_table(mach);
+	else
+		printf("\n%s\n", mach);
 	if (many)
 		print_many();
 	if (chain)
 		print_chain();
 	if (threads_exp)
 		print_threads();
+	for (int i = 0; i < 2; i++)
+		if (storage[i].selected)
+			print_storage(&storage[i]);
 	printf("\nwrote %s/results.json and %s/results.svg\n", dir, dir);
 	return 0;
 }

@@ -1613,17 +1613,21 @@ touch_timed(void *arg)
 }
 
 /* The pages a workload touches, in its order: all in order, all shuffled
- * (rand2), or a scattered tenth, shuffled (ws10). */
+ * (rand2), a scattered tenth, shuffled (ws10), or a random twentieth
+ * (ws5: the first 5% of all pages shuffled, the slow-storage runs'
+ * working set). */
 static char **
 page_list(const char *w, uint64_t *n)
 {
-	const char *access = strcmp(w, "rand2") == 0 ? "rand" :
-	    strcmp(w, "ws10") == 0 ? "ws10" : "seq";
+	const char *access = strcmp(w, "rand2") == 0 || strcmp(w, "ws5") == 0 ?
+	    "rand" : strcmp(w, "ws10") == 0 ? "ws10" : "seq";
 	uint64_t *order = touch_order(access, n);
-	char **p = malloc(*n * sizeof(*p));
+	char **p;
 	int r;
 
-	if (p == NULL)
+	if (strcmp(w, "ws5") == 0)
+		*n /= 20;
+	if ((p = malloc(*n * sizeof(*p))) == NULL)
 		die("malloc: %s", strerror(ENOMEM));
 	for (uint64_t i = 0; i < *n; i++)
 		p[i] = page_addr(order[i], &r);
@@ -1930,7 +1934,8 @@ usage(void)
 "           [--layout one|split|hotplug]\n"
 "           [--slot KIB]\n"
 "       vmm bench SOCKET FILE [--regions MIB,...] [--backend file|copy|uffd]\n"
-"           [--workload seqread|seqwrite|rand2|ws10|balloon|kvm] [--threads N]\n"
+"           [--workload seqread|seqwrite|rand2|ws10|ws5|balloon|kvm]\n"
+"           [--threads N]\n"
 "       vmm mkdiff BASE OUT [--dirty PCT] [--seed N]\n"
 "       vmm merge OUT BASE [DIFF...]\n"
 "       (mksnap also takes --zero-every N)\n");
