@@ -9,7 +9,10 @@
  *                     disk cold; "slow": the same behind slowfs delaying
  *                     each read by -d US microseconds, 2000 unless given.
  *                     slow runs only when named: about 30 s a repetition,
- *                     and it needs /dev/fuse, root and build/test/slowfs)
+ *                     and it needs /dev/fuse, root and build/test/slowfs;
+ *                     "restarts": the pause a VM sees across its server's
+ *                     death and an upgrade, only when named, 20 s a
+ *                     repetition)
  *
  * -H runs another build of the handler (default build/uffd-handler), to
  * compare two versions on the same machine.
@@ -1103,6 +1106,81 @@ print_table(const char *mach)
 	}
 }
 
+/*
+ * Restarts: the pause a VM sees across its server's death and across an
+ * upgrade. The stress oracle (4 vCPUs faulting, reading and writing at
+ * random, a balloon racing them) runs 6 s through the handler with
+ * --threads 4: as it is; with the server SIGKILLed a second apart, four
+ * times; and upgraded (SIGUSR2, the same binary put in place again) two
+ * seconds apart, twice. The VM's longest touch, in us; medians.
+ */
+static const char *const restart_modes[3] = { "as it is", "4 server kills",
+	"2 upgrades" };
+static double restart_us[3][MAXREP], restart_med[3];
+static int restarts;
+
+/* The keeper's child: its server. */
+static pid_t
+server_of(pid_t keeper)
+{
+	char path[96], buf[64] = "";
+
+	snprintf(path, sizeof(path), "/proc/%d/task/%d/children", (int)keeper,
+	    (int)keeper);
+	slurp(path, buf, sizeof(buf));
+	return (pid_t)atoi(buf);
+}
+
+static double
+run_restart(int mode)
+{
+	char snap[256], sock[256], bin[256], out[256], cmd[1024], text[4096];
+	char *argv[] = { (char *)vmm, "run", sock, snap, "--regions", "32,16,16",
+		"--stress", "6", "--threads", "4", NULL };
+	char *hargv[] = { bin, "--threads", "4", sock, snap, NULL };
+	const char *at;
+	pid_t h, v;
+	int st, ok;
+
+	snprintf(snap, sizeof(snap), "%s/restart.mem", dir);
+	snprintf(sock, sizeof(sock), "%s/restart.sock", dir);
+	snprintf(bin, sizeof(bin), "%s/restart-bin", dir);
+	snprintf(out, sizeof(out), "%s/restart.out", dir);
+	snprintf(cmd, sizeof(cmd), "cp %s %s.new && mv %s.new %s", handler, bin,
+	    bin, bin);
+	if (system(cmd) != 0)
+		return -1;
+	h = start_handler(hargv, sock);
+	v = spawn(argv, out, "/dev/null");
+	for (int i = 0; mode > 0 && i < (mode == 1 ? 4 : 2); i++) {
+		sleep((unsigned)mode);
+		if (mode == 1 && server_of(h) > 0)
+			kill(server_of(h), SIGKILL);
+		if (mode == 2 && system(cmd) == 0)
+			kill(h, SIGUSR2);
+	}
+	waitpid(v, &st, 0);
+	ok = WIFEXITED(st) && WEXITSTATUS(st) == 0;
+	waitpid(h, &st, 0);
+	slurp(out, text, sizeof(text));
+	if (!ok || !WIFEXITED(st) || WEXITSTATUS(st) != 0 ||
+	    (at = strstr(text, "touches: max ")) == NULL) {
+		fprintf(stderr, "bench: restarts, %s: the VM failed\n",
+		    restart_modes[mode]);
+		return -1;
+	}
+	return atof(at + 13);
+}
+
+static void
+print_restarts(void)
+{
+	printf("\nrestarts: the stress oracle, 4 vCPUs, --threads 4, 6 s; the "
+	    "VM's longest touch, median of %d:\n", reps);
+	for (int m = 0; m < 3; m++)
+		printf("  %-16s %8.0f us\n", restart_modes[m], restart_med[m]);
+}
+
 static int
 selected(const char *name, char **pats, int n)
 {
@@ -1140,8 +1218,9 @@ make_snapshots(void)
 
 	snprintf(cmd, sizeof(cmd), "mkdir -p %s && { [ -f %s/snap.mem ] || %s mksnap "
 	    "%s/snap.mem --regions 512,256,256; } && { [ -f %s/half.mem ] || %s "
-	    "mksnap %s/half.mem --regions 128,64,64 --zero-every 2; }", dir, dir, vmm,
-	    dir, dir, vmm, dir);
+	    "mksnap %s/half.mem --regions 128,64,64 --zero-every 2; } && "
+	    "{ [ -f %s/restart.mem ] || %s mksnap %s/restart.mem --regions "
+	    "32,16,16; }", dir, dir, vmm, dir, dir, vmm, dir, dir, vmm, dir);
 	return system(cmd);
 }
 
@@ -1171,6 +1250,7 @@ main(int argc, char **argv)
 	many = selected("many", argv + optind, argc - optind);
 	chain = selected("chain", argv + optind, argc - optind);
 	threads_exp = selected("threads", argv + optind, argc - optind);
+	restarts = named("restarts", argv + optind, argc - optind);
 	storage[0].selected = selected("cold", argv + optind, argc - optind);
 	storage[1].selected = named("slow", argv + optind, argc - optind);
 	for (int i = 0; i < NW; i++) {
@@ -1221,6 +1301,17 @@ main(int argc, char **argv)
 		for (int i = 0; i < 2; i++)
 			if (storage[i].selected && storage_rep(&storage[i], r) < 0)
 				return 1;
+	for (int r = 0; restarts && r < reps; r++)
+		for (int m = 0; m < 3; m++) {
+			fprintf(stderr, "\rbench: run %d/%d, restarts: %-16s", r + 1,
+			    reps, restart_modes[m]);
+			if ((restart_us[m][r] = run_restart(m)) < 0)
+				return 1;
+		}
+	for (int m = 0; restarts && m < 3; m++) {
+		qsort(restart_us[m], (size_t)reps, sizeof(double), cmp_double);
+		restart_med[m] = restart_us[m][reps / 2];
+	}
 	slowfs_stop();
 	fprintf(stderr, "\n");
 	for (int i = 0; i < 2; i++)
@@ -1257,6 +1348,8 @@ main(int argc, char **argv)
 		print_chain();
 	if (threads_exp)
 		print_threads();
+	if (restarts)
+		print_restarts();
 	for (int i = 0; i < 2; i++)
 		if (storage[i].selected)
 			print_storage(&storage[i]);
