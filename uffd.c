@@ -426,6 +426,11 @@ set_option(int c, char *arg, const char *as_given)
 {
 	char name[32];
 
+	if (arg != NULL && arg[0] == '\0') {
+		fprintf(stderr, "uffd-handler: %s needs a value (it is empty)\n",
+		    option_name(as_given, c, name, sizeof(name)));
+		return -1;
+	}
 	switch (c) {
 	case 'l':
 		return parse_level(arg);
@@ -502,6 +507,12 @@ parse_options(int argc, char **argv)
 		    "DIFFs (try --help)\n");
 		return -1;
 	}
+	for (int i = optind; i < argc; i++)
+		if (argv[i][0] == '\0') {
+			fprintf(stderr, "uffd-handler: operand %d is empty: SOCKET, "
+			    "MEMFILE and DIFFs are paths\n", i - optind + 1);
+			return -1;
+		}
 	opt.socket_path = argv[optind];
 	opt.layers = argv + optind + 1;
 	opt.nlayers = argc - optind - 1;
@@ -1029,6 +1040,7 @@ struct session {
 	int open;			/* threads may enter (atomic) */
 	int outcome;			/* a thread's ending: 1 gone, < 0 fatal */
 	int logged;			/* LOGGED_*: said once, whichever thread */
+	int ending;			/* session_end is under way */
 	int threaded;			/* its uffd is in the threads' set */
 	int wepfd;			/* that set, to arm it again in */
 	char handshake[HANDSHAKE_MAX];
@@ -1958,21 +1970,58 @@ read_events(struct lane *l)
  * ------------------------------------------------------------------------ */
 
 /*
- * One line of a --populate list: a page-aligned decimal file offset, digits
- * only (no sign: strtoull would take "-4096" for 2^64-4096), ended by LF or
- * CRLF. 1 for an offset, 0 for a blank line, -1 for anything else.
+ * One line of a --populate list, len bytes with its newline: a
+ * page-aligned decimal file offset, digits only (no sign: strtoull would
+ * take "-4096" for 2^64-4096), ended by LF or CRLF. 1 for an offset, 0 for
+ * a blank line, -1 for anything else: a NUL, or no newline at all (a list
+ * cut short, whose last number may be a prefix of the one meant).
  */
 static int
-list_entry(const char *line, uint64_t *off)
+list_entry(const char *line, size_t len, uint64_t *off)
 {
 	const char *end;
 
-	if (strcmp(line, "\n") == 0 || strcmp(line, "\r\n") == 0 || *line == '\0')
+	if (len == 0 || line[len - 1] != '\n' || memchr(line, '\0', len) != NULL)
+		return -1;
+	if (strcmp(line, "\n") == 0 || strcmp(line, "\r\n") == 0)
 		return 0;
 	if (parse_number(line, 10, UINT64_MAX, &end, off) < 0 || *off % PAGE_4K ||
-	    (strcmp(end, "\n") != 0 && strcmp(end, "\r\n") != 0 && *end != '\0'))
+	    (strcmp(end, "\n") != 0 && strcmp(end, "\r\n") != 0))
 		return -1;
 	return 1;
+}
+
+/* Each entry of the list into list[*n]; -EINVAL for a bad line. */
+static int
+read_list(FILE *f, const char *path, uint64_t **list, size_t *n)
+{
+	size_t cap = 0, line = 0, bufcap = 0;
+	uint64_t off, *grown;
+	char *buf = NULL;
+	ssize_t len;
+	int rc = 0;
+
+	while (rc == 0 && (len = getline(&buf, &bufcap, f)) >= 0) {
+		line++;
+		if ((rc = list_entry(buf, (size_t)len, &off)) < 0) {
+			logmsg(LOG_ERROR, "%s:%zu: not a page-aligned file offset "
+			    "(decimal digits and a newline only)", path, line);
+			rc = -EINVAL;
+		} else if (rc > 0 && (grown = grow_array(*list, &cap, *n,
+		    sizeof(off), 4096)) == NULL) {
+			rc = -ENOMEM;
+		} else if (rc > 0) {
+			*list = grown;
+			(*list)[(*n)++] = off;
+		}
+		rc = rc > 0 ? 0 : rc;
+	}
+	free(buf);
+	if (rc == 0 && ferror(f)) {
+		logmsg(LOG_ERROR, "reading %s: %s", path, strerror(errno));
+		rc = -EIO;
+	}
+	return rc;
 }
 
 /* Reads a --populate list, one entry a line (see list_entry). */
@@ -1980,13 +2029,9 @@ static int
 load_list(const char *path, uint64_t **list, size_t *n)
 {
 	/* Non-blocking: a FIFO would hold up the start in open(). */
-	int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-	size_t cap = 0, line = 0;
-	char buf[64];
-	uint64_t off, *grown;
+	int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK), rc;
 	struct stat st;
 	FILE *f;
-	int rc;
 
 	if (fd < 0 || fstat(fd, &st) < 0 || (f = fdopen(fd, "r")) == NULL) {
 		logmsg(LOG_ERROR, "open(%s): %s", path, strerror(errno));
@@ -2000,27 +2045,9 @@ load_list(const char *path, uint64_t **list, size_t *n)
 		return -EINVAL;
 	}
 	*n = 0;
-	while (fgets(buf, sizeof(buf), f) != NULL) {
-		line++;
-		/* A line longer than the buffer is no offset either. */
-		if ((rc = list_entry(buf, &off)) < 0 || (strchr(buf, '\n') == NULL &&
-		    !feof(f))) {
-			logmsg(LOG_ERROR, "%s:%zu: not a page-aligned file offset "
-			    "(decimal digits only)", path, line);
-			fclose(f);
-			return -EINVAL;
-		}
-		if (rc == 0)
-			continue;
-		if ((grown = grow_array(*list, &cap, *n, sizeof(off), 4096)) == NULL) {
-			fclose(f);
-			return -ENOMEM;
-		}
-		*list = grown;
-		(*list)[(*n)++] = off;
-	}
+	rc = read_list(f, path, list, n);
 	fclose(f);
-	return 0;
+	return rc;
 }
 
 static struct region *
@@ -2391,17 +2418,25 @@ serve_round(struct lane *l, uint32_t uffd_events)
  */
 #define RECORD_STALL_MS	1000
 
-/* Whether the keeper's first message waiting is to stop (see the
- * protocol): a peek takes nothing off the socket. */
-static int stop_asked(int ctl);
+/*
+ * What the server's loop would do with the keeper's messages, done while
+ * the record waits for its reader: 1 once told to stop, -1 once the keeper
+ * is gone, 0 else.
+ */
+struct heard {
+	int ctl;
+	int (*take)(void *);
+	void *arg;
+};
 
 /* 0 once len bytes are out, or a negative errno: -ECANCELED when told to
  * stop, -ETIMEDOUT for a reader that took nothing for RECORD_STALL_MS. */
 static int
-record_out(int fd, int ctl, const char *buf, size_t len)
+record_out(int fd, const struct heard *h, const char *buf, size_t len)
 {
-	struct pollfd p[2] = { { fd, POLLOUT, 0 }, { ctl, POLLIN, 0 } };
+	struct pollfd p[2] = { { fd, POLLOUT, 0 }, { h->ctl, POLLIN, 0 } };
 	ssize_t n;
+	int said;
 
 	while (len > 0) {
 		if ((n = write(fd, buf, len)) > 0) {
@@ -2413,16 +2448,16 @@ record_out(int fd, int ctl, const char *buf, size_t len)
 			return -errno;
 		if (poll(p, 2, RECORD_STALL_MS) == 0)
 			return -ETIMEDOUT;
-		if (p[1].revents && stop_asked(ctl))
+		if (p[1].revents && (said = h->take(h->arg)) > 0)
 			return -ECANCELED;
-		if (p[1].revents)
-			p[1].fd = -1;	/* another message: the loop takes it */
+		if (p[1].revents && said < 0)
+			p[1].fd = -1;
 	}
 	return 0;
 }
 
 static void
-write_record(struct session *s, int ctl)
+write_record(struct session *s, const struct heard *h)
 {
 	char buf[65536];
 	size_t n = 0, i, done = 0;
@@ -2432,7 +2467,7 @@ write_record(struct session *s, int ctl)
 		return;
 	for (i = 0; i <= s->vm.st->norder && rc == 0; i++) {
 		if (i == s->vm.st->norder || n > sizeof(buf) - 32) {
-			rc = record_out(s->record_fd, ctl, buf, n);
+			rc = record_out(s->record_fd, h, buf, n);
 			done = rc == 0 ? i : done;
 			n = 0;
 		}
@@ -2443,7 +2478,7 @@ write_record(struct session *s, int ctl)
 	if (rc == 0)
 		logmsg(LOG_INFO, "recorded %zu pages in %s", s->vm.st->norder, opt.record_path);
 	else
-		logmsg(LOG_ERROR, "writing %s: %s; %zu of %zu pages lost",
+		logmsg(LOG_ERROR, "writing %s: %s; at least %zu of %zu pages lost",
 		    opt.record_path, rc == -ETIMEDOUT ? "its reader took nothing "
 		    "for 1 s" : rc == -ECANCELED ? "told to stop" : strerror(-rc),
 		    s->vm.st->norder - done, s->vm.st->norder);
@@ -3241,7 +3276,6 @@ struct workers {
 	pthread_cond_t popcv;
 	struct session **popq;		/* sessions populating */
 	size_t npop, popcap;
-	uint64_t popgen;		/* sessions added to popq so far */
 	struct grave *graves;		/* ended, not yet freed */
 	size_t ngraves, gravecap;
 };
@@ -3289,6 +3323,8 @@ static int keeper_answer(struct keeper *k, const struct ctl *m, int fds[2]);
 static void add_peer(struct server *srv, const struct ctl *m, int conn,
     int pidfd, int64_t now);
 static void session_end(struct server *srv, struct session *s, int code);
+static int server_answer(struct server *srv, int64_t now);
+static void keeper_gone(struct server *srv);
 static void keeper_upgrade(struct keeper *k, int64_t now);
 static void keeper_exec(struct keeper *k);
 static int keeper_init(struct keeper *k);
@@ -3441,33 +3477,59 @@ set_socket_access(const char *path)
  * SOCKET's directory is held from the first look at the path to listen(2).
  * So no handler probes a socket another has bound but not yet listens on
  * (it looks stale), nor removes one it has just made, whatever their pid
- * namespaces. A handler that cannot open the directory goes on without
- * the lock. -1 when there is none to release.
+ * namespaces. A directory this handler may not read (x only, as jails
+ * have) cannot be opened to lock: SOCKET.lock is locked instead, made if
+ * need be and left in place (removing a lock file others may wait on
+ * would let two hold one). A lock held past DIR_LOCK_MS is an error, not
+ * a race to risk; a stopping signal ends the wait. The locked descriptor,
+ * or a negative errno, logged.
  */
 #define DIR_LOCK_MS	5000
 
 static int
-lock_socket_dir(const char *path)
+open_lock(const char *path)
 {
-	char dir[sizeof(((struct sockaddr_un *)0)->sun_path)];
+	char dir[sizeof(((struct sockaddr_un *)0)->sun_path)], file[PATH_MAX];
 	const char *slash = strrchr(path, '/');
 	int fd;
 
-	if (slash == NULL)
-		snprintf(dir, sizeof(dir), ".");
-	else
-		snprintf(dir, sizeof(dir), "%.*s", slash == path ? 1 :
-		    (int)(slash - path), path);
-	if ((fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) < 0) {
-		logmsg(LOG_DEBUG, "open(%s): %s; binding without its lock", dir,
-		    strerror(errno));
-		return -1;
+	snprintf(dir, sizeof(dir), "%.*s", slash == NULL ? 1 : slash == path ? 1 :
+	    (int)(slash - path), slash == NULL ? "." : path);
+	if ((fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) >= 0 ||
+	    errno != EACCES) {
+		if (fd < 0)
+			logmsg(LOG_ERROR, "open(%s) to lock it: %s", dir, strerror(errno));
+		return fd < 0 ? -errno : fd;
 	}
-	for (int64_t end = now_ms() + DIR_LOCK_MS; flock(fd, LOCK_EX | LOCK_NB) < 0;) {
+	snprintf(file, sizeof(file), "%s.lock", path);
+	if ((fd = open(file, O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600)) < 0) {
+		logmsg(LOG_ERROR, "%s cannot be read, and open(%s): %s", dir, file,
+		    strerror(errno));
+		return -errno;
+	}
+	logmsg(LOG_INFO, "%s cannot be read: locking %s instead", dir, file);
+	return fd;
+}
+
+static int
+lock_socket_dir(const char *path, int sigfd)
+{
+	int64_t end = now_ms() + DIR_LOCK_MS;
+	int fd, rc;
+
+	if ((fd = open_lock(path)) < 0)
+		return fd;
+	while (flock(fd, LOCK_EX | LOCK_NB) < 0) {
 		if (errno != EWOULDBLOCK || now_ms() >= end) {
-			logmsg(LOG_WARN, "flock(%s): %s; binding without the lock",
-			    dir, errno == EWOULDBLOCK ? "held too long" : strerror(errno));
-			break;
+			logmsg(LOG_ERROR, "flock(%s's directory): %s; not binding",
+			    path, errno == EWOULDBLOCK ? "another process has held it "
+			    "for 5 s" : strerror(errno));
+			close(fd);
+			return errno == EWOULDBLOCK ? -EBUSY : -errno;
+		}
+		if ((rc = setup_interrupted(sigfd)) < 0) {
+			close(fd);
+			return rc;
 		}
 		usleep(10000);
 	}
@@ -3502,7 +3564,7 @@ bind_listen(int fd, const char *path)
  * is made, every failure removes it again.
  */
 static int
-listen_socket(const char *path, struct stat *own)
+listen_socket(const char *path, struct stat *own, int sigfd)
 {
 	int fd, rc, dirfd;
 
@@ -3515,7 +3577,10 @@ listen_socket(const char *path, struct stat *own)
 		logmsg(LOG_ERROR, "socket(AF_UNIX) for %s: %s", path, strerror(errno));
 		return -errno;
 	}
-	dirfd = lock_socket_dir(path);
+	if ((dirfd = lock_socket_dir(path, sigfd)) < 0) {
+		close(fd);
+		return dirfd;
+	}
 	rc = bind_listen(fd, path);
 	if (rc == 0 && lstat(path, own) < 0) {
 		rc = -errno;
@@ -3523,8 +3588,7 @@ listen_socket(const char *path, struct stat *own)
 	} else if (rc == 0 && (rc = set_socket_access(path)) < 0) {
 		unlink(path);
 	}
-	if (dirfd >= 0)
-		close(dirfd);
+	close(dirfd);
 	if (rc < 0) {
 		close(fd);
 		return rc;
@@ -3539,6 +3603,19 @@ listen_socket(const char *path, struct stat *own)
  * VMMs, freezing their guests. A server is born with them blocked and
  * never reads them: it hears of them from the keeper.
  */
+static void
+handled_signals(sigset_t *set)
+{
+	sigemptyset(set);
+	sigaddset(set, SIGTERM);
+	sigaddset(set, SIGINT);
+	sigaddset(set, SIGHUP);
+	sigaddset(set, SIGQUIT);
+	sigaddset(set, SIGUSR1);
+	sigaddset(set, SIGUSR2);
+	sigaddset(set, SIGCHLD);
+}
+
 static int
 signal_fd(void)
 {
@@ -3547,14 +3624,7 @@ signal_fd(void)
 
 	signal(SIGPIPE, SIG_IGN);
 	signal(SIGBUS, on_sigbus);
-	sigemptyset(&set);
-	sigaddset(&set, SIGTERM);
-	sigaddset(&set, SIGINT);
-	sigaddset(&set, SIGHUP);
-	sigaddset(&set, SIGQUIT);
-	sigaddset(&set, SIGUSR1);
-	sigaddset(&set, SIGUSR2);
-	sigaddset(&set, SIGCHLD);
+	handled_signals(&set);
 	if (sigprocmask(SIG_BLOCK, &set, NULL) < 0 ||
 	    (fd = signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK)) < 0) {
 		logmsg(LOG_ERROR, "signalfd: %s", strerror(errno));
@@ -5263,17 +5333,6 @@ server_answer(struct server *srv, int64_t now)
 	return 0;
 }
 
-static int
-stop_asked(int ctl)
-{
-	struct ctl m;
-	struct iovec iov = { &m, sizeof(m) };
-	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
-
-	return recvmsg(ctl, &mh, MSG_PEEK | MSG_DONTWAIT) == (ssize_t)sizeof(m) &&
-	    m.type == K_STOP;
-}
-
 /* ------------------------------------------------------------------------
  * 12. The server loop
  *
@@ -5431,7 +5490,6 @@ popq_add(struct server *srv, struct session *s)
 		srv->w.popq = q;
 	if (rc == 0) {
 		srv->w.popq[srv->w.npop++] = s;
-		srv->w.popgen++;
 		pthread_cond_broadcast(&srv->w.popcv);
 	}
 	pthread_mutex_unlock(&srv->w.popmu);
@@ -5447,11 +5505,23 @@ steps_exhausted(const struct lane *l)
 	    __atomic_load_n(&l->s->step_next, __ATOMIC_SEQ_CST) >= l->s->vm.st->steps;
 }
 
+/* Whether population thread id has nothing left in any queued session
+ * (under popmu): every step claimed, none held. Claims only run out, so
+ * only a new session brings it work. */
+static int
+nothing_to_claim(const struct server *srv, int id)
+{
+	for (size_t i = 0; i < srv->w.npop; i++)
+		if (!steps_exhausted(&srv->w.popq[i]->lanes[id]))
+			return 0;
+	return 1;
+}
+
 /*
  * Population: a step of each populating session in turn. Its copies go
  * on beside the faults', which never wait behind more than one step. A
  * thread with nothing left to claim in any session sleeps until a session
- * comes (popgen), rather than spin while others finish their last steps.
+ * comes, rather than spin while others finish their last steps.
  */
 static void *
 population_thread(void *arg)
@@ -5459,23 +5529,18 @@ population_thread(void *arg)
 	struct thread *t = arg;
 	struct server *srv = t->srv;
 	struct session *s;
-	size_t next = 0, dry = 0;
-	uint64_t idle_gen = UINT64_MAX;
+	size_t next = 0;
 	int rc;
 
 	for (;;) {
 		pthread_mutex_lock(&srv->w.popmu);
-		if (dry >= srv->w.npop)
-			idle_gen = srv->w.popgen;
-		while ((srv->w.npop == 0 || idle_gen == srv->w.popgen) &&
+		while ((srv->w.npop == 0 || nothing_to_claim(srv, t->id)) &&
 		    !__atomic_load_n(&srv->w.stop, __ATOMIC_SEQ_CST))
 			pthread_cond_wait(&srv->w.popcv, &srv->w.popmu);
 		if (__atomic_load_n(&srv->w.stop, __ATOMIC_SEQ_CST)) {
 			pthread_mutex_unlock(&srv->w.popmu);
 			return NULL;
 		}
-		if (idle_gen != srv->w.popgen)
-			dry = 0;
 		s = srv->w.popq[next++ % srv->w.npop];
 		rc = session_enter(s);
 		pthread_mutex_unlock(&srv->w.popmu);
@@ -5486,7 +5551,6 @@ population_thread(void *arg)
 			session_outcome(srv, s, rc);
 		if (rc != 0 || !population_on(s))
 			popq_remove(srv, s);
-		dry = rc == 0 && steps_exhausted(&s->lanes[t->id]) ? dry + 1 : 0;
 		session_leave(s);
 	}
 }
@@ -5654,21 +5718,38 @@ threads_stop(struct server *srv)
 	closefd(&srv->w.notefd);
 }
 
+/* The keeper's messages, taken while a record waits (see struct heard). */
+static int
+heard_from_keeper(void *arg)
+{
+	struct server *srv = arg;
+
+	if (server_answer(srv, now_ms()) < 0) {
+		keeper_gone(srv);
+		return -1;
+	}
+	return srv->stop != 0;
+}
+
 /* A VMM's session ends with its record, its counter line and its code; a
  * peer that sent nothing just goes. The keeper lets go of the slot. Freed
- * at the end of the round. */
+ * at the end of the round. A message taken while the record is written may
+ * end it again: it ends once. */
 static void
 session_end(struct server *srv, struct session *s, int code)
 {
-	if (s->state == S_ENDED)
+	struct heard h = { srv->ctl, heard_from_keeper, srv };
+
+	if (s->state == S_ENDED || s->ending)
 		return;
+	s->ending = 1;
 	if (s->threaded)
 		quiesce(srv, s);
 	unwatch(srv, s->vm.conn);
 	unwatch(srv, s->vm.uffd);
 	unwatch(srv, s->vm.pidfd);
 	if (s->state != S_HELLO) {
-		write_record(s, srv->ctl);
+		write_record(s, &h);
 		print_counters(s, code);
 		note_worst(&srv->worst, code);
 		srv->live--;
@@ -6533,16 +6614,20 @@ keeper_setup(struct keeper *k)
 	if ((rc = open_inputs(&k->in, k->sigfd)) < 0 ||
 	    (rc = setup_interrupted(k->sigfd)) < 0)
 		return rc == -ECANCELED ? EXIT_SIGNAL : EXIT_SETUP;
-	if ((k->ls.lfd = listen_socket(opt.socket_path, &k->ls.sock_st)) < 0)
-		return EXIT_SETUP;
+	if ((k->ls.lfd = listen_socket(opt.socket_path, &k->ls.sock_st,
+	    k->sigfd)) < 0)
+		return k->ls.lfd == -ECANCELED ? EXIT_SIGNAL : EXIT_SETUP;
 	if ((rc = open_record(&k->in)) < 0)
 		return rc == -EINVAL ? EXIT_USAGE : EXIT_SETUP;
 	keeper_oom(k);
 	if (drop_privileges() < 0 || keeper_init(k) < 0 ||
-	    (opt.seccomp && seccomp_confine(STAGE_KEEPER, k->procfd) < 0) ||
-	    keeper_spawn(k) < 0)
+	    (opt.seccomp && seccomp_confine(STAGE_KEEPER, k->procfd) < 0))
 		return EXIT_SETUP;
-	return 0;
+	/* Told to stop during setup: no "listening" line for a supervisor
+	 * to take for a handler that is ready. */
+	if (setup_interrupted(k->sigfd) < 0)
+		return EXIT_SIGNAL;
+	return keeper_spawn(k) < 0 ? EXIT_SETUP : 0;
 }
 
 /* Safe to call twice, and on a keeper half set up. */
@@ -6576,8 +6661,13 @@ main(int argc, char **argv)
 	    .procfd = -1, .done = -1, .argv = argv, .self_fd = -1, .upgrade = -1 };
 	const char *handover = getenv(HANDOVER_ENV);
 	uint64_t hfd;
+	sigset_t set;
 	int rc, code;
 
+	/* Before anything: a signal in the first instants is kept for the
+	 * signalfd, not taken by its default action. */
+	handled_signals(&set);
+	sigprocmask(SIG_BLOCK, &set, NULL);
 	if ((rc = parse_options(argc, argv)) != 0)
 		return rc > 0 ? 0 : EXIT_USAGE;
 	if (handover != NULL) {

@@ -24,6 +24,7 @@
 #include <unistd.h>
 #include <sched.h>
 #include <grp.h>
+#include <sys/file.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -829,6 +830,8 @@ cli_usage_errors(const void *arg)
 		{ "--accept-timeout", "-1", "a", NULL },
 		{ "--threads", "0", "a", NULL }, { "--threads", "65", "a", NULL },
 		{ "--threads", "+4", "a", NULL }, { "--threads", "4x", "a", NULL },
+		{ "", "a", NULL }, { "--populate=", "a", NULL },
+		{ "--record=", "a", NULL },
 	};
 	struct proc p;
 	char err[2048];
@@ -2688,8 +2691,12 @@ listens_or_exits(const struct proc *p)
  */
 #define RACERS	8
 
+enum { AS_IS, AS_PID1, AS_NOBODY };	/* how the racing handlers run */
+
+static void become_nobody(const void *arg);
+
 static int
-handlers_at_once(const char *sock, int pid1, int stale, int round)
+handlers_at_once(const char *sock, int mode, int stale, int round)
 {
 	char *argv[] = { (char *)T.handler, (char *)sock, T.snap, NULL };
 	static char err[RACERS][2048];
@@ -2701,13 +2708,16 @@ handlers_at_once(const char *sock, int pid1, int stale, int round)
 
 		fd = socket(AF_UNIX, SOCK_STREAM, 0);
 		snprintf(a.sun_path, sizeof(a.sun_path), "%s", sock);
-		if (bind(fd, (struct sockaddr *)&a, sizeof(a)) < 0)
+		if (bind(fd, (struct sockaddr *)&a, sizeof(a)) < 0 ||
+		    (mode == AS_NOBODY && chown(sock, 65534, 65534) < 0))
 			return fail("round %d: bind(%s): %s", round, sock, strerror(errno));
 		close(fd);
 	}
 	for (int i = 0; i < RACERS; i++)
-		if (pid1)
+		if (mode == AS_PID1)
 			spawn_pid1(&h[i], argv);
+		else if (mode == AS_NOBODY)
+			spawn_hooked(&h[i], argv, become_nobody, NULL);
 		else
 			spawn(&h[i], argv, NULL);
 	for (int i = 0; i < RACERS; i++)
@@ -2733,6 +2743,32 @@ handlers_at_once(const char *sock, int pid1, int stale, int round)
 	return PASS;
 }
 
+/* Races of the path's own name show mostly under load: a busy process on
+ * one CPU makes the handlers' steps interleave. */
+static pid_t
+hog_start(void)
+{
+	cpu_set_t one;
+	pid_t hog = fork();
+
+	if (hog != 0)
+		return hog;
+	CPU_ZERO(&one);
+	CPU_SET(0, &one);
+	sched_setaffinity(0, sizeof(one), &one);
+	for (;;)
+		;
+}
+
+static void
+hog_stop(pid_t hog)
+{
+	if (hog > 0) {
+		kill(hog, SIGKILL);
+		waitpid(hog, NULL, 0);
+	}
+}
+
 static int
 socket_handlers_race(const void *arg)
 {
@@ -2747,25 +2783,13 @@ socket_handlers_race(const void *arg)
 		    103 - (int)strlen(T.dir) - 6, 0);
 	else
 		snprintf(sock, sizeof(sock), "%s/race-%s.sock", T.dir, how_);
-	/* Races of the path's own name show mostly under load: a busy
-	 * process on one CPU makes the handlers' steps interleave. */
-	if (strcmp(how_, "stale") == 0 && (hog = fork()) == 0) {
-		cpu_set_t one;
-
-		CPU_ZERO(&one);
-		CPU_SET(0, &one);
-		sched_setaffinity(0, sizeof(one), &one);
-		for (;;)
-			;
-	}
+	if (strcmp(how_, "stale") == 0)
+		hog = hog_start();
 	for (int i = 0; i < (hog > 0 ? 80 : 20) && rc == PASS; i++) {
-		rc = handlers_at_once(sock, pid1, stale, i);
+		rc = handlers_at_once(sock, pid1 ? AS_PID1 : AS_IS, stale, i);
 		unlink(sock);
 	}
-	if (hog > 0) {
-		kill(hog, SIGKILL);
-		waitpid(hog, NULL, 0);
-	}
+	hog_stop(hog);
 	return rc;
 }
 
@@ -3066,14 +3090,15 @@ populate_threads_no_spin(const void *arg)
 	return PASS;
 }
 
-/* The --populate list: CRLF line ends and blank lines are fine; a sign,
- * a space or a value past 2^64 is no offset (strtoull would wrap -4096). */
+/* The --populate list: CRLF line ends, blank lines and zero padding are
+ * fine; a sign, a space, a NUL, a value past 2^64 (strtoull would wrap
+ * -4096) or a last line without its newline (a list cut short) is not. */
 static int
 populate_list_format(const void *arg)
 {
 	static const char *const bad[] = { "-4096\n", "+4096\n", " 4096\n",
-		"18446744073709551616\n", "4096x\n", "0x1000\n",
-		"0000000000000000000000000000000000000000000000000000000000000000004096\n" };
+		"18446744073709551616\n", "4096x\n", "0x1000\n", "4096",
+		"4096\r" };
 	char list[160], sock[160], err[2048];
 	struct pair p = { .hargs = { "--populate", list, NULL },
 	    .vargs = { "--delay", "500", NULL } };
@@ -3095,11 +3120,22 @@ populate_list_format(const void *arg)
 			return fail("\"%.*s\" was taken: %s: %s", (int)strlen(bad[i]) - 1,
 			    bad[i], how(&h), err);
 	}
+	/* A NUL in a line: no digits-only entry either. */
+	if ((f = fopen(list, "w")) == NULL)
+		return fail("fopen: %s", strerror(errno));
+	fwrite("0\n4096\0abc\n", 1, 12, f);
+	fclose(f);
+	run_handler((const char *[]){ "--populate", list, sock, T.snap, NULL },
+	    5000, &h, err, sizeof(err));
+	if (!exited(&h, 3) || !strstr(err, "list-format.txt:2: not a page"))
+		return fail("a NUL in an entry was taken: %s: %s", how(&h), err);
 	if ((f = fopen(list, "w")) == NULL)
 		return fail("fopen: %s", strerror(errno));
 	for (int i = 0; i < 4096; i++)
 		fprintf(f, "%d%s", i * 4096, i % 2 ? "\r\n" : "\n");
-	fputs("\n\r\n", f);
+	/* Blank lines, and a long zero-padded entry ended by CRLF. */
+	fputs("\n\r\n00000000000000000000000000000000000000000000000000000000"
+	    "00000000004096\r\n", f);
 	fclose(f);
 	if ((rc = restored(&p)) != PASS && counter(&p, "faults") != 0)
 		return rc;
@@ -3849,6 +3885,278 @@ upgrade_unreadable_goes_back(const void *arg)
 		return pair_fail(&p, "the log does not say why it went back");
 	return exited(&p.v, 0) && exited(&p.h, 0) ? PASS :
 	    pair_fail(&p, "the VM did not verify across the attempt");
+}
+
+/*
+ * Storage that is slow or cold: a read-only FUSE mount (test/slowfs.c)
+ * that delays every read and counts the bytes read through it, over a
+ * copy of the 64 MiB snapshot; and the page cache dropped before a run.
+ */
+static struct {
+	char src[160], mnt[160], snap[200];
+	pid_t pid;
+} SF = { .pid = -1 };
+
+static void
+slowfs_down(void)
+{
+	if (SF.pid <= 0)
+		return;
+	kill(SF.pid, SIGTERM);
+	waitpid(SF.pid, NULL, 0);
+	SF.pid = -1;
+}
+
+/* Mounts slowfs with delay_us; SKIP (and T.why) without FUSE here. */
+static int
+slowfs_up(long delay_us)
+{
+	char slowfs[PATH_MAX + 32], delay[32], out[200], cmd[1024], buf[512];
+	char *argv[] = { slowfs, "-d", delay, SF.src, SF.mnt, NULL };
+
+	snprintf(slowfs, sizeof(slowfs), "%s/build/test/slowfs", repo_dir);
+	if (access("/dev/fuse", R_OK | W_OK) != 0 || access(slowfs, X_OK) != 0)
+		return skip("no FUSE here (/dev/fuse, or build/test/slowfs: "
+		    "libfuse3-dev)");
+	snprintf(SF.src, sizeof(SF.src), "%s/slowsrc", T.dir);
+	snprintf(SF.mnt, sizeof(SF.mnt), "%s/slowmnt", T.dir);
+	snprintf(SF.snap, sizeof(SF.snap), "%s/big.mem", SF.mnt);
+	snprintf(delay, sizeof(delay), "%ld", delay_us);
+	snprintf(cmd, sizeof(cmd), "mkdir -p %s %s && { [ -f %s/big.mem ] || cp "
+	    "--sparse=always %s %s/big.mem; }", SF.src, SF.mnt, SF.src, T.big,
+	    SF.src);
+	if (system(cmd) != 0)
+		return fail("%s failed", cmd);
+	snprintf(out, sizeof(out), "%s/slowfs.out", T.dir);
+	unlink(out);
+	if ((SF.pid = fork()) == 0) {
+		if (freopen(out, "w", stdout) == NULL)
+			_exit(126);
+		execv(argv[0], argv);
+		_exit(127);
+	}
+	for (int i = 0; i < 5000; i++, usleep(1000)) {
+		read_text(out, buf, sizeof(buf));
+		if (strstr(buf, "slowfs: mounted"))
+			return PASS;
+	}
+	slowfs_down();
+	return fail("slowfs did not mount: %s", buf);
+}
+
+/* The file's pages out of the page cache: the next read goes to storage. */
+static int
+drop_cache(const char *path)
+{
+	int fd = open(path, O_RDONLY | O_CLOEXEC), rc;
+
+	if (fd < 0)
+		return -1;
+	rc = posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+	close(fd);
+	return rc == 0 ? 0 : -1;
+}
+
+static uint64_t
+cpu_ticks(pid_t pid)
+{
+	char path[64], buf[1024];
+	const char *at;
+	unsigned long ut = 0, st = 0;
+
+	snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
+	read_text(path, buf, sizeof(buf));
+	/* utime and stime: fields 14 and 15, after the parenthesised name. */
+	if ((at = strrchr(buf, ')')) != NULL)
+		sscanf(at + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu",
+		    &ut, &st);
+	return ut + st;
+}
+
+/*
+ * Two VMs populated (--populate all) from slow storage by four threads,
+ * with fewer steps than threads: those with nothing left to claim sleep,
+ * whatever the number of VMs queued, and both VMs' population ends (a
+ * thread that saw one VM's last step must not sleep while the other has
+ * steps). The server's CPU over the population stays a fraction of it.
+ */
+static int
+population_two_vms_slow(const void *arg)
+{
+	struct pair p = { .hargs = { "--max-vms", "2", "--threads", "4",
+	    "--populate", "all", NULL }, .vargs = { "--regions", "2", "--delay",
+	    "4000", "--threads", "1", NULL } };
+	struct proc v2;
+	uint64_t c0, c1;
+	int64_t t0, t1;
+	int rc;
+
+	(void)arg;
+	if ((rc = slowfs_up(100000)) != PASS)
+		return rc;
+	p.base = SF.snap;
+	p.snap = T.big;
+	drop_cache(SF.snap);
+	if (start_handler(&p) < 0) {
+		slowfs_down();
+		return FAIL;
+	}
+	c0 = cpu_ticks(server_of(p.h.pid));
+	t0 = now_ms();
+	spawn_vmm(&p, &p.v);
+	p.vargs[1] = "4";
+	spawn_vmm(&p, &v2);
+	for (int i = 0; i < 2; i++)
+		if (wait_text(p.h.err, i ? "populated" : "VMM pid", 3000) < 0)
+			break;
+	usleep(2000000);
+	c1 = cpu_ticks(server_of(p.h.pid));
+	t1 = now_ms();
+	reap(&v2, 60000);
+	finish_pair(&p);
+	slowfs_down();
+	printf("  server CPU over %" PRId64 " ms of population: %" PRIu64
+	    " ticks\n", t1 - t0, c1 - c0);
+	if (!exited(&p.v, 0) || !exited(&v2, 0) || !exited(&p.h, 0))
+		return pair_fail(&p, "the VMs were not served");
+	if (strstr(p.herr, "populated") == NULL ||
+	    strstr(strstr(p.herr, "populated") + 1, "populated") == NULL)
+		return pair_fail(&p, "one VM's population never ended");
+	return c1 - c0 <= 30 ? PASS : pair_fail(&p, "population threads with "
+	    "nothing to claim spun");
+}
+
+/*
+ * The directory's lock: a stopping signal ends the wait for it (no
+ * "listening" line, no socket), and a lock held past 5 s is an error,
+ * not a race to risk.
+ */
+static int
+socket_dir_lock_held(const void *arg)
+{
+	char dir[160], sock[200], err[4096];
+	char *argv[] = { (char *)T.handler, sock, T.snap, NULL };
+	int sig = arg != NULL, fd;
+	struct proc p;
+
+	snprintf(dir, sizeof(dir), "%s/locked-%d", T.dir, sig);
+	snprintf(sock, sizeof(sock), "%s/s.sock", dir);
+	if ((mkdir(dir, 0755) < 0 && errno != EEXIST) ||
+	    (fd = open(dir, O_RDONLY | O_DIRECTORY)) < 0 || flock(fd, LOCK_EX) < 0)
+		return fail("locking %s: %s", dir, strerror(errno));
+	spawn(&p, argv, NULL);
+	if (sig) {
+		usleep(300000);
+		kill(p.pid, SIGTERM);
+	}
+	reap(&p, sig ? 1000 : 8000);
+	close(fd);
+	read_text(p.err, err, sizeof(err));
+	if (!exited(&p, sig ? 5 : 3) || strstr(err, "listening on") ||
+	    (!sig && !strstr(err, "held it for 5 s")))
+		return fail("%s with the directory locked%s: \"%s\"", how(&p),
+		    sig ? ", then SIGTERM" : "", err);
+	return access(sock, F_OK) != 0 ? PASS : fail("%s was left behind", sock);
+}
+
+/* Handlers as uid 65534 in a directory they may write but not read: no
+ * lock on it can be had, so they lock SOCKET.lock; the race over a stale
+ * socket has one winner, as elsewhere. */
+static int
+socket_race_unreadable_dir(const void *arg)
+{
+	char dir[160], sock[200];
+	int rc = PASS;
+	pid_t hog;
+
+	(void)arg;
+	snprintf(dir, sizeof(dir), "%s/wx-only", T.dir);
+	if ((mkdir(dir, 0300) < 0 && errno != EEXIST) || chown(dir, 65534, 65534) < 0 ||
+	    chmod(dir, 0311) < 0)
+		return fail("mkdir(%s): %s", dir, strerror(errno));
+	snprintf(sock, sizeof(sock), "%s/race.sock", dir);
+	hog = hog_start();
+	for (int i = 0; i < 80 && rc == PASS; i++) {
+		rc = handlers_at_once(sock, AS_NOBODY, 1, i);
+		unlink(sock);
+	}
+	hog_stop(hog);
+	return rc;
+}
+
+/* --record to a FIFO read 4 KiB at a time, slowly: SIGUSR1 while the
+ * record is written changes nothing, and a SIGTERM after it is honoured at
+ * once. */
+static void
+slow_reader(struct proc *r, const char *fifo)
+{
+	char buf[4096];
+	int fd;
+
+	r->status = -1;
+	if ((r->pid = fork()) != 0)
+		return;
+	if ((fd = open(fifo, O_RDONLY)) < 0)
+		_exit(1);
+	while (read(fd, buf, sizeof(buf)) > 0)
+		usleep(500000);
+	_exit(0);
+}
+
+static int
+record_fifo_usr1_then_term(const void *arg)
+{
+	char fifo[160];
+	struct pair p = { .snap = T.big, .hargs = { "--record", fifo, NULL },
+	    .vargs = { "--regions", "32,16,16", NULL } };
+	struct proc reader;
+	int64_t t0;
+
+	(void)arg;
+	snprintf(fifo, sizeof(fifo), "%s/slow-reader.fifo", T.dir);
+	if (mkfifo(fifo, 0600) < 0)
+		return fail("mkfifo: %s", strerror(errno));
+	slow_reader(&reader, fifo);
+	usleep(100000);
+	if (start_both(&p) < 0)
+		return pair_fail(&p, "the handler did not start");
+	reap(&p.v, 60000);
+	usleep(300000);
+	kill(p.h.pid, SIGUSR1);
+	usleep(500000);
+	t0 = now_ms();
+	kill(p.h.pid, SIGTERM);
+	reap(&p.h, 5000);
+	kill(reader.pid, SIGKILL);
+	reap(&reader, 1000);
+	finish_pair(&p);
+	if (!exited(&p.h, 5) || p.h.ended - t0 > 1000)
+		return pair_fail(&p, "SIGTERM after SIGUSR1 was not honoured at once");
+	return strstr(p.herr, "pages lost") ? PASS :
+	    pair_fail(&p, "the log does not say what was lost");
+}
+
+/* A --populate list that is a FIFO is refused at once (open does not
+ * wait for a writer), as is one that is a directory. */
+static int
+populate_list_not_regular(const void *arg)
+{
+	char fifo[160], sock[160], err[2048];
+	const char *lists[2] = { fifo, T.dir };
+	struct proc p;
+
+	(void)arg;
+	snprintf(fifo, sizeof(fifo), "%s/list.fifo", T.dir);
+	snprintf(sock, sizeof(sock), "%s/list-fifo.sock", T.dir);
+	if (mkfifo(fifo, 0600) < 0 && errno != EEXIST)
+		return fail("mkfifo: %s", strerror(errno));
+	for (int i = 0; i < 2; i++) {
+		run_handler((const char *[]){ "--populate", lists[i], sock, T.snap,
+		    NULL }, 3000, &p, err, sizeof(err));
+		if (!exited(&p, 3) || !strstr(err, "is not a regular file"))
+			return fail("--populate %s: %s: %s", lists[i], how(&p), err);
+	}
+	return PASS;
 }
 
 /* A bounded libFuzzer run over the parser and the region checks. */
@@ -4635,6 +4943,12 @@ static const struct tcase cases[] = {
 	{ "upgrade_oracle_populate_all", upgrade_oracle, &cr_pop },
 	{ "upgrade_refused_binaries", upgrade_refused, NULL },
 	{ "upgrade_unreadable_goes_back", upgrade_unreadable_goes_back, NULL },
+	{ "population_two_vms_slow", population_two_vms_slow, NULL },
+	{ "socket_dir_lock_sigterm", socket_dir_lock_held, "term" },
+	{ "socket_dir_lock_held_5_s", socket_dir_lock_held, NULL },
+	{ "socket_handlers_race_unreadable_dir", socket_race_unreadable_dir, NULL },
+	{ "record_fifo_usr1_then_term", record_fifo_usr1_then_term, NULL },
+	{ "populate_list_not_regular", populate_list_not_regular, NULL },
 	{ "fuzz_handshake_short", fuzz_short, NULL },
 	{ "sigterm_kills_vmm", sigterm, &sig_term },
 	{ "sighup_kills_vmm", sigterm, &sig_hup },
