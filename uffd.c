@@ -1712,7 +1712,8 @@ serve_window(struct lane *l, struct region *r, uint64_t idx, uint64_t n,
 
 	mark_install(l, r->base + idx * r->page_size, n * r->page_size, 1);
 	if ((rc = install_window(l, r, idx, n, &at)) == IO_DONE) {
-		count(&s->n->prefetched, at - 1);
+		/* at is 0 when the faulting page was in already (EEXIST). */
+		count(&s->n->prefetched, at > 0 ? at - 1 : 0);
 		pthread_mutex_lock(&s->mu);
 		st->next = r->base + (idx + at) * r->page_size;
 		pthread_mutex_unlock(&s->mu);

@@ -361,6 +361,17 @@ pair_fail(const struct pair *p, const char *what)
 	    p->hout, p->vout, p->verr);
 }
 
+/* Whether a counter of the handler's line went below zero (past 2^63). */
+static int
+counter_wrapped(const struct pair *p)
+{
+	for (const char *at = p->hout; (at = strstr(at, "\":")) != NULL; at++)
+		if (at[2] >= '0' && at[2] <= '9' &&
+		    strtoull(at + 2, NULL, 10) >= UINT64_C(1) << 63)
+			return 1;
+	return 0;
+}
+
 /* The handler, its VMM and a second VMM with the same options, at once;
  * then during(), if any. -1 (and T.why) if the handler never listens. */
 static int
@@ -389,6 +400,8 @@ restored(struct pair *p)
 		return pair_fail(p, "the handler took over 2 s to notice the VM exit");
 	if (counter(p, "faults") == 0 || counter(p, "faults") == UINT64_MAX)
 		return pair_fail(p, "no faults counted");
+	if (counter_wrapped(p))
+		return pair_fail(p, "a counter went below zero");
 	return PASS;
 }
 
@@ -3582,6 +3595,8 @@ crash_oracle(const void *arg)
 		return pair_fail(&p, "the test VMM does not keep its own uffd");
 	if (kills < 2)
 		return pair_fail(&p, "the server was not killed at least twice");
+	if (counter_wrapped(&p))
+		return pair_fail(&p, "a counter went below zero");
 	return exited(&p.h, lost ? 1 : 0) ? PASS :
 	    pair_fail(&p, "the handler did not end as its VMs did");
 }
@@ -4590,6 +4605,8 @@ matrix_cell(size_t i)
 		return pair_fail(&p, "the VMM did not verify every page");
 	if (!exited(&p.h, 0))
 		return pair_fail(&p, "the handler did not exit 0 after the VM");
+	if (counter_wrapped(&p))
+		return pair_fail(&p, "a counter went below zero");
 	return PASS;
 }
 
