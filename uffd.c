@@ -133,6 +133,9 @@
 #ifndef SECCOMP_FILTER_FLAG_TSYNC
 #define SECCOMP_FILTER_FLAG_TSYNC	1
 #endif
+#ifndef SYS_epoll_pwait2
+#define SYS_epoll_pwait2	441
+#endif
 #ifndef SYS_pidfd_send_signal
 #define SYS_pidfd_send_signal	424
 #endif
@@ -897,6 +900,7 @@ struct fault {
 	uint64_t removes;		/* the session's, when it was read */
 	struct stream *stream;
 	uint64_t window;
+	int fetching;			/* its page is being read in: see fetch */
 };
 
 #define STREAMS		8
@@ -912,7 +916,9 @@ struct counters {
 	uint64_t zero_data_pages, prefetched, syscalls, populated, zero_mapped;
 	uint64_t populate_skipped;	/* removed or holes: read zero anyway */
 	uint64_t populate_absent;	/* ENOENT on the page alone */
+	uint64_t fetched;		/* faults whose page was read in first */
 	uint64_t service_us_log2[16];	/* event read to page in, by 2^k us */
+	uint64_t room[7];		/* for counters to come, same layout */
 };
 
 /*
@@ -943,7 +949,7 @@ struct region_state {
  * another layout does not guess.
  */
 #define STATE_MAGIC	0x55464653u	/* "UFFS" */
-#define STATE_LAYOUT	1
+#define STATE_LAYOUT	2
 
 struct vm_state {
 	uint32_t magic, layout;
@@ -1147,7 +1153,7 @@ reader_unlock(struct session *s)
  * Results of the UFFDIO helpers; errors are negative errnos. IO_DONE also
  * when the kernel stopped at a page already present (fewer bytes done).
  */
-enum { IO_DONE, IO_RETRY, IO_GONE, IO_ABSENT };
+enum { IO_DONE, IO_RETRY, IO_GONE, IO_ABSENT, IO_WAIT };
 
 static int
 uffdio_failed(struct lane *l, const char *op, uint64_t dst, uint64_t len,
@@ -1724,10 +1730,110 @@ serve_window(struct lane *l, struct region *r, uint64_t idx, uint64_t n,
 }
 
 /*
+ * Storage. A copy from a page of the memory file that is not in the page
+ * cache waits for storage with its lane (a millisecond and more on network
+ * storage, or through FUSE), and every fault queued behind it waits too;
+ * and the fault on the mapping reads some 128 KiB around the page, of
+ * which a random fault needs 4. So a fault whose window is short (a lone
+ * page, or two random faults that happened to look like the start of a
+ * stream: one such window read through the mapping took 8 MiB from a local
+ * disk) and not all in the page cache has exactly its window read in
+ * (POSIX_FADV_WILLNEED starts the read and returns), waits in its lane
+ * while the lane serves the faults it has and reads more, and is served
+ * once the pages are in: as many reads are in flight as faults wait, from
+ * any number of threads. A window of FETCH_WINDOW pages or more is a
+ * sequential stream, whose read-ahead pays: it reads through the mapping.
+ */
+#define FETCH_WINDOW	16
+
+/* Calls fn on each stretch of one layer of the len bytes at file offset
+ * off, the blocks in holes of every layer left out (they read as zero
+ * and need no storage); stops at fn's first non-zero result. */
+static int
+each_source(const struct chain *c, uint64_t off, uint64_t len,
+    int (*fn)(const struct chain *, int, const char *, uint64_t, uint64_t))
+{
+	uint64_t seg;
+	int rc = 0;
+
+	for (uint64_t at = 0; rc == 0 && at < len; at += seg) {
+		const char *src;
+		int y;
+
+		seg = len - at;
+		src = layer_src(c, off + at, &seg);
+		y = c->n == 1 ? 0 : c->map[(off + at) / PAGE_4K];
+		if (c->n > 1 && y == 0)
+			continue;
+		rc = fn(c, c->n == 1 ? 0 : y - 1, src, off + at, seg);
+	}
+	return rc;
+}
+
+/* 1 when a page of the stretch is not in the page cache. */
+static int
+absent(const struct chain *c, int y, const char *src, uint64_t off,
+    uint64_t len)
+{
+	unsigned char vec[MAX_RUN_4K];
+
+	(void)c;
+	(void)y;
+	(void)off;
+	for (uint64_t at = 0; at < len; at += sizeof(vec) * PAGE_4K) {
+		uint64_t n = (len - at) / PAGE_4K < sizeof(vec) ?
+		    (len - at) / PAGE_4K : sizeof(vec);
+
+		if (mincore((void *)(uintptr_t)(src + at), n * PAGE_4K, vec) < 0)
+			return 0;	/* cannot tell: read it the old way */
+		for (uint64_t i = 0; i < n; i++)
+			if (!(vec[i] & 1))
+				return 1;
+	}
+	return 0;
+}
+
+static int
+read_ahead(const struct chain *c, int y, const char *src, uint64_t off,
+    uint64_t len)
+{
+	(void)src;
+	posix_fadvise(c->layer[y].fd, (off_t)off, (off_t)len, POSIX_FADV_WILLNEED);
+	return 0;
+}
+
+/*
+ * IO_DONE when fault f can be served without waiting for storage, IO_WAIT
+ * while its window is being read in (the read started the first time).
+ */
+static int
+fetch(struct lane *l, struct region *r, uint64_t idx, struct fault *f)
+{
+	struct session *s = l->s;
+	uint64_t off = r->offset + idx * r->page_size;
+	uint64_t len = f->window * r->page_size;
+
+	if (f->window >= FETCH_WINDOW || !opt.optimize ||
+	    bit_test(r->removed, idx) || bit_test(r->hole, idx) ||
+	    bit_test(r->zero, idx))
+		return IO_DONE;
+	count(&s->n->syscalls, 1);
+	if (!each_source(s->chain, off, len, absent))
+		return IO_DONE;
+	if (!f->fetching) {
+		f->fetching = 1;
+		count(&s->n->fetched, 1);
+		count(&s->n->syscalls, 1);
+		each_source(s->chain, off, len, read_ahead);
+	}
+	return IO_WAIT;
+}
+
+/*
  * One fault. Whatever fails on the faulting page itself is the caller's
  * to treat as fatal, except ENOENT on the page alone: its range is no
  * longer registered (the VMM unregistered or unmapped it), so nobody waits
- * for it here and the fault is dropped.
+ * for it here and the fault is dropped. IO_WAIT while its page is read in.
  */
 static int
 serve_fault(struct lane *l, struct fault *f)
@@ -1753,6 +1859,8 @@ serve_fault(struct lane *l, struct fault *f)
 		return uffdio_wake(l, page, r->page_size);
 	if (f->stream == NULL)
 		choose_window(s, r, page, f);
+	if (fetch(l, r, (page - r->base) / r->page_size, f) == IO_WAIT)
+		return IO_WAIT;
 	l->writing = (f->flags & UFFD_PAGEFAULT_FLAG_WRITE) != 0;
 	rc = serve_window(l, r, (page - r->base) / r->page_size, f->window,
 	    f->stream);
@@ -1783,31 +1891,38 @@ record_service(struct session *s, uint64_t read_ns)
 }
 
 /*
- * Serves queued faults in order. On retry the rest stay queued: while a
- * REMOVE is pending every copy would fail the same way.
+ * Serves queued faults in order. A fault whose page is being read in
+ * stays queued and the next is served; on retry the rest stay queued:
+ * while a REMOVE is pending every copy would fail the same way. IO_DONE
+ * also when faults wait for storage (they are still queued).
  */
 static int
 serve_pending(struct lane *l)
 {
 	struct session *s = l->s;
-	size_t i;
+	size_t i, kept = 0;
 	int rc = IO_DONE;
 
 	for (i = 0; i < l->nfaults; i++) {
 		install_lock(l);
 		rc = serve_fault(l, &l->faults[i]);
 		install_unlock(l);
+		if (rc == IO_WAIT) {
+			l->faults[kept++] = l->faults[i];
+			rc = IO_DONE;
+			continue;
+		}
 		if (rc != IO_DONE)
 			break;
 		record_service(s, l->faults[i].read_ns);
 	}
 	if (rc != IO_RETRY) {
-		l->nfaults = 0;
-		return rc;
+		l->nfaults = kept;
+		return rc < 0 || rc == IO_GONE ? rc : IO_DONE;
 	}
 	count(&s->n->deferred, l->nfaults - i);
-	memmove(l->faults, l->faults + i, (l->nfaults - i) * sizeof(*l->faults));
-	l->nfaults -= i;
+	memmove(l->faults + kept, l->faults + i, (l->nfaults - i) * sizeof(*l->faults));
+	l->nfaults = kept + l->nfaults - i;
 	return rc;
 }
 
@@ -2206,6 +2321,56 @@ populate_step(struct lane *l)
 	return rc;
 }
 
+/*
+ * Population reads what it installs through the mapping, one page fault
+ * at a time, each waiting for storage. So the reads of the steps ahead are
+ * started as steps are claimed (see fetch): exactly the pages listed, or
+ * the regions' bytes, with as many in flight as the storage takes.
+ */
+#define FETCH_AHEAD	8		/* steps whose reads are under way */
+
+static void
+fetch_list_step(struct session *s, uint64_t k)
+{
+	uint64_t per = pages_per_step(s->vm.st), end = (k + 1) * per, i, n;
+
+	end = end < s->pop_n ? end : s->pop_n;
+	for (i = k * per; i < end; i += n) {
+		for (n = 1; i + n < end &&
+		    s->pop_list[i + n] == s->pop_list[i] + n * PAGE_4K; n++)
+			;
+		if (s->pop_list[i] + n * PAGE_4K <= s->chain->size)
+			each_source(s->chain, s->pop_list[i], n * PAGE_4K, read_ahead);
+	}
+}
+
+static void
+fetch_all_step(struct session *s, uint64_t k)
+{
+	uint64_t lo = k * POPULATE_STEP, hi = lo + POPULATE_STEP, start = 0;
+
+	for (size_t i = 0; i < s->nregions; start += s->regions[i++].size) {
+		const struct region *r = &s->regions[i];
+		uint64_t a = lo > start ? lo : start;
+		uint64_t b = hi < start + r->size ? hi : start + r->size;
+
+		if (a < b)
+			each_source(s->chain, r->offset + a - start, b - a, read_ahead);
+	}
+}
+
+static void
+fetch_step(struct session *s, uint64_t k)
+{
+	if (k >= s->vm.st->steps || bit_test(s->steps_done, k))
+		return;
+	count(&s->n->syscalls, 1);
+	if (s->pop_list != NULL)
+		fetch_list_step(s, k);
+	else
+		fetch_all_step(s, k);
+}
+
 /* A step to take: the one this lane left unfinished (EAGAIN), or the
  * next unclaimed. 0 when none is left. */
 static int
@@ -2225,6 +2390,7 @@ claim_step(struct lane *l)
 	}
 	l->step_at = s->pop_list ? l->step * pages_per_step(s->vm.st) :
 	    l->step * POPULATE_STEP;
+	fetch_step(s, l->step + FETCH_AHEAD);
 	return 1;
 }
 
@@ -2368,6 +2534,8 @@ population_begin(struct session *s)
 		left -= bit_test(s->steps_done, i);
 	s->steps_left = left;
 	s->populating = left > 0 && !s->vm.st->pop_failed;
+	for (uint64_t k = 0; s->populating && k < FETCH_AHEAD; k++)
+		fetch_step(s, k);
 }
 
 /*
@@ -3127,7 +3295,8 @@ print_counters_of(pid_t pid, const struct counters *live, int code)
 		{ "pages_removed", c->pages_removed }, { "deferred", c->deferred },
 		{ "bytes_copied", c->bytes_copied },
 		{ "already_present", c->already_present },
-		{ "unregistered", c->unregistered }, { "syscalls", c->syscalls },
+		{ "unregistered", c->unregistered }, { "fetched", c->fetched },
+		{ "syscalls", c->syscalls },
 	};
 	char line[2048];
 	int n = snprintf(line, sizeof(line), "{\"exit_code\":%d,\"vmm_pid\":%d",
@@ -3678,7 +3847,7 @@ static const long allowed_syscalls[] = {
 	SYS_newfstatat, SYS_kill, SYS_pidfd_send_signal, SYS_getpid, SYS_gettid,
 	SYS_tgkill, SYS_restart_syscall, SYS_epoll_pwait, SYS_epoll_ctl,
 	SYS_futex, SYS_clock_nanosleep, SYS_sched_yield, SYS_sendmsg,
-	SYS_recvmsg,
+	SYS_recvmsg, SYS_mincore, SYS_fadvise64, SYS_epoll_pwait2,
 #ifdef SYS_nanosleep
 	SYS_nanosleep,
 #endif
@@ -6208,27 +6377,48 @@ idle_timeout(struct server *srv)
 	return srv->vmms == 0 ? EXIT_SETUP : srv->worst;
 }
 
-/* The wait: none while a session populates, 1 ms while faults are
- * deferred (EAGAIN lasts until the madvise caller has resumed), else up
- * to the nearest deadline. */
-static int
-wait_ms(const struct server *srv)
+/* The wait, in microseconds (-1: none): none while a session populates,
+ * DEFER_US while faults are queued (EAGAIN lasts until the madvise caller
+ * has resumed; a page read from storage may be in any moment), else up to
+ * the nearest deadline. */
+static int64_t
+wait_us(const struct server *srv)
 {
-	int64_t end = srv->idle_end, now = now_ms();
+	int64_t end = srv->idle_end, us = -1;
 
 	for (size_t i = 0; i < srv->n; i++) {
 		const struct session *s = srv->s[i];
-		int64_t t = s->deadline;
 
 		if (s->state == S_SERVING && s->threaded)
 			continue;
 		if (s->state == S_SERVING && s->populating && s->lanes[0].nfaults == 0)
 			return 0;
-		if (s->state == S_SERVING)
-			t = s->lanes[0].nfaults ? now + 1 : INT64_MAX;
-		end = t < end ? t : end;
+		if (s->state == S_SERVING && s->lanes[0].nfaults > 0)
+			us = DEFER_US;
+		else if (s->state != S_SERVING && s->deadline < end)
+			end = s->deadline;
 	}
-	return ms_until(end);
+	if (us >= 0 || end == INT64_MAX)
+		return us;
+	return (int64_t)ms_until(end) * 1000;
+}
+
+/* epoll_wait to the microsecond: epoll_pwait2 (Linux 5.11); before it,
+ * to the millisecond, rounded up. */
+static int
+wait_events(int epfd, struct epoll_event *ev, int n, int64_t us)
+{
+	static int no_pwait2;
+	struct timespec ts = { us / 1000000, us % 1000000 * 1000 };
+	int rc;
+
+	if (us > 0 && us < 1000000 && !no_pwait2) {
+		rc = (int)syscall(SYS_epoll_pwait2, epfd, ev, n, &ts, NULL, 0);
+		if (rc >= 0 || errno != ENOSYS)
+			return rc;
+		no_pwait2 = 1;
+	}
+	return epoll_wait(epfd, ev, n, us < 0 ? -1 : (int)((us + 999) / 1000));
 }
 
 /*
@@ -6298,7 +6488,7 @@ run(struct server *srv)
 		if (now >= srv->idle_end)
 			return idle_timeout(srv);
 		confine_serving(srv);
-		n = epoll_wait(srv->epfd, ev, EPOLL_BATCH, wait_ms(srv));
+		n = wait_events(srv->epfd, ev, EPOLL_BATCH, wait_us(srv));
 		now = now_ms();
 		if (n < 0 && errno != EINTR) {
 			logmsg(LOG_ERROR, "epoll_wait: %s", strerror(errno));

@@ -3784,7 +3784,14 @@ upgrade_oracle(const void *arg)
 	for (int i = 0; i < c->vms; i++)
 		spawn_vmm(&p, &v[i]);
 	usleep(1200000);
-	snprintf(want, sizeof(want), "upgraded from %s to %s", vprev + 13, vcur + 13);
+	/* Builds that do not read each other's hand-over or state: the
+	 * upgrade goes back, the previous build serves on, and the second
+	 * upgrade is from it to itself. */
+	if (same)
+		snprintf(want, sizeof(want), "upgraded from %s to %s", vprev + 13,
+		    vcur + 13);
+	else
+		snprintf(want, sizeof(want), "%s serves on", vprev + 13);
 	if (upgrade_to(&p, path, T.release, want) < 0) {
 		finish_pair(&p);
 		return pair_fail(&p, "the upgrade to this build did not happen");
@@ -3794,7 +3801,8 @@ upgrade_oracle(const void *arg)
 		snprintf(want, sizeof(want), "upgraded from %s to %s", vcur + 13,
 		    vprev + 13);
 	else
-		snprintf(want, sizeof(want), "%s serves on", vcur + 13);
+		snprintf(want, sizeof(want), "upgraded from %s to %s", vprev + 13,
+		    vprev + 13);
 	if (upgrade_to(&p, path, prev, want) < 0) {
 		finish_pair(&p);
 		return pair_fail(&p, "the upgrade back did not go as it should");
@@ -3815,9 +3823,10 @@ upgrade_oracle(const void *arg)
 		}
 		lost += rc;
 	}
-	printf("  %s -> %s -> %s; %d of %d VMs verified; longest touch %ld us\n",
-	    vprev + 13, vcur + 13, same ? vprev + 13 : "(back: did not take)",
-	    c->vms - lost, c->vms, max_touch_us(p.vout));
+	printf("  %s -> %s -> %s%s; %d of %d VMs verified; longest touch %ld "
+	    "us\n", vprev + 13, vcur + 13, vprev + 13, same ? "" : " (formats "
+	    "differ: the first went back)", c->vms - lost, c->vms,
+	    max_touch_us(p.vout));
 	return exited(&p.h, lost ? 1 : 0) ? PASS :
 	    pair_fail(&p, "the handler did not end as its VMs did");
 }
@@ -3959,6 +3968,18 @@ slowfs_up(long delay_us)
 	return fail("slowfs did not mount: %s", buf);
 }
 
+/* Bytes read through the mount so far. */
+static uint64_t
+slowfs_bytes(void)
+{
+	char path[200], buf[256];
+	const char *at;
+
+	snprintf(path, sizeof(path), "%s/.slowfs", SF.mnt);
+	read_text(path, buf, sizeof(buf));
+	return (at = strstr(buf, "bytes ")) ? strtoull(at + 6, NULL, 10) : 0;
+}
+
 /* The file's pages out of the page cache: the next read goes to storage. */
 static int
 drop_cache(const char *path)
@@ -4039,6 +4060,109 @@ population_two_vms_slow(const void *arg)
 		return pair_fail(&p, "one VM's population never ended");
 	return c1 - c0 <= 30 ? PASS : pair_fail(&p, "population threads with "
 	    "nothing to claim spun");
+}
+
+/*
+ * A restore from slow storage (every read delayed 2 ms): every page
+ * right, and only what the VM touches read from storage: at most 1.5
+ * bytes read for a byte installed on a scattered working set (the file's
+ * mapping alone reads about 128 KiB around each fault). Sequential
+ * access, whose read-ahead pays, is checked for its bytes only.
+ */
+struct slow_case {
+	const char *access, *threads;
+	int write;
+};
+
+static const struct slow_case sl_ws10 = { "ws10", "4", 0 },
+	sl_ws10_write = { "ws10", "4", 1 }, sl_seq = { "seq", "1", 0 },
+	sl_ws10_t1 = { "ws10", "1", 0 };
+
+static int
+slow_restore(const void *arg)
+{
+	const struct slow_case *c = arg;
+	struct pair p = { .snap = T.big, .hargs = { "--threads", c->threads,
+	    NULL }, .vargs = { "--regions", "32,16,16", "--access", c->access,
+	    "--end-check", "touched", "--threads", "4", c->write ? "--write" :
+	    NULL, NULL } };
+	uint64_t b0, read_bytes, copied;
+	int rc;
+
+	if ((rc = slowfs_up(2000)) != PASS)
+		return rc;
+	p.base = SF.snap;
+	drop_cache(SF.snap);
+	b0 = slowfs_bytes();
+	rc = restored(&p);
+	read_bytes = slowfs_bytes() - b0;
+	slowfs_down();
+	if (rc != PASS)
+		return rc;
+	copied = counter(&p, "bytes_copied");
+	printf("  %s: %" PRIu64 " KiB read from storage for %" PRIu64 " KiB "
+	    "installed (%.2f); %" PRIu64 " faults read their page first\n",
+	    c->access, read_bytes / 1024, copied / 1024, copied ?
+	    (double)read_bytes / (double)copied : 0.0, counter(&p, "fetched"));
+	if (strcmp(c->access, "ws10") == 0 && read_bytes * 2 > copied * 3)
+		return pair_fail(&p, "more than 1.5 bytes read for a byte installed");
+	if (strcmp(c->access, "ws10") == 0 && counter(&p, "fetched") == 0)
+		return pair_fail(&p, "no fault read its page in first");
+	return PASS;
+}
+
+/* A working set recorded, then replayed with --populate from slow storage
+ * while the VM runs from the first instant: every page right, population
+ * reads exactly the pages listed. */
+static int
+slow_replay(const void *arg)
+{
+	char list[160];
+	struct pair rec = { .snap = T.big, .hargs = { "--record", list, NULL },
+	    .vargs = { "--regions", "32,16,16", "--access", "ws10",
+	    "--end-check", "touched", NULL } };
+	struct pair pop = { .snap = T.big, .hargs = { "--populate", list, NULL },
+	    .vargs = { "--regions", "32,16,16", "--access", "ws10",
+	    "--end-check", "touched", NULL } };
+	uint64_t b0, read_bytes, copied;
+	int rc;
+
+	(void)arg;
+	snprintf(list, sizeof(list), "%s/slow-ws.txt", T.dir);
+	if ((rc = restored(&rec)) != PASS)
+		return rc;
+	if ((rc = slowfs_up(2000)) != PASS)
+		return rc;
+	pop.base = SF.snap;
+	drop_cache(SF.snap);
+	b0 = slowfs_bytes();
+	run_pair(&pop);
+	read_bytes = slowfs_bytes() - b0;
+	slowfs_down();
+	if (!exited(&pop.v, 0) || !exited(&pop.h, 0))
+		return pair_fail(&pop, "the replay from slow storage failed");
+	copied = counter(&pop, "bytes_copied");
+	printf("  replay: %" PRIu64 " pages populated, %" PRIu64 " faults; %"
+	    PRIu64 " KiB read for %" PRIu64 " KiB installed\n",
+	    counter(&pop, "populated"), counter(&pop, "faults"), read_bytes / 1024,
+	    copied / 1024);
+	if (counter(&pop, "populated") == 0)
+		return pair_fail(&pop, "nothing was populated");
+	return read_bytes * 2 <= copied * 3 ? PASS :
+	    pair_fail(&pop, "population read more than it installed, by half");
+}
+
+/* A restore with the memory file's pages dropped from the page cache
+ * first, on the local disk: every page right, scattered and in order. */
+static int
+cold_restore(const void *arg)
+{
+	struct pair p = { .snap = T.big, .vargs = { "--regions", "32,16,16",
+	    "--access", arg, "--threads", "4", NULL } };
+
+	if (drop_cache(T.big) < 0)
+		return fail("posix_fadvise(%s, DONTNEED): %s", T.big, strerror(errno));
+	return restored(&p);
 }
 
 /*
@@ -4966,6 +5090,13 @@ static const struct tcase cases[] = {
 	{ "socket_handlers_race_unreadable_dir", socket_race_unreadable_dir, NULL },
 	{ "record_fifo_usr1_then_term", record_fifo_usr1_then_term, NULL },
 	{ "populate_list_not_regular", populate_list_not_regular, NULL },
+	{ "slow_restore_ws10", slow_restore, &sl_ws10 },
+	{ "slow_restore_ws10_writes", slow_restore, &sl_ws10_write },
+	{ "slow_restore_ws10_threads_1", slow_restore, &sl_ws10_t1 },
+	{ "slow_restore_seq", slow_restore, &sl_seq },
+	{ "slow_replay_working_set", slow_replay, NULL },
+	{ "cold_restore_rand", cold_restore, "rand" },
+	{ "cold_restore_seq", cold_restore, "seq" },
 	{ "fuzz_handshake_short", fuzz_short, NULL },
 	{ "sigterm_kills_vmm", sigterm, &sig_term },
 	{ "sighup_kills_vmm", sigterm, &sig_hup },
