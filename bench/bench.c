@@ -4,7 +4,8 @@
  *
  *   bench [-r REPS] [-o DIR] [-H HANDLER] [-t N] [-d US] [WORKLOAD...]
  *                     (WORKLOAD "many": --max-vms; "chain": diff layers;
- *                     "threads": --threads 1 against --threads N, 2 unless -t;
+ *                     "threads": --threads 1 against the default, or
+ *                     against --threads N with -t;
  *                     "cold": a 256 MiB memory file read from the local
  *                     disk cold; "slow": the same behind slowfs delaying
  *                     each read by -d US microseconds, 2000 unless given.
@@ -105,7 +106,7 @@ static int reps = 3;
  * and with --threads N, alternating within each repetition. */
 static int threads_exp;
 static const char *hthreads;		/* the handler's --threads; NULL: its default */
-static const char *threads_n = "2";
+static const char *threads_n;		/* -t N; NULL: the default */
 enum { TH_SEQREAD, TH_SEQWRITE, TH_RAND2, TH_WS10, TH_WS10_REC, TH_MANY1,
 	TH_MANY4, TH_MANY16, NTH };
 static const char *const th_names[NTH] = { "seqread total ms",
@@ -368,7 +369,7 @@ write_json(const char *mach)
 		    a ? "," : "", chain_access[a], chain_med[a][CH_CHAIN],
 		    chain_med[a][CH_MERGED], chain_med[a][CH_BASE],
 		    chain_med[a][CH_MERGE], chain_med[a][CH_MAP]);
-	fprintf(f, "},\"threads\":{\"n\":%s", threads_n);
+	fprintf(f, "},\"threads\":{\"n\":\"%s\"", threads_n ? threads_n : "default");
 	for (int m = 0; m < 2; m++)
 		for (int k = 0; k < NTH; k++)
 			fprintf(f, ",\"%s %s\":%.2f", m ? "N" : "1", th_names[k],
@@ -641,7 +642,7 @@ run_threads(int r)
 		hthreads = mode ? threads_n : "1";
 		for (int i = 0; i < 5; i++) {
 			fprintf(stderr, "\rbench: run %d/%d, threads %s %-8s   ", r + 1,
-			    reps, hthreads, wname[i]);
+			    reps, hthreads ? hthreads : "default", wname[i]);
 			if (run_into(workload(wname[i]), wl[i] == TH_WS10_REC ?
 			    UFFD_REC : UFFD, m) < 0)
 				return -1;
@@ -658,15 +659,16 @@ run_threads(int r)
 static void
 print_threads(void)
 {
-	printf("\nthreads: --threads 1 against --threads %s, side by side "
-	    "(medians):\n", threads_n);
+	printf("\nthreads: --threads 1 against %s%s, side by side (medians):\n",
+	    threads_n ? "--threads " : "the default", threads_n ? threads_n : "");
 	for (int i = 0; i < NTH; i++)
 		printf("  %-24s %10.2f %10.2f   (N/1 %.2fx)\n", th_names[i],
 		    th_med[0][i], th_med[1][i], ratio(th_med[1][i], th_med[0][i]));
 	printf("  ws10 --populate FILE against on demand: %.2fx sooner with "
-	    "--threads 1, %.2fx with --threads %s\n",
+	    "--threads 1, %.2fx with %s%s\n",
 	    ratio(th_med[0][TH_WS10], th_med[0][TH_WS10_REC]),
-	    ratio(th_med[1][TH_WS10], th_med[1][TH_WS10_REC]), threads_n);
+	    ratio(th_med[1][TH_WS10], th_med[1][TH_WS10_REC]),
+	    threads_n ? "--threads " : "the default", threads_n ? threads_n : "");
 }
 
 /*
@@ -1038,7 +1040,7 @@ print_storage(const struct storage *s)
 			storage_row(b ? "" : st_wl[w], st_names[b], s->med[w][b],
 			    s->med[w][ST_FILE][SM_MS]);
 	storage_row("ws5", "uffd_rec", s->rec, s->med[0][ST_FILE][SM_MS]);
-	printf("  (file: install MB is MB touched; uffd: --threads 2 (default), "
+	printf("  (file: install MB is MB touched; uffd: the default threads, "
 	    "_t1/_t8: --threads 1/8; uffd_rec: the one --record run, uffd_rep: "
 	    "--populate with its list; in flight: reads x delay / total ms)\n");
 }

@@ -3451,6 +3451,88 @@ stress_two_vms(const void *arg)
 	    pair_fail(&p, "fewer than 1000 deferrals in both VMs together");
 }
 
+/* CPU ticks of a process, all its threads. */
+static uint64_t
+cpu_ticks(pid_t pid)
+{
+	char path[64], buf[1024];
+	const char *at;
+	unsigned long ut = 0, st = 0;
+
+	snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
+	read_text(path, buf, sizeof(buf));
+	/* utime and stime: fields 14 and 15, after the parenthesised name. */
+	if ((at = strrchr(buf, ')')) != NULL)
+		sscanf(at + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu",
+		    &ut, &st);
+	return ut + st;
+}
+
+/* CPU ticks of the server's threads other than its loop's. */
+static uint64_t
+worker_ticks(pid_t srv)
+{
+	char path[64], buf[1024];
+	const char *at;
+	unsigned long ut = 0, st = 0;
+
+	snprintf(path, sizeof(path), "/proc/%d/task/%d/stat", (int)srv, (int)srv);
+	read_text(path, buf, sizeof(buf));
+	if ((at = strrchr(buf, ')')) != NULL)
+		sscanf(at + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu",
+		    &ut, &st);
+	return cpu_ticks(srv) - (ut + st);
+}
+
+/*
+ * Who serves (see "Threads" in uffd.c): a VM alone is served by the
+ * server's loop, its serving threads idle, as with --threads 1; a second
+ * VM moves both to the threads, the first in the midst of its faults and
+ * REMOVEs. Seen in the CPU ticks of the threads other than the loop's,
+ * while each VM runs the stress oracle.
+ */
+static int
+threads_join_second_vm(const void *arg)
+{
+	struct pair p = { .snap = T.big, .hargs = { "--max-vms", "2", NULL },
+	    .vargs = { "--regions", "32,16,16", "--stress", "4", "--threads",
+	    "2", NULL } };
+	struct proc v2;
+	uint64_t all[3], w[3];
+	pid_t srv;
+
+	(void)arg;
+	if (start_handler(&p) < 0)
+		return FAIL;
+	spawn_vmm(&p, &p.v);
+	wait_text(p.h.err, "VMM pid", 3000);
+	usleep(300000);
+	for (int i = 0; i < 3; i++) {
+		if (i == 2)
+			usleep(1500000);
+		srv = server_of(p.h.pid);
+		all[i] = cpu_ticks(srv);
+		w[i] = worker_ticks(srv);
+		if (i == 0)
+			usleep(1500000);
+		else if (i == 1)
+			spawn_vmm(&p, &v2);
+	}
+	reap(&v2, 30000);
+	finish_pair(&p);
+	printf("  alone: %" PRIu64 " of %" PRIu64 " ticks on threads; with a "
+	    "second VM: %" PRIu64 " of %" PRIu64 "\n", w[1] - w[0],
+	    all[1] - all[0], w[2] - w[1], all[2] - all[1]);
+	if (!exited(&p.v, 0) || !exited(&v2, 0) || !exited(&p.h, 0))
+		return pair_fail(&p, "a VM saw a wrong page, or the handler failed");
+	if (all[1] - all[0] < 10)
+		return pair_fail(&p, "the stress gave the server no work to see");
+	if (w[1] - w[0] > 2)
+		return pair_fail(&p, "threads served a VM that was alone");
+	return w[2] - w[1] >= 10 ? PASS :
+	    pair_fail(&p, "a second VM did not bring the threads in");
+}
+
 /*
  * Restarts: the keeper holds what outlives its server, and a server that
  * dies is replaced by one that adopts every session.
@@ -3993,21 +4075,6 @@ drop_cache(const char *path)
 	return rc == 0 ? 0 : -1;
 }
 
-static uint64_t
-cpu_ticks(pid_t pid)
-{
-	char path[64], buf[1024];
-	const char *at;
-	unsigned long ut = 0, st = 0;
-
-	snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
-	read_text(path, buf, sizeof(buf));
-	/* utime and stime: fields 14 and 15, after the parenthesised name. */
-	if ((at = strrchr(buf, ')')) != NULL)
-		sscanf(at + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu",
-		    &ut, &st);
-	return ut + st;
-}
 
 /*
  * Two VMs populated (--populate all) from slow storage by four threads,
@@ -4841,6 +4908,7 @@ in_tsan_pass(const char *name)
 		"tsan/aarch64_", "tsan/podman_", "tsan/chroot_", "tsan/release_",
 		"tsan/fuzz_", "tsan/no_fds_left_at_exit",
 		"tsan/stress_faults_removes_oracle", "tsan/upgrade_",
+		"tsan/threads_join_second_vm",
 		"tsan/cli_value_missing_named" };
 
 	if (T.prefix[0] == '\0')
@@ -5062,6 +5130,7 @@ static const struct tcase cases[] = {
 	{ "stress_faults_removes_oracle", stress, NULL },
 	{ "stress_hugetlb_oracle", stress, "--huge" },
 	{ "stress_two_vms_one_handler", stress_two_vms, NULL },
+	{ "threads_join_second_vm", threads_join_second_vm, NULL },
 	{ "stress_threads_1", stress_threads, &st_one },
 	{ "stress_threads_4", stress_threads, &st_four },
 	{ "stress_threads_4_hugetlb", stress_threads, &st_four_huge },
