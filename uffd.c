@@ -3070,41 +3070,60 @@ counters_read(const struct counters *live, struct counters *c)
 	return c;
 }
 
+/* The counters by name, as the counters line and the metrics give them;
+ * the histogram follows. */
+#define NFIELDS		16
+
+static const char *const field_names[NFIELDS] = {
+	"faults", "pages_copied", "zero_pages", "zero_data_pages",
+	"memory_saved_bytes", "prefetched", "populated", "populate_skipped",
+	"populate_absent", "remove_events", "pages_removed", "deferred",
+	"bytes_copied", "already_present", "unregistered", "syscalls",
+};
+
+static void
+counter_fields(const struct counters *c, uint64_t v[NFIELDS])
+{
+	const uint64_t f[NFIELDS] = { c->faults, c->pages_copied, c->zero_pages,
+		c->zero_data_pages, c->zero_mapped * PAGE_4K, c->prefetched,
+		c->populated, c->populate_skipped, c->populate_absent,
+		c->remove_events, c->pages_removed, c->deferred, c->bytes_copied,
+		c->already_present, c->unregistered, c->syscalls };
+
+	memcpy(v, f, sizeof(f));
+}
+
+/* The counters as JSON members at buf, ",name":value each, then the
+ * histogram; the bytes written. */
+static int
+counters_json(char *buf, size_t cap, const struct counters *c)
+{
+	uint64_t v[NFIELDS];
+	int n = 0;
+
+	counter_fields(c, v);
+	for (size_t i = 0; i < NFIELDS; i++)
+		n += snprintf(buf + n, cap - (size_t)n, ",\"%s\":%llu", field_names[i],
+		    (unsigned long long)v[i]);
+	n += snprintf(buf + n, cap - (size_t)n, ",\"service_us_log2\":[");
+	for (int i = 0; i < 16; i++)
+		n += snprintf(buf + n, cap - (size_t)n, "%s%llu", i ? "," : "",
+		    (unsigned long long)c->service_us_log2[i]);
+	return n + snprintf(buf + n, cap - (size_t)n, "]");
+}
+
 /* One JSON line of a VM's counters, on standard output. */
 static void
 print_counters_of(pid_t pid, const struct counters *live, int code)
 {
 	struct counters now;
-	const struct counters *c = counters_read(live, &now);
-	const struct {
-		const char *name;
-		uint64_t value;
-	} f[] = {
-		{ "faults", c->faults }, { "pages_copied", c->pages_copied },
-		{ "zero_pages", c->zero_pages },
-		{ "zero_data_pages", c->zero_data_pages },
-		{ "memory_saved_bytes", c->zero_mapped * PAGE_4K },
-		{ "prefetched", c->prefetched }, { "populated", c->populated },
-		{ "populate_skipped", c->populate_skipped },
-		{ "populate_absent", c->populate_absent },
-		{ "remove_events", c->remove_events },
-		{ "pages_removed", c->pages_removed }, { "deferred", c->deferred },
-		{ "bytes_copied", c->bytes_copied },
-		{ "already_present", c->already_present },
-		{ "unregistered", c->unregistered }, { "syscalls", c->syscalls },
-	};
 	char line[2048];
 	int n = snprintf(line, sizeof(line), "{\"exit_code\":%d,\"vmm_pid\":%d",
 	    code, (int)pid);
 
-	for (size_t i = 0; i < sizeof(f) / sizeof(f[0]); i++)
-		n += snprintf(line + n, sizeof(line) - (size_t)n, ",\"%s\":%llu",
-		    f[i].name, (unsigned long long)f[i].value);
-	n += snprintf(line + n, sizeof(line) - (size_t)n, ",\"service_us_log2\":[");
-	for (int i = 0; i < 16; i++)
-		n += snprintf(line + n, sizeof(line) - (size_t)n, "%s%llu", i ? "," : "",
-		    (unsigned long long)c->service_us_log2[i]);
-	snprintf(line + n, sizeof(line) - (size_t)n, "]}\n");
+	n += counters_json(line + n, sizeof(line) - (size_t)n,
+	    counters_read(live, &now));
+	snprintf(line + n, sizeof(line) - (size_t)n, "}\n");
 	fputs(line, stdout);
 	fflush(stdout);
 }
