@@ -156,7 +156,10 @@ demo() {
 
 case "${1:-release}" in
 release)	release ;;
-test)		release; aarch64 optional; sanitized; tsan; test_programs; slowfs; fuzz
+test)		release; aarch64 optional; sanitized; tsan; test_programs; slowfs
+		fuzz
+		# promtool reads the --metrics files, as Prometheus would.
+		need promtool prometheus
 		shift
 		build/test/run "$@" ;;
 aarch64)	aarch64 ;;

@@ -84,9 +84,10 @@
  *   8. The handshake           reading by peeking, checking, the state
  *   9. The session             its life, its killing, its counters line
  *  10. The keeper              setup, seccomp, slots, servers, upgrades
- *  11. The keeper's protocol   one message, what each side asks, answers
- *  12. The server loop         handshakes, threads, endings, adoption
- *  13. Main
+ *  11. Metrics                 --metrics: Prometheus text or JSON lines
+ *  12. The keeper's protocol   one message, what each side asks, answers
+ *  13. The server loop         handshakes, threads, endings, adoption
+ *  14. Main
  */
 
 #define _GNU_SOURCE
@@ -191,13 +192,17 @@ static struct {
 	long uid, gid;			/* to drop to after binding; -1: keep */
 	long sock_uid, sock_gid;	/* socket owner; -1: keep */
 	long sock_mode;			/* -1: as created */
+	const char *metrics_path;	/* --metrics PATH */
+	int metrics_interval;		/* seconds */
 } opt = { .log_level = LOG_INFO, .handshake_timeout = 5, .seccomp = 1,
 	.optimize = 1, .max_vms = 1, .threads = DEFAULT_THREADS,
-	.uid = -1, .gid = -1, .sock_uid = -1, .sock_gid = -1, .sock_mode = -1 };
+	.uid = -1, .gid = -1, .sock_uid = -1, .sock_gid = -1, .sock_mode = -1,
+	.metrics_interval = 10 };
 
 enum { OPT_ACCEPT = 256, OPT_HANDSHAKE, OPT_OWNER, OPT_MODE, OPT_UID, OPT_GID,
 	OPT_NO_SECCOMP, OPT_NO_OPTIMIZE, OPT_POPULATE, OPT_DETACH, OPT_RECORD,
-	OPT_MAX_VMS, OPT_THREADS };
+	OPT_MAX_VMS, OPT_THREADS, OPT_METRICS,
+	OPT_METRICS_INTERVAL };
 
 static void
 usage(FILE *f)
@@ -234,6 +239,9 @@ usage(FILE *f)
 "      --threads N              serve faults from N threads, and --populate\n"
 "                               from N more (default 2; 1: one thread does\n"
 "                               all)\n"
+"      --metrics PATH           write the counters to PATH: Prometheus text\n"
+"                               (.prom) or JSON lines, every SEC seconds\n"
+"      --metrics-interval SEC   (default 10)\n"
 "  -h, --help                   print this help and exit\n"
 "  -V, --version                print the version and exit\n"
 "\n"
@@ -296,6 +304,18 @@ parse_seconds(const char *arg, const char *name, int *out)
 	}
 	*out = (int)v;
 	return 0;
+}
+
+/* Seconds, at least one. */
+static int
+parse_period(const char *arg, const char *name, int *out)
+{
+	if (parse_seconds(arg, name, out) < 0)
+		return -1;
+	if (*out > 0)
+		return 0;
+	fprintf(stderr, "uffd-handler: %s must be at least 1 second\n", name);
+	return -1;
 }
 
 /* A numeric id: a jail has no /etc/passwd to look names up in. */
@@ -381,6 +401,9 @@ set_flag(int c, char *arg)
 	case OPT_DETACH:
 		opt.detach = 1;
 		return 0;
+	case OPT_METRICS:
+		opt.metrics_path = arg;
+		return 0;
 	default:
 		return -1;
 	}
@@ -401,6 +424,8 @@ static const struct option longopts[] = {
 	{ "record", required_argument, NULL, OPT_RECORD },
 	{ "max-vms", required_argument, NULL, OPT_MAX_VMS },
 	{ "threads", required_argument, NULL, OPT_THREADS },
+	{ "metrics", required_argument, NULL, OPT_METRICS },
+	{ "metrics-interval", required_argument, NULL, OPT_METRICS_INTERVAL },
 	{ "help", no_argument, NULL, 'h' },
 	{ "version", no_argument, NULL, 'V' },
 	{ NULL, 0, NULL, 0 },
@@ -432,13 +457,7 @@ set_option(int c, char *arg, const char *as_given)
 	case OPT_ACCEPT:
 		return parse_seconds(arg, "--accept-timeout", &opt.accept_timeout);
 	case OPT_HANDSHAKE:
-		if (parse_seconds(arg, "--handshake-timeout", &opt.handshake_timeout) < 0)
-			return -1;
-		if (opt.handshake_timeout > 0)
-			return 0;
-		fprintf(stderr, "uffd-handler: --handshake-timeout must be at least "
-		    "1 second\n");
-		return -1;
+		return parse_period(arg, "--handshake-timeout", &opt.handshake_timeout);
 	case OPT_OWNER:
 		return parse_owner(arg);
 	case OPT_MODE:
@@ -451,6 +470,8 @@ set_option(int c, char *arg, const char *as_given)
 		return parse_id(arg, "--max-vms", &opt.max_vms, '\0');
 	case OPT_THREADS:
 		return parse_threads(arg);
+	case OPT_METRICS_INTERVAL:
+		return parse_period(arg, "--metrics-interval", &opt.metrics_interval);
 	case 'h':
 		usage(stdout);
 		return 1;
@@ -3200,6 +3221,7 @@ struct slot {
 	int vmm;			/* it sent a byte (S_VMM) */
 	int sent;			/* the current server has it */
 	int64_t since;			/* ms: accepted */
+	struct counters reported;	/* as the last JSON metrics line had them */
 };
 
 /* The listening socket. */
@@ -3210,6 +3232,24 @@ struct listener {
 	int64_t paused;			/* accepting off until then */
 	int pause_logged;
 	int owed;			/* K_UNLISTENED is owed to the server */
+};
+
+/* --metrics: what the keeper writes to, and what it keeps for it. */
+struct metrics {
+	int fd[2];			/* PATH, and for .prom PATH.tmp; -1: none */
+	int dirfd;			/* PATH's directory (.prom) */
+	int prom;			/* Prometheus text; else JSON lines */
+	char name[NAME_MAX + 1];	/* PATH's last part, and with .tmp */
+	char tmp[NAME_MAX + 5];
+	int64_t next;			/* ms: the next write */
+	int failing;			/* a failure logged, no success since */
+	int nomem;			/* the text could not be made whole */
+	struct counters retired;	/* of the VMs that ended */
+	struct counters sent;		/* the totals the last JSON line had */
+	uint64_t killed;		/* VMMs killed: sessions ended not 0 */
+	uint64_t sent_killed, sent_restarts;
+	char *buf;			/* what one write says */
+	size_t len, cap;
 };
 
 /* Where the server is in its life (see permitted[]). */
@@ -3242,6 +3282,7 @@ struct keeper {
 	char **argv;			/* as started, for an upgrade */
 	char exe[PATH_MAX];		/* the binary's path, resolved at start */
 	int self_fd;			/* that binary, to go back to */
+	struct metrics m;
 	int upgrade;			/* the new binary, while one is under way */
 	struct watch wl, ws, wc;
 };
@@ -3302,7 +3343,15 @@ struct grave {
 	uint64_t epoch[MAX_THREADS];	/* the threads' when it ended */
 };
 
-/* Defined with the server loop and the protocol below. */
+/* Defined with the metrics, the protocol and the server loop below. */
+static int metrics_open(struct metrics *m);
+static void metrics_close(struct metrics *m);
+static void metrics_write(struct keeper *k);
+static void metrics_due(struct keeper *k, int64_t now);
+static void metrics_retire(struct keeper *k, const struct slot *sl, int code);
+static void metrics_end(struct keeper *k);
+static void metrics_env(const struct metrics *m, char *buf, size_t cap);
+static void metrics_take(struct keeper *k);
 static void keeper_unlisten(struct keeper *k);
 static int keeper_answer(struct keeper *k, const struct ctl *m, int fds[2]);
 static void add_peer(struct server *srv, const struct ctl *m, int conn,
@@ -3732,13 +3781,26 @@ allow_openat(struct sock_filter *f, size_t n, int procfd)
 	return n;
 }
 
+/* renameat2 only inside the directory --metrics writes in (see metrics). */
+static size_t
+allow_rename(struct sock_filter *f, size_t n, int dirfd)
+{
+	f[n++] = (struct sock_filter){ BPF_JEQ_K, 0, 3, SYS_renameat2 };
+	f[n++] = LOAD(offsetof(struct seccomp_data, args[0]));
+	f[n++] = (struct sock_filter){ BPF_JEQ_K, 0, 1, (uint32_t)dirfd };
+	f[n++] = RET(SECCOMP_RET_ALLOW);
+	f[n++] = LOAD(offsetof(struct seccomp_data, nr));
+	return n;
+}
+
 /*
  * The filters stack, and the stricter wins: the keeper's, then in each
  * server the accepting one, then, once no connection can come, the
- * serving one. procfd: see allow_procfd (the keeper's only).
+ * serving one. procfd and dirfd: see allow_openat and allow_rename (the
+ * keeper's only).
  */
 static int
-seccomp_confine(enum stage stage, int procfd)
+seccomp_confine(enum stage stage, int procfd, int dirfd)
 {
 	struct sock_filter f[2 * (NCALLS(allowed_syscalls) +
 	    NCALLS(accepting_syscalls) + NCALLS(keeper_syscalls) +
@@ -3757,6 +3819,7 @@ seccomp_confine(enum stage stage, int procfd)
 	if (stage == STAGE_KEEPER) {
 		n = allow_calls(f, n, keeper_syscalls, NCALLS(keeper_syscalls));
 		n = allow_openat(f, n, procfd);
+		n = allow_rename(f, n, dirfd);
 	}
 	f[n++] = (struct sock_filter){ BPF_JEQ_K, 1, 0, SYS_ioctl };
 	f[n++] = RET(SECCOMP_RET_ERRNO | EPERM);
@@ -4258,6 +4321,7 @@ keeper_fail_closed(struct keeper *k, int code, const char *why)
 			kill_peer(sl->vm.pidfd, sl->vm.pid);
 			keeper_counters(sl, code);
 			note_worst(&k->worst, code);
+			metrics_retire(k, sl, code);
 		}
 		slot_free(sl);
 	}
@@ -4383,6 +4447,8 @@ keeper_wait_ms(const struct keeper *k)
 		end = k->ls.paused;
 	if (k->life == LIFE_STOPPING && k->stop_by < end)
 		end = k->stop_by;
+	if (k->m.fd[0] >= 0 && k->m.next < end)
+		end = k->m.next;
 	return ms_until(end);
 }
 
@@ -4417,7 +4483,9 @@ keeper_run(struct keeper *k)
 			kill(k->server, SIGKILL);
 			k->stop_by = INT64_MAX;
 		}
+		metrics_due(k, now);
 	}
+	metrics_end(k);
 	note_worst(&k->worst, k->done);
 	note_worst(&k->worst, k->stop);
 	return k->worst;
@@ -4445,6 +4513,7 @@ keeper_run(struct keeper *k)
 #endif
 #define HANDOVER_ENV	"UFFD_HANDLER_HANDOVER"
 #define HANDBACK_ENV	"UFFD_HANDLER_HANDBACK"	/* set by one going back */
+#define METRICS_ENV	"UFFD_HANDLER_METRICS"	/* see metrics_take */
 #define EXIT_HANDOVER	100		/* a server stopped for an upgrade */
 
 struct handover_slot {
@@ -4607,6 +4676,9 @@ handover_fds(struct keeper *k, int hfd, int newfd, int keep)
 	inherit(k->ls.lfd, keep);
 	inherit(k->procfd, keep);
 	inherit(k->in.record_fd, keep);
+	inherit(k->m.fd[0], keep);
+	inherit(k->m.fd[1], keep);
+	inherit(k->m.dirfd, keep);
 	for (int i = 0; i < k->in.chain.n; i++)
 		inherit(k->in.chain.layer[i].fd, keep);
 	for (size_t i = 0; i < k->nslot; i++) {
@@ -4617,10 +4689,11 @@ handover_fds(struct keeper *k, int hfd, int newfd, int keep)
 	}
 }
 
-/* The environment with HANDOVER_ENV=hfd, and HANDBACK_ENV when going
- * back (and no other value of either). */
+/* The environment with HANDOVER_ENV=hfd, HANDBACK_ENV when going back,
+ * and metrics (METRICS_ENV=..., or NULL to keep what came), and no other
+ * value of any. */
 static char **
-handover_env(int hfd, int back, char *buf, size_t cap)
+handover_env(int hfd, int back, char *metrics, char *buf, size_t cap)
 {
 	extern char **environ;
 	size_t n = 0;
@@ -4628,15 +4701,19 @@ handover_env(int hfd, int back, char *buf, size_t cap)
 
 	while (environ[n] != NULL)
 		n++;
-	if ((env = calloc(n + 3, sizeof(*env))) == NULL)
+	if ((env = calloc(n + 4, sizeof(*env))) == NULL)
 		return NULL;
 	n = 0;
 	for (char **e = environ; *e != NULL; e++)
 		if (strncmp(*e, HANDOVER_ENV "=", sizeof(HANDOVER_ENV)) != 0 &&
-		    strncmp(*e, HANDBACK_ENV "=", sizeof(HANDBACK_ENV)) != 0)
+		    strncmp(*e, HANDBACK_ENV "=", sizeof(HANDBACK_ENV)) != 0 &&
+		    (metrics == NULL || strncmp(*e, METRICS_ENV "=",
+		    sizeof(METRICS_ENV)) != 0))
 			env[n++] = *e;
 	snprintf(buf, cap, "%s=%d", HANDOVER_ENV, hfd);
 	env[n++] = buf;
+	if (metrics != NULL)
+		env[n++] = metrics;
 	if (back)
 		env[n] = HANDBACK_ENV "=1";
 	return env;
@@ -4646,8 +4723,12 @@ handover_env(int hfd, int back, char *buf, size_t cap)
 static int
 exec_with(struct keeper *k, int fd, int hfd, int back)
 {
-	char buf[64];
-	char **env = handover_env(hfd, back, buf, sizeof(buf));
+	char buf[64], metrics[80];
+	char **env;
+
+	metrics_env(&k->m, metrics, sizeof(metrics));
+	env = handover_env(hfd, back, k->m.fd[0] >= 0 ? metrics : NULL, buf,
+	    sizeof(buf));
 
 	if (env == NULL)
 		return -ENOMEM;
@@ -4699,6 +4780,7 @@ keeper_exec(struct keeper *k)
 	int hfd, rc;
 
 	k->done = -1;
+	metrics_write(k);
 	if ((hfd = handover_write(k, k->upgrade)) < 0) {
 		rc = hfd;
 	} else {
@@ -4849,6 +4931,7 @@ keeper_resume(struct keeper *k, int hfd)
 	if ((k->sigfd = signal_fd()) < 0 || (rc = take_handover(k, h)) < 0 ||
 	    keeper_init(k) < 0)
 		handover_back(k, h, hfd, "its setup failed");
+	metrics_take(k);
 	if (getenv(HANDBACK_ENV) != NULL)
 		logmsg(LOG_INFO, "%s serves on: the upgrade did not take",
 		    VERSION_LINE);
@@ -4862,11 +4945,456 @@ keeper_resume(struct keeper *k, int hfd)
 	close(hfd);
 	unsetenv(HANDOVER_ENV);
 	unsetenv(HANDBACK_ENV);
+	unsetenv(METRICS_ENV);
 	return keeper_spawn(k) < 0 ? EXIT_FATAL : 0;
 }
 
 /* ------------------------------------------------------------------------
- * 11. The keeper's protocol
+ * 11. Metrics
+ *
+ * --metrics PATH: every --metrics-interval seconds, and once more at the
+ * end, the keeper writes the counters of each VM it holds and of every VM
+ * since the start. The keeper, because it holds each session's state,
+ * whose counters the server adds to in place, and outlives any server: the
+ * figures go on across a server's death. It reads those counters and
+ * nothing else of a session. Everything it writes to is opened before its
+ * filter, which lets it rename only inside PATH's directory.
+ *
+ * A PATH ending in .prom gets Prometheus's text format (node_exporter's
+ * textfile collector reads *.prom): written whole into PATH.tmp, which
+ * then trades places with PATH (renameat2 RENAME_EXCHANGE), so a reader
+ * finds one complete file or the other, and no file is ever opened again.
+ * Any other PATH gets one JSON line a write as Firecracker writes its
+ * metrics: the time, then groups; counters are what was added since the
+ * line before. It is opened read-write and non-blocking, as Firecracker
+ * opens its own, so a FIFO nobody reads takes lines into its buffer and
+ * then refuses them, and never holds the keeper up. A failed write is
+ * logged once, until one succeeds again; serving never waits for one.
+ * ------------------------------------------------------------------------ */
+
+#define RENAME_EXCHANGE	(1 << 1)
+#define NCOUNTERS	(sizeof(struct counters) / sizeof(uint64_t))
+
+static const char *const field_help[NFIELDS] = {
+	"Page faults read", "Pages copied from the memory file",
+	"Removed pages served as zeros", "Zero pages of the snapshot mapped",
+	"Memory the zero pages saved", "Pages installed ahead of a stream",
+	"Pages populated", "Pages population left out",
+	"Pages population found unregistered", "REMOVE events",
+	"Pages REMOVE events covered", "Faults deferred by a pending REMOVE",
+	"Bytes copied from the memory file", "Faults whose page was there",
+	"Faults whose range was unregistered", "System calls serving",
+};
+
+/* A VM held, as one write reports it. */
+struct vm_figures {
+	size_t slot;
+	pid_t pid;
+	struct counters c;
+};
+
+static void
+metrics_close(struct metrics *m)
+{
+	closefd(&m->fd[0]);
+	closefd(&m->fd[1]);
+	closefd(&m->dirfd);
+	free(m->buf);
+	m->buf = NULL;
+}
+
+/* path's directory ("." for none) into dir, its last part into name. */
+static void
+split_path(const char *path, char *dir, size_t dcap, char *name, size_t ncap)
+{
+	const char *slash = strrchr(path, '/');
+
+	if (slash == NULL)
+		snprintf(dir, dcap, ".");
+	else
+		snprintf(dir, dcap, "%.*s", slash == path ? 1 : (int)(slash - path),
+		    path);
+	if (name != NULL)
+		snprintf(name, ncap, "%s", slash ? slash + 1 : path);
+}
+
+static void
+metrics_names(struct metrics *m, char *dir, size_t cap)
+{
+	size_t len = strlen(opt.metrics_path);
+
+	m->prom = len > 5 && strcmp(opt.metrics_path + len - 5, ".prom") == 0;
+	split_path(opt.metrics_path, dir, cap, m->name, sizeof(m->name));
+	snprintf(m->tmp, sizeof(m->tmp), "%s.tmp", m->name);
+}
+
+/* Before the filter: PATH (and PATH.tmp, and its directory, for .prom). */
+static int
+metrics_open(struct metrics *m)
+{
+	char dir[PATH_MAX];
+	int fl = O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW;
+
+	m->fd[0] = m->fd[1] = m->dirfd = -1;
+	if (opt.metrics_path == NULL)
+		return 0;
+	metrics_names(m, dir, sizeof(dir));
+	if (m->prom ? (m->dirfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) < 0 ||
+	    (m->fd[0] = openat(m->dirfd, m->name, fl, 0644)) < 0 ||
+	    (m->fd[1] = openat(m->dirfd, m->tmp, fl | O_TRUNC, 0644)) < 0 :
+	    (m->fd[0] = open(opt.metrics_path, fl | O_APPEND | O_NONBLOCK, 0644)) < 0) {
+		logmsg(LOG_ERROR, "--metrics %s: %s", opt.metrics_path, strerror(errno));
+		return -errno;
+	}
+	if ((m->buf = malloc(m->cap = 4096)) == NULL)
+		return -ENOMEM;
+	return 0;
+}
+
+static void __attribute__((format(printf, 2, 3)))
+mput(struct metrics *m, const char *fmt, ...)
+{
+	va_list ap;
+	char *b;
+	int n;
+
+	for (;;) {
+		va_start(ap, fmt);
+		n = vsnprintf(m->buf + m->len, m->cap - m->len, fmt, ap);
+		va_end(ap);
+		if (n >= 0 && m->len + (size_t)n < m->cap) {
+			m->len += (size_t)n;
+			return;
+		}
+		if (n < 0 || (b = realloc(m->buf, 2 * (m->cap + (size_t)n))) == NULL) {
+			m->nomem = 1;
+			return;
+		}
+		m->buf = b;
+		m->cap = 2 * (m->cap + (size_t)n);
+	}
+}
+
+/* A counter family: the handler's total, then each VM's. */
+static void
+prom_counter(struct metrics *m, const char *name, const char *help,
+    uint64_t total, const struct vm_figures *v, size_t n, size_t field)
+{
+	uint64_t f[NFIELDS];
+
+	mput(m, "# HELP uffd_handler_%s_total %s, all VMs.\n"
+	    "# TYPE uffd_handler_%s_total counter\nuffd_handler_%s_total %llu\n",
+	    name, help, name, name, (unsigned long long)total);
+	if (v == NULL)
+		return;
+	mput(m, "# HELP uffd_handler_vm_%s_total %s, per VM.\n"
+	    "# TYPE uffd_handler_vm_%s_total counter\n", name, help, name);
+	for (size_t i = 0; i < n; i++) {
+		counter_fields(&v[i].c, f);
+		mput(m, "uffd_handler_vm_%s_total{vmm_pid=\"%d\"} %llu\n", name,
+		    (int)v[i].pid, (unsigned long long)f[field]);
+	}
+}
+
+/* service_us_log2 as a histogram: bucket k counts services under 2^k us,
+ * so the cumulative sum to k is the count at le = 2^k us. No _sum: the
+ * handler keeps no total of the time. */
+static void
+prom_histogram(struct metrics *m, const struct counters *c, pid_t pid)
+{
+	const char *family = pid > 0 ? "vm_" : "";
+	char lb[32] = "", lc[32] = "";
+	uint64_t cum = 0;
+
+	if (pid > 0) {
+		snprintf(lb, sizeof(lb), "vmm_pid=\"%d\",", (int)pid);
+		snprintf(lc, sizeof(lc), "{vmm_pid=\"%d\"}", (int)pid);
+	}
+	for (int k = 0; k < 16; k++) {
+		cum += c->service_us_log2[k];
+		if (k < 15)
+			mput(m, "uffd_handler_%sservice_seconds_bucket{%sle=\"0.%06u\"} "
+			    "%llu\n", family, lb, 1u << k, (unsigned long long)cum);
+	}
+	mput(m, "uffd_handler_%sservice_seconds_bucket{%sle=\"+Inf\"} %llu\n"
+	    "uffd_handler_%sservice_seconds_count%s %llu\n", family, lb,
+	    (unsigned long long)cum, family, lc, (unsigned long long)cum);
+}
+
+static void
+prom_text(struct metrics *m, const struct counters *total,
+    const struct vm_figures *v, size_t n, uint64_t restarts)
+{
+	static const char help[] = "Time from a fault read to its page in";
+	uint64_t f[NFIELDS];
+
+	counter_fields(total, f);
+	for (size_t i = 0; i < NFIELDS; i++)
+		prom_counter(m, field_names[i], field_help[i], f[i], v, n, i);
+	prom_counter(m, "server_restarts", "Servers replaced", restarts, NULL, 0, 0);
+	prom_counter(m, "vms_killed", "VMMs killed", m->killed, NULL, 0, 0);
+	mput(m, "# HELP uffd_handler_vms VMs served now.\n# TYPE uffd_handler_vms "
+	    "gauge\nuffd_handler_vms %zu\n", n);
+	mput(m, "# HELP uffd_handler_service_seconds %s, all VMs.\n"
+	    "# TYPE uffd_handler_service_seconds histogram\n", help);
+	prom_histogram(m, total, 0);
+	mput(m, "# HELP uffd_handler_vm_service_seconds %s, per VM.\n"
+	    "# TYPE uffd_handler_vm_service_seconds histogram\n", help);
+	for (size_t i = 0; i < n; i++)
+		prom_histogram(m, &v[i].c, v[i].pid);
+}
+
+/* a - b, counter by counter, into d. */
+static void
+counters_delta(struct counters *d, const struct counters *a,
+    const struct counters *b)
+{
+	for (size_t i = 0; i < NCOUNTERS; i++)
+		((uint64_t *)d)[i] = ((const uint64_t *)a)[i] -
+		    ((const uint64_t *)b)[i];
+}
+
+static void
+counters_add(struct counters *to, const struct counters *c)
+{
+	for (size_t i = 0; i < NCOUNTERS; i++)
+		((uint64_t *)to)[i] += ((const uint64_t *)c)[i];
+}
+
+/* One JSON line: the time, the handler's group, a group a VM. */
+static void
+json_line(struct metrics *m, const struct counters *total,
+    const struct vm_figures *v, const struct keeper *k, size_t n)
+{
+	struct timespec ts;
+	struct counters d;
+	char buf[1536];
+
+	clock_gettime(CLOCK_REALTIME, &ts);
+	counters_delta(&d, total, &m->sent);
+	counters_json(buf, sizeof(buf), &d);
+	mput(m, "{\"utc_timestamp_ms\":%lld,\"uffd_handler\":{\"vms\":%zu,"
+	    "\"server_restarts\":%llu,\"vms_killed\":%llu%s}", (long long)ts.tv_sec *
+	    1000 + ts.tv_nsec / 1000000, n,
+	    (unsigned long long)(k->ncrash - m->sent_restarts),
+	    (unsigned long long)(m->killed - m->sent_killed), buf);
+	for (size_t i = 0; i < n; i++) {
+		counters_delta(&d, &v[i].c, &k->slot[v[i].slot].reported);
+		counters_json(buf, sizeof(buf), &d);
+		mput(m, ",\"vm_%d\":{\"vmm_pid\":%d%s}", (int)v[i].pid, (int)v[i].pid,
+		    buf);
+	}
+	mput(m, "}\n");
+}
+
+/* The counters of every VM held, and their total with those ended; the
+ * number of VMs, or -ENOMEM. */
+static ssize_t
+metrics_gather(struct keeper *k, struct vm_figures **out, struct counters *total)
+{
+	struct vm_figures *v = calloc(k->nslot + 1, sizeof(*v));
+	struct vm_state *st;
+	size_t n = 0;
+
+	if (v == NULL)
+		return -ENOMEM;
+	*total = k->m.retired;
+	for (size_t i = 0; i < k->nslot; i++) {
+		if (k->slot[i].state != SLOT_HELD ||
+		    state_map(k->slot[i].vm.statefd, &st) < 0)
+			continue;
+		v[n].slot = i;
+		v[n].pid = k->slot[i].vm.pid;
+		counters_read(&st->n, &v[n].c);
+		munmap(st, st->bytes);
+		counters_add(total, &v[n++].c);
+	}
+	*out = v;
+	return (ssize_t)n;
+}
+
+static int
+write_all(int fd, const char *buf, size_t len)
+{
+	ssize_t n;
+
+	for (; len > 0; buf += n, len -= (size_t)n)
+		if ((n = write(fd, buf, len)) < 0 && errno != EINTR)
+			return -errno;
+		else if (n < 0)
+			n = 0;
+	return 0;
+}
+
+/* The text into PATH.tmp, which then trades places with PATH. */
+static int
+prom_publish(struct metrics *m)
+{
+	int fd = m->fd[1];
+
+	if (ftruncate(fd, 0) < 0 || lseek(fd, 0, SEEK_SET) < 0)
+		return -errno;
+	if (write_all(fd, m->buf, m->len) < 0)
+		return -errno;
+	if (syscall(SYS_renameat2, m->dirfd, m->tmp, m->dirfd, m->name,
+	    RENAME_EXCHANGE) < 0)
+		return -errno;
+	m->fd[1] = m->fd[0];
+	m->fd[0] = fd;
+	return 0;
+}
+
+/* One line in one write: a FIFO's reader never sees half of one. */
+static int
+json_publish(struct metrics *m)
+{
+	ssize_t n = write(m->fd[0], m->buf, m->len);
+
+	if (n == (ssize_t)m->len)
+		return 0;
+	return n < 0 ? -errno : -EIO;
+}
+
+static void
+metrics_outcome(struct metrics *m, int rc)
+{
+	if (rc < 0 && !m->failing)
+		logmsg(LOG_WARN, "--metrics %s: %s%s; serving goes on, and this is "
+		    "said once until a write succeeds", opt.metrics_path,
+		    strerror(-rc), rc == -EAGAIN ? " (its reader takes nothing)" : "");
+	else if (rc == 0 && m->failing)
+		logmsg(LOG_INFO, "--metrics %s: written again", opt.metrics_path);
+	m->failing = rc < 0;
+}
+
+/* JSON counts what was added since the last line written: that line's
+ * figures become the base only once it is out. */
+static void
+metrics_sent(struct keeper *k, const struct counters *total,
+    const struct vm_figures *v, size_t n)
+{
+	k->m.sent = *total;
+	k->m.sent_killed = k->m.killed;
+	k->m.sent_restarts = k->ncrash;
+	for (size_t i = 0; i < n; i++)
+		k->slot[v[i].slot].reported = v[i].c;
+}
+
+static void
+metrics_write(struct keeper *k)
+{
+	struct metrics *m = &k->m;
+	struct vm_figures *v;
+	struct counters total;
+	ssize_t n;
+	int rc;
+
+	if (m->fd[0] < 0)
+		return;
+	m->len = 0;
+	if ((n = metrics_gather(k, &v, &total)) < 0) {
+		metrics_outcome(m, (int)n);
+		return;
+	}
+	m->nomem = 0;
+	if (m->prom)
+		prom_text(m, &total, v, (size_t)n, k->ncrash);
+	else
+		json_line(m, &total, v, k, (size_t)n);
+	rc = m->nomem ? -ENOMEM : m->prom ? prom_publish(m) : json_publish(m);
+	if (rc == 0 && !m->prom)
+		metrics_sent(k, &total, v, (size_t)n);
+	metrics_outcome(m, rc);
+	free(v);
+}
+
+static void
+metrics_due(struct keeper *k, int64_t now)
+{
+	if (k->m.fd[0] < 0 || now < k->m.next)
+		return;
+	metrics_write(k);
+	k->m.next = now + (int64_t)opt.metrics_interval * 1000;
+}
+
+/* A VM's session ends: its counters go into the handler's totals. */
+static void
+metrics_retire(struct keeper *k, const struct slot *sl, int code)
+{
+	struct vm_state *st;
+
+	if (k->m.fd[0] < 0 || sl->state != SLOT_HELD)
+		return;
+	k->m.killed += code != EXIT_VM_GONE;
+	if (state_map(sl->vm.statefd, &st) < 0)
+		return;
+	counters_add(&k->m.retired, counters_read(&st->n, &(struct counters){ 0 }));
+	munmap(st, st->bytes);
+}
+
+/* The last figures, and PATH.tmp removed: only PATH stays. */
+static void
+metrics_end(struct keeper *k)
+{
+	metrics_write(k);
+	if (k->m.prom && k->m.dirfd >= 0)
+		unlinkat(k->m.dirfd, k->m.tmp, 0);
+	metrics_close(&k->m);
+}
+
+/* The fds an upgrade keeps, in the new image's environment. */
+static void
+metrics_env(const struct metrics *m, char *buf, size_t cap)
+{
+	snprintf(buf, cap, "%s=%d,%d,%d", METRICS_ENV, m->fd[0], m->fd[1], m->dirfd);
+}
+
+/*
+ * The new image of an upgrade takes the fds the one before wrote to. Its
+ * totals of the VMs that ended start again (Prometheus reads a counter
+ * reset), and its JSON lines count from the figures as they stand, which
+ * the image before wrote out before it went.
+ */
+static void
+metrics_take(struct keeper *k)
+{
+	const char *e = getenv(METRICS_ENV);
+	int *fd[3] = { &k->m.fd[0], &k->m.fd[1], &k->m.dirfd };
+	char dir[PATH_MAX];
+	struct vm_figures *v;
+	struct counters total;
+	uint64_t x;
+	ssize_t n;
+	int i;
+
+	k->m.fd[0] = k->m.fd[1] = k->m.dirfd = -1;
+	if (opt.metrics_path == NULL)
+		return;
+	/* fd,fd,dirfd; -1 is written for none. */
+	for (i = 0; e != NULL && i < 3; i++, e += *e == ',') {
+		if (*e == '-' && e[1] == '1')
+			e += 2;
+		else if (parse_number(e, 10, INT_MAX, &e, &x) == 0)
+			*fd[i] = (int)x;
+		else
+			break;
+	}
+	if (i < 3 || (k->m.buf = malloc(k->m.cap = 4096)) == NULL) {
+		logmsg(LOG_WARN, "--metrics %s: the image before handed over no "
+		    "metrics; none are written until the handler restarts",
+		    opt.metrics_path);
+		k->m.fd[0] = k->m.fd[1] = k->m.dirfd = -1;
+		return;
+	}
+	metrics_names(&k->m, dir, sizeof(dir));
+	if ((n = metrics_gather(k, &v, &total)) >= 0) {
+		metrics_sent(k, &total, v, (size_t)n);
+		free(v);
+	}
+}
+
+/* ------------------------------------------------------------------------
+ * 12. The keeper's protocol
  *
  * The keeper and its server talk over a SOCK_SEQPACKET socketpair: one
  * struct ctl a message, descriptors as SCM_RIGHTS. A request has one name
@@ -5059,6 +5587,7 @@ answer_close(struct keeper *k, struct slot *sl, int code)
 		sl->vm.conn = sl->vm.pidfd = -1;
 	}
 	note_worst(&k->worst, code);
+	metrics_retire(k, sl, code);
 	slot_free(sl);
 }
 
@@ -5294,7 +5823,7 @@ stop_asked(int ctl)
 }
 
 /* ------------------------------------------------------------------------
- * 12. The server loop
+ * 13. The server loop
  *
  * The server's one epoll loop takes the connections the keeper hands it,
  * reads handshakes, watches pidfds and ends sessions; the serving threads
@@ -6181,7 +6710,7 @@ confine_serving(struct server *srv)
 		if (srv->s[i]->state == S_HELLO || srv->s[i]->state == S_HANDSHAKE)
 			return;
 	srv->tight = 1;
-	if (seccomp_confine(STAGE_SERVING, -1) < 0)
+	if (seccomp_confine(STAGE_SERVING, -1, -1) < 0)
 		logmsg(LOG_WARN, "serving on under the filter for accepting");
 }
 
@@ -6496,7 +7025,8 @@ server_main(struct keeper *k, int ctl)
 	reserve_release(&k->ls);
 	closefd(&k->sigfd);
 	closefd(&k->epfd);
-	if ((opt.seccomp && seccomp_confine(STAGE_ACCEPTING, -1) < 0) ||
+	metrics_close(&k->m);
+	if ((opt.seccomp && seccomp_confine(STAGE_ACCEPTING, -1, -1) < 0) ||
 	    server_init(&srv) < 0 || threads_start(&srv) < 0) {
 		ask_done(&srv, code);
 	} else {
@@ -6512,7 +7042,7 @@ server_main(struct keeper *k, int ctl)
 }
 
 /* ------------------------------------------------------------------------
- * 13. Main
+ * 14. Main
  *
  * The keeper's setup, its loop, one teardown.
  * ------------------------------------------------------------------------ */
@@ -6556,9 +7086,11 @@ keeper_setup(struct keeper *k)
 		return EXIT_SETUP;
 	if ((rc = open_record(&k->in)) < 0)
 		return rc == -EINVAL ? EXIT_USAGE : EXIT_SETUP;
+	if (metrics_open(&k->m) < 0)
+		return EXIT_SETUP;
 	keeper_oom(k);
-	if (drop_privileges() < 0 || keeper_init(k) < 0 ||
-	    (opt.seccomp && seccomp_confine(STAGE_KEEPER, k->procfd) < 0) ||
+	if (drop_privileges() < 0 || keeper_init(k) < 0 || (opt.seccomp &&
+	    seccomp_confine(STAGE_KEEPER, k->procfd, k->m.dirfd) < 0) ||
 	    keeper_spawn(k) < 0)
 		return EXIT_SETUP;
 	return 0;
@@ -6581,6 +7113,7 @@ keeper_close(struct keeper *k)
 	closefd(&k->procfd);
 	closefd(&k->self_fd);
 	closefd(&k->upgrade);
+	metrics_close(&k->m);
 	chain_close(&k->in.chain);
 	closefd(&k->in.record_fd);
 	free(k->in.list);
@@ -6592,7 +7125,8 @@ main(int argc, char **argv)
 {
 	struct keeper k = { .ls = { .lfd = -1, .reserve = { -1, -1 } },
 	    .in = { .record_fd = -1 }, .sigfd = -1, .epfd = -1, .ctl = -1,
-	    .procfd = -1, .done = -1, .argv = argv, .self_fd = -1, .upgrade = -1 };
+	    .procfd = -1, .done = -1, .argv = argv, .self_fd = -1, .upgrade = -1,
+	    .m = { .fd = { -1, -1 }, .dirfd = -1 } };
 	const char *handover = getenv(HANDOVER_ENV);
 	uint64_t hfd;
 	int rc, code;
