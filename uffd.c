@@ -87,7 +87,8 @@
  *  11. Metrics                 --metrics: Prometheus text or JSON lines
  *  12. The keeper's protocol   one message, what each side asks, answers
  *  13. The server loop         handshakes, threads, endings, adoption
- *  14. Main
+ *  14. The readiness check     --check: what this host lacks, and the fix
+ *  15. Main
  */
 
 #define _GNU_SOURCE
@@ -117,6 +118,7 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/un.h>
+#include <sys/utsname.h>
 #include <sys/wait.h>
 #include <grp.h>
 
@@ -151,6 +153,7 @@ enum exit_code {
 	EXIT_SETUP = 3,		/* memory file, socket, or no VMM connected in time */
 	EXIT_HANDSHAKE = 4,	/* handshake rejected; VMM killed */
 	EXIT_SIGNAL = 5,	/* SIGTERM, SIGINT, SIGHUP, SIGQUIT; VMMs killed */
+	EXIT_NOT_READY = 6,	/* --check: this host cannot serve */
 };
 
 enum { LOG_ERROR, LOG_WARN, LOG_INFO, LOG_DEBUG };
@@ -192,6 +195,7 @@ static struct {
 	long uid, gid;			/* to drop to after binding; -1: keep */
 	long sock_uid, sock_gid;	/* socket owner; -1: keep */
 	long sock_mode;			/* -1: as created */
+	int check;			/* --check */
 	const char *metrics_path;	/* --metrics PATH */
 	int metrics_interval;		/* seconds */
 } opt = { .log_level = LOG_INFO, .handshake_timeout = 5, .seccomp = 1,
@@ -201,7 +205,7 @@ static struct {
 
 enum { OPT_ACCEPT = 256, OPT_HANDSHAKE, OPT_OWNER, OPT_MODE, OPT_UID, OPT_GID,
 	OPT_NO_SECCOMP, OPT_NO_OPTIMIZE, OPT_POPULATE, OPT_DETACH, OPT_RECORD,
-	OPT_MAX_VMS, OPT_THREADS, OPT_METRICS,
+	OPT_MAX_VMS, OPT_THREADS, OPT_CHECK, OPT_METRICS,
 	OPT_METRICS_INTERVAL };
 
 static void
@@ -209,6 +213,7 @@ usage(FILE *f)
 {
 	fprintf(f,
 "Usage: uffd-handler [OPTIONS] SOCKET MEMFILE [DIFF...]\n"
+"       uffd-handler --check [--uid UID --gid GID]\n"
 "Serve a Firecracker microVM's memory from snapshot file MEMFILE through the\n"
 "userfaultfd Firecracker sends on Unix socket SOCKET (mem_backend Uffd).\n"
 "Each DIFF, oldest first, is a diff snapshot's memory file laid over it.\n"
@@ -242,6 +247,7 @@ usage(FILE *f)
 "      --metrics PATH           write the counters to PATH: Prometheus text\n"
 "                               (.prom) or JSON lines, every SEC seconds\n"
 "      --metrics-interval SEC   (default 10)\n"
+"      --check                  can this host serve? (--uid: the VMM's)\n"
 "  -h, --help                   print this help and exit\n"
 "  -V, --version                print the version and exit\n"
 "\n"
@@ -250,6 +256,7 @@ usage(FILE *f)
 "2 usage error; 3 setup error (memory file, socket, no VMM in time);\n"
 "4 handshake rejected (VMM killed); 5 SIGTERM, SIGINT, SIGHUP or SIGQUIT\n"
 "(every VMM killed). With several VMs: the gravest of 5, 1, 4, 0.\n"
+"--check: 0 ready, 6 not ready.\n"
 "On exit one JSON line of counters is written to standard output.\n");
 }
 
@@ -401,6 +408,9 @@ set_flag(int c, char *arg)
 	case OPT_DETACH:
 		opt.detach = 1;
 		return 0;
+	case OPT_CHECK:
+		opt.check = 1;
+		return 0;
 	case OPT_METRICS:
 		opt.metrics_path = arg;
 		return 0;
@@ -424,6 +434,7 @@ static const struct option longopts[] = {
 	{ "record", required_argument, NULL, OPT_RECORD },
 	{ "max-vms", required_argument, NULL, OPT_MAX_VMS },
 	{ "threads", required_argument, NULL, OPT_THREADS },
+	{ "check", no_argument, NULL, OPT_CHECK },
 	{ "metrics", required_argument, NULL, OPT_METRICS },
 	{ "metrics-interval", required_argument, NULL, OPT_METRICS_INTERVAL },
 	{ "help", no_argument, NULL, 'h' },
@@ -516,6 +527,12 @@ parse_options(int argc, char **argv)
 	if (opt.record_path != NULL && opt.max_vms != 1) {
 		fprintf(stderr, "uffd-handler: --record records one VM: it needs "
 		    "--max-vms 1\n");
+		return -1;
+	}
+	if (opt.check) {
+		if (argc == optind)
+			return 0;
+		fprintf(stderr, "uffd-handler: --check takes no SOCKET or MEMFILE\n");
 		return -1;
 	}
 	if (argc - optind < 2) {
@@ -7042,7 +7059,243 @@ server_main(struct keeper *k, int ctl)
 }
 
 /* ------------------------------------------------------------------------
- * 14. Main
+ * 14. The readiness check
+ *
+ * --check: whether a restore can be served on this host, one line a
+ * capability, with what to do where one is missing. What can be tried is
+ * tried, in a child that goes away with what it made: a userfaultfd made
+ * and used as Firecracker makes it (as the VMM's uid, given with --uid),
+ * a seccomp filter installed, a pidfd opened, SO_PEERPIDFD asked for.
+ * ------------------------------------------------------------------------ */
+
+#define USERFAULTFD_DEV	"/dev/userfaultfd"
+
+/* A uffd as Firecracker makes one: the syscall (root, CAP_SYS_PTRACE or
+ * vm.unprivileged_userfaultfd=1), else /dev/userfaultfd (Linux 6.1), with
+ * the API agreed; -errno of the syscall, or of the device when that is
+ * the one refused for another reason than its absence. */
+static int
+uffd_create(void)
+{
+	struct uffdio_api api = { UFFD_API, UFFD_FEATURE_EVENT_REMOVE, 0 };
+	int fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK), dev, err;
+
+	err = errno;
+	if (fd < 0 && (dev = open(USERFAULTFD_DEV, O_RDWR | O_CLOEXEC)) >= 0) {
+		fd = ioctl(dev, (int)USERFAULTFD_IOC_NEW, O_CLOEXEC | O_NONBLOCK);
+		close(dev);
+	}
+	if (fd < 0)
+		return -err;
+	if (ioctl(fd, (int)UFFDIO_API, &api) < 0) {
+		err = errno;
+		close(fd);
+		return -err;
+	}
+	return fd;
+}
+
+/* In the child: a page registered, copied into from the next, read back. */
+static int
+uffd_works(void)
+{
+	struct uffdio_register reg = { { 0, PAGE_4K }, UFFDIO_REGISTER_MODE_MISSING, 0 };
+	struct uffdio_copy c = { 0, 0, PAGE_4K, 0, 0 };
+	char *p = mmap(NULL, 2 * PAGE_4K, PROT_READ | PROT_WRITE, MAP_PRIVATE |
+	    MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	int fd = uffd_create();
+
+	if (fd < 0 || p == MAP_FAILED)
+		return fd < 0 ? -fd : errno;
+	memcpy(p + PAGE_4K, "uffd", 5);
+	reg.range.start = c.dst = (uintptr_t)p;
+	c.src = (uintptr_t)p + PAGE_4K;
+	if (ioctl(fd, (int)UFFDIO_REGISTER, &reg) < 0 ||
+	    ioctl(fd, (int)UFFDIO_COPY, &c) < 0)
+		return errno;
+	return memcmp(p, "uffd", 5) == 0 ? 0 : EIO;
+}
+
+static int
+seccomp_works(void)
+{
+	struct sock_filter f = RET(SECCOMP_RET_ALLOW);
+	struct sock_fprog prog = { 1, &f };
+
+	if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 ||
+	    prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog) < 0)
+		return errno;
+	return 0;
+}
+
+static int
+pidfd_works(void)
+{
+	int fd = (int)syscall(SYS_pidfd_open, getpid(), 0);
+
+	if (fd < 0 || syscall(SYS_pidfd_send_signal, fd, 0, NULL, 0) < 0)
+		return errno;
+	return 0;
+}
+
+static int
+peerpidfd_works(void)
+{
+	int sv[2], fd = -1;
+	socklen_t l = sizeof(fd);
+
+	if (socketpair(AF_UNIX, SOCK_STREAM, 0, sv) < 0 ||
+	    getsockopt(sv[0], SOL_SOCKET, SO_PEERPIDFD, &fd, &l) < 0)
+		return errno;
+	return 0;
+}
+
+static int
+memfd_works(void)
+{
+	return memfd_create("uffd-handler-check", MFD_CLOEXEC) < 0 ? errno : 0;
+}
+
+/* fn in a child, as uid and gid (-1: as it is); its errno, 0 when it
+ * worked. */
+static int
+try_in_child(int (*fn)(void), long uid, long gid)
+{
+	int status;
+	pid_t pid = fork();
+
+	if (pid == 0) {
+		if ((gid >= 0 && (setgroups(0, NULL) < 0 || setgid((gid_t)gid) < 0)) ||
+		    (uid >= 0 && setuid((uid_t)uid) < 0))
+			_exit(EPERM);
+		_exit(fn());
+	}
+	if (pid < 0 || waitpid(pid, &status, 0) < 0)
+		return errno;
+	return WIFEXITED(status) ? WEXITSTATUS(status) : EINTR;
+}
+
+/* One line; *missing counts what a restore cannot do without. */
+static void
+check_line(int *missing, int needed, int err, const char *name,
+    const char *ok, const char *fix)
+{
+	printf("%-7s %s: %s%s%s\n", !err ? "ok" : needed ? "missing" : "note",
+	    name, err ? strerror(err) : ok, err ? "; " : "", err ? fix : "");
+	*missing += needed && err;
+}
+
+static void
+check_kernel(int *missing)
+{
+	struct utsname u;
+	uint64_t major = 0, minor = 0;
+	const char *p;
+	char ok[96];
+
+	uname(&u);
+	if (parse_number(u.release, 10, 1000, &p, &major) == 0 && *p == '.')
+		parse_number(p + 1, 10, 1000, &p, &minor);
+	snprintf(ok, sizeof(ok), "Linux %s", u.release);
+	check_line(missing, 1, major * 1000 + minor < 5010 ? ENOSYS : 0, "kernel",
+	    ok, "Linux 5.10 or later is needed (Firecracker's oldest host)");
+}
+
+/* Why a uffd cannot be had, with the sysctl and the device node named. */
+static void
+check_userfaultfd(int *missing)
+{
+	char sysctl[8] = "", fix[448], ok[96];
+	int fd = open("/proc/sys/vm/unprivileged_userfaultfd", O_RDONLY | O_CLOEXEC);
+	int err = try_in_child(uffd_works, opt.uid, opt.gid);
+	struct stat st;
+
+	if (fd >= 0 && read(fd, sysctl, sizeof(sysctl) - 1) > 0)
+		sysctl[1] = '\0';	/* 0, 1: one digit */
+	if (fd >= 0)
+		close(fd);
+	snprintf(ok, sizeof(ok), "a VMM running as uid %ld can make one and "
+	    "have its faults served", opt.uid >= 0 ? opt.uid : (long)getuid());
+	snprintf(fix, sizeof(fix), "a VMM as uid %ld cannot make a userfaultfd "
+	    "that sees kernel faults: vm.unprivileged_userfaultfd is %s, %s %s; "
+	    "give the VMM CAP_SYS_PTRACE (root has it outside containers), or "
+	    "sysctl -w vm.unprivileged_userfaultfd=1, or read-write access to "
+	    "%s (Linux 6.1; in a jail: mknod ROOT%s c 10 257; in a container: "
+	    "--device %s)", opt.uid >= 0 ? opt.uid : (long)getuid(),
+	    sysctl[0] ? sysctl : "unknown (no /proc here)", USERFAULTFD_DEV,
+	    stat(USERFAULTFD_DEV, &st) == 0 ? "is not open to it" :
+	    "does not exist here", USERFAULTFD_DEV, USERFAULTFD_DEV,
+	    USERFAULTFD_DEV);
+	check_line(missing, 1, err, "userfaultfd", ok, fix);
+}
+
+/* The hugetlb pool: guests on 2 MiB pages need it, others do not. */
+static void
+check_hugetlb(void)
+{
+	char buf[24] = "";
+	const char *end;
+	uint64_t free = 0;
+	int fd = open("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages",
+	    O_RDONLY | O_CLOEXEC);
+	int n = fd >= 0 ? (int)read(fd, buf, sizeof(buf) - 1) : -1;
+
+	if (fd >= 0)
+		close(fd);
+	buf[n > 0 ? n : 0] = '\0';
+	if (n > 0 && parse_number(buf, 10, UINT64_MAX, &end, &free) == 0 && free)
+		printf("ok      hugetlb: %llu free 2 MiB pages\n",
+		    (unsigned long long)free);
+	else
+		printf("note    hugetlb: %s; guests on 2 MiB pages need them free: "
+		    "sysctl -w vm.nr_hugepages=N (guest MiB / 2 for each)\n", n > 0 ?
+		    "no free 2 MiB pages" : "the pool is not readable here (no /sys)");
+}
+
+static void
+check_descriptors(void)
+{
+	struct rlimit r;
+
+	getrlimit(RLIMIT_NOFILE, &r);
+	printf("%-7s descriptors: hard limit %llu, room for %llu VMs in one "
+	    "handler (14 + 4 a VM; systemd: LimitNOFILE=)\n", "note",
+	    (unsigned long long)r.rlim_max, r.rlim_max > 14 ?
+	    (unsigned long long)(r.rlim_max - 14) / 4 : 0ull);
+}
+
+static int
+check_host(void)
+{
+	int missing = 0;
+
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	check_kernel(&missing);
+	check_userfaultfd(&missing);
+	check_line(&missing, opt.seccomp, try_in_child(seccomp_works, -1, -1),
+	    "seccomp", "filters can be installed", "the kernel needs "
+	    "CONFIG_SECCOMP_FILTER; or run the handler with --no-seccomp");
+	check_line(&missing, 1, try_in_child(pidfd_works, -1, -1), "pidfd",
+	    "a VMM's exit is seen and it can be killed", "Linux 5.3 or later "
+	    "is needed (pidfd_open, pidfd_send_signal)");
+	check_line(&missing, 0, try_in_child(peerpidfd_works, -1, -1),
+	    "SO_PEERPIDFD", "a VMM in another pid namespace is watched too",
+	    "Linux 6.5 has it; until then run the handler in the VMM's pid "
+	    "namespace (podman run --pid=host)");
+	check_line(&missing, 1, try_in_child(memfd_works, -1, -1), "memfd",
+	    "each VM's state outlives a server", "the kernel needs "
+	    "CONFIG_MEMFD_CREATE (Linux 3.17)");
+	check_hugetlb();
+	check_descriptors();
+	if (missing == 0)
+		printf("ready: a restore can be served here\n");
+	else
+		printf("not ready: %d missing\n", missing);
+	return missing ? EXIT_NOT_READY : 0;
+}
+
+/* ------------------------------------------------------------------------
+ * 15. Main
  *
  * The keeper's setup, its loop, one teardown.
  * ------------------------------------------------------------------------ */
@@ -7133,6 +7386,8 @@ main(int argc, char **argv)
 
 	if ((rc = parse_options(argc, argv)) != 0)
 		return rc > 0 ? 0 : EXIT_USAGE;
+	if (opt.check)
+		return check_host();
 	if (handover != NULL) {
 		code = parse_number(handover, 10, INT_MAX, NULL, &hfd) < 0 ?
 		    EXIT_SETUP : keeper_resume(&k, (int)hfd);

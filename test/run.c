@@ -829,7 +829,7 @@ cli_usage_errors(const void *arg)
 		{ "--accept-timeout", "-1", "a", NULL },
 		{ "--threads", "0", "a", NULL }, { "--threads", "65", "a", NULL },
 		{ "--threads", "+4", "a", NULL }, { "--threads", "4x", "a", NULL },
-		{ "--metrics-interval", "0", "a", NULL },
+		{ "--metrics-interval", "0", "a", NULL }, { "--check", "a", NULL },
 	};
 	struct proc p;
 	char err[2048];
@@ -3941,8 +3941,100 @@ seccomp_status(const void *arg)
 }
 
 /*
- * Operating it: the metrics.
+ * Operating it: the readiness check, the metrics.
  */
+
+/* A fresh jail holding bin as /uffd-handler and nothing else. */
+static int
+make_jail(char *jail, size_t cap, const char *bin)
+{
+	char cmd[1024];
+
+	snprintf(jail, cap, "%s/jail%d", T.dir, ++T.seq);
+	snprintf(cmd, sizeof(cmd), "mkdir -p %s && cp %s %s/uffd-handler", jail,
+	    bin, jail);
+	return system(cmd) == 0 ? 0 : -1;
+}
+
+/* bin and args, in root if one is given, reaped within 60 s; what it
+ * printed in out (standard output, then standard error). */
+static void
+run_tool(struct proc *p, const char *bin, const char *const args[],
+    const char *root, char *out, size_t cap)
+{
+	char *argv[MAXARG];
+	size_t n = 0;
+
+	argv[n++] = (char *)bin;
+	for (int i = 0; args[i]; i++)
+		argv[n++] = (char *)args[i];
+	argv[n] = NULL;
+	spawn(p, argv, root);
+	reap(p, 60000);
+	read_text(p->out, out, cap);
+	n = strlen(out);
+	read_text(p->err, out + n, cap - n);
+}
+
+/* Every piece of text must be in out. */
+static int
+says(const char *out, const char *const text[])
+{
+	for (int i = 0; text[i]; i++)
+		if (!strstr(out, text[i]))
+			return fail("no \"%s\" in:\n%s", text[i], out);
+	return PASS;
+}
+
+/* On this machine, as root: ready, nothing missing. */
+static int
+check_ready_here(const void *arg)
+{
+	struct proc p;
+	char out[8192];
+
+	(void)arg;
+	run_tool(&p, T.release, (const char *[]){ "--check", NULL }, NULL, out,
+	    sizeof(out));
+	if (!exited(&p, 0) || strstr(out, "missing"))
+		return fail("--check: %s:\n%s", how(&p), out);
+	return says(out, (const char *[]){ "ok      kernel: Linux",
+	    "ok      userfaultfd: a VMM running as uid 0", "ok      seccomp",
+	    "ok      pidfd", "ok      memfd", "ready: a restore can be served",
+	    NULL });
+}
+
+/*
+ * A jailed VMM's uid in an empty chroot: no /proc, no /dev/userfaultfd,
+ * so no userfaultfd, and the line names the sysctl and the device node.
+ * With the node made in the jail (arg), the same uid is ready.
+ */
+static int
+check_jail_uid_65534(const void *arg)
+{
+	char jail[160], cmd[512], out[8192];
+	struct proc p;
+
+	if (make_jail(jail, sizeof(jail), T.release) < 0)
+		return fail("making the jail");
+	snprintf(cmd, sizeof(cmd), "mkdir %s/dev && mknod -m 0666 "
+	    "%s/dev/userfaultfd c 10 257", jail, jail);
+	if (arg && system(cmd) != 0)
+		return skip("cannot make /dev/userfaultfd in the jail: %s", cmd);
+	run_tool(&p, "/uffd-handler", (const char *[]){ "--check", "--uid",
+	    "65534", "--gid", "65534", NULL }, jail, out, sizeof(out));
+	if (arg)
+		return exited(&p, 0) ? says(out, (const char *[]){
+		    "ok      userfaultfd: a VMM running as uid 65534", "ready",
+		    NULL }) : fail("--check: %s:\n%s", how(&p), out);
+	if (!exited(&p, 6))
+		return fail("--check in an empty jail: %s:\n%s", how(&p), out);
+	return says(out, (const char *[]){ "missing userfaultfd: Operation "
+	    "not permitted; a VMM as uid 65534", "vm.unprivileged_userfaultfd "
+	    "is unknown (no /proc here)", "/dev/userfaultfd does not exist here",
+	    "mknod ROOT/dev/userfaultfd c 10 257", "note    hugetlb",
+	    "not ready: 1 missing", NULL });
+}
 
 /* A value of the .prom text: the line "name value". */
 static uint64_t
@@ -4284,9 +4376,9 @@ static_binary(const void *arg)
 	if (stat(T.release, &st) < 0)
 		return fail("stat(%s): %s", T.release, strerror(errno));
 	/* 90 KiB with one thread; musl's threads add about 16, the keeper
-	 * and its server about 20; --metrics adds 8. */
-	if (st.st_size >= 136 * 1024)
-		return fail("%lld bytes, over 136 KiB", (long long)st.st_size);
+	 * and its server about 20; --metrics adds 8 and --check 4. */
+	if (st.st_size >= 140 * 1024)
+		return fail("%lld bytes, over 140 KiB", (long long)st.st_size);
 	snprintf(cmd, sizeof(cmd), "readelf -ldW %s 2>&1", T.release);
 	if ((f = popen(cmd, "r")) == NULL)
 		return fail("popen(readelf)");
@@ -4666,7 +4758,7 @@ in_tsan_pass(const char *name)
 	static const char *const not[] = { "tsan/parse_", "tsan/validate_",
 		"tsan/unit_", "tsan/kernel_", "tsan/abi", "tsan/static_binary",
 		"tsan/aarch64_", "tsan/podman_", "tsan/chroot_", "tsan/release_",
-		"tsan/fuzz_", "tsan/no_fds_left_at_exit",
+		"tsan/fuzz_", "tsan/no_fds_left_at_exit", "tsan/check_",
 		"tsan/stress_faults_removes_oracle", "tsan/upgrade_",
 		"tsan/cli_value_missing_named" };
 
@@ -4927,6 +5019,9 @@ static const struct tcase cases[] = {
 	{ "podman_scratch_image_restore", podman_scratch_image, NULL },
 	{ "podman_pid_host_kills_vmm", podman_scratch_image, "--pid=host" },
 	{ "release_restore_balloon_socket_removed", release_restore, NULL },
+	{ "check_ready_here", check_ready_here, NULL },
+	{ "check_jail_uid_65534_names_missing", check_jail_uid_65534, NULL },
+	{ "check_jail_dev_userfaultfd_ready", check_jail_uid_65534, "dev" },
 	{ "metrics_prom_promtool_matches_counters", metrics_prom, NULL },
 	{ "metrics_prom_survive_server_kill", metrics_prom, "kill" },
 	{ "upgrade_keeps_metrics", metrics_prom, "upgrade" },
