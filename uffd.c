@@ -88,7 +88,8 @@
  *  12. The keeper's protocol   one message, what each side asks, answers
  *  13. The server loop         handshakes, threads, endings, adoption
  *  14. The readiness check     --check: what this host lacks, and the fix
- *  15. Main
+ *  15. The self-test           --self-test: a restore through itself
+ *  16. Main
  */
 
 #define _GNU_SOURCE
@@ -133,6 +134,9 @@
 #ifndef SO_PEERPIDFD
 #define SO_PEERPIDFD		77
 #endif
+#ifndef MAP_HUGE_2MB
+#define MAP_HUGE_2MB		(21 << 26)
+#endif
 #ifndef SECCOMP_FILTER_FLAG_TSYNC
 #define SECCOMP_FILTER_FLAG_TSYNC	1
 #endif
@@ -153,7 +157,7 @@ enum exit_code {
 	EXIT_SETUP = 3,		/* memory file, socket, or no VMM connected in time */
 	EXIT_HANDSHAKE = 4,	/* handshake rejected; VMM killed */
 	EXIT_SIGNAL = 5,	/* SIGTERM, SIGINT, SIGHUP, SIGQUIT; VMMs killed */
-	EXIT_NOT_READY = 6,	/* --check: this host cannot serve */
+	EXIT_NOT_READY = 6,	/* --check, --self-test: this host cannot serve */
 };
 
 enum { LOG_ERROR, LOG_WARN, LOG_INFO, LOG_DEBUG };
@@ -195,7 +199,7 @@ static struct {
 	long uid, gid;			/* to drop to after binding; -1: keep */
 	long sock_uid, sock_gid;	/* socket owner; -1: keep */
 	long sock_mode;			/* -1: as created */
-	int check;			/* --check */
+	int check, self_test;		/* --check, --self-test */
 	const char *metrics_path;	/* --metrics PATH */
 	int metrics_interval;		/* seconds */
 } opt = { .log_level = LOG_INFO, .handshake_timeout = 5, .seccomp = 1,
@@ -205,7 +209,7 @@ static struct {
 
 enum { OPT_ACCEPT = 256, OPT_HANDSHAKE, OPT_OWNER, OPT_MODE, OPT_UID, OPT_GID,
 	OPT_NO_SECCOMP, OPT_NO_OPTIMIZE, OPT_POPULATE, OPT_DETACH, OPT_RECORD,
-	OPT_MAX_VMS, OPT_THREADS, OPT_CHECK, OPT_METRICS,
+	OPT_MAX_VMS, OPT_THREADS, OPT_CHECK, OPT_SELF_TEST, OPT_METRICS,
 	OPT_METRICS_INTERVAL };
 
 static void
@@ -213,7 +217,7 @@ usage(FILE *f)
 {
 	fprintf(f,
 "Usage: uffd-handler [OPTIONS] SOCKET MEMFILE [DIFF...]\n"
-"       uffd-handler --check [--uid UID --gid GID]\n"
+"       uffd-handler --check [--uid UID --gid GID] | --self-test\n"
 "Serve a Firecracker microVM's memory from snapshot file MEMFILE through the\n"
 "userfaultfd Firecracker sends on Unix socket SOCKET (mem_backend Uffd).\n"
 "Each DIFF, oldest first, is a diff snapshot's memory file laid over it.\n"
@@ -248,6 +252,7 @@ usage(FILE *f)
 "                               (.prom) or JSON lines, every SEC seconds\n"
 "      --metrics-interval SEC   (default 10)\n"
 "      --check                  can this host serve? (--uid: the VMM's)\n"
+"      --self-test              restore a snapshot through this binary\n"
 "  -h, --help                   print this help and exit\n"
 "  -V, --version                print the version and exit\n"
 "\n"
@@ -256,7 +261,8 @@ usage(FILE *f)
 "2 usage error; 3 setup error (memory file, socket, no VMM in time);\n"
 "4 handshake rejected (VMM killed); 5 SIGTERM, SIGINT, SIGHUP or SIGQUIT\n"
 "(every VMM killed). With several VMs: the gravest of 5, 1, 4, 0.\n"
-"--check: 0 ready, 6 not ready.\n"
+"--check: 0 ready, 6 not. --self-test: 0 passed, 1 failed, 3 could not\n"
+"start, 6 no userfaultfd here.\n"
 "On exit one JSON line of counters is written to standard output.\n");
 }
 
@@ -411,6 +417,9 @@ set_flag(int c, char *arg)
 	case OPT_CHECK:
 		opt.check = 1;
 		return 0;
+	case OPT_SELF_TEST:
+		opt.self_test = 1;
+		return 0;
 	case OPT_METRICS:
 		opt.metrics_path = arg;
 		return 0;
@@ -435,6 +444,7 @@ static const struct option longopts[] = {
 	{ "max-vms", required_argument, NULL, OPT_MAX_VMS },
 	{ "threads", required_argument, NULL, OPT_THREADS },
 	{ "check", no_argument, NULL, OPT_CHECK },
+	{ "self-test", no_argument, NULL, OPT_SELF_TEST },
 	{ "metrics", required_argument, NULL, OPT_METRICS },
 	{ "metrics-interval", required_argument, NULL, OPT_METRICS_INTERVAL },
 	{ "help", no_argument, NULL, 'h' },
@@ -529,10 +539,11 @@ parse_options(int argc, char **argv)
 		    "--max-vms 1\n");
 		return -1;
 	}
-	if (opt.check) {
-		if (argc == optind)
+	if (opt.check + opt.self_test > 0) {
+		if (opt.check + opt.self_test == 1 && argc == optind)
 			return 0;
-		fprintf(stderr, "uffd-handler: --check takes no SOCKET or MEMFILE\n");
+		fprintf(stderr, "uffd-handler: --check and --self-test take no "
+		    "SOCKET or MEMFILE, and not each other\n");
 		return -1;
 	}
 	if (argc - optind < 2) {
@@ -1253,6 +1264,26 @@ uffdio_result(struct lane *l, int err, uint64_t dst, uint64_t len,
 	}
 }
 
+#ifdef BREAK_SERVED_BYTE
+/*
+ * A build for the suite alone (build/broken): the byte at this offset of
+ * the memory file is served flipped, so the self-test can be seen to fail
+ * against a handler that installs a wrong page.
+ */
+static const char *
+break_byte(struct lane *l, const char *src, uint64_t len)
+{
+	static char buf[ZERO_SRC] __attribute__((aligned(4096)));
+	const char *at = l->s->chain->layer[0].mem + BREAK_SERVED_BYTE;
+
+	if (at < src || at >= src + len || len > sizeof(buf))
+		return src;
+	memcpy(buf, src, len);
+	buf[at - src] ^= 0x5a;
+	return buf;
+}
+#endif
+
 /* *done accumulates the bytes installed, also when the result is retry. */
 static int
 uffdio_copy(struct lane *l, uint64_t dst, const char *src, uint64_t len,
@@ -1261,6 +1292,9 @@ uffdio_copy(struct lane *l, uint64_t dst, const char *src, uint64_t len,
 	struct session *s = l->s;
 	struct uffdio_copy c;
 
+#ifdef BREAK_SERVED_BYTE
+	src = break_byte(l, src, len);
+#endif
 	for (;;) {
 		c = (struct uffdio_copy){ .dst = dst, .src = (uintptr_t)src, .len = len,
 		    .mode = l->dontwake ? UFFDIO_COPY_MODE_DONTWAKE : 0 };
@@ -3369,6 +3403,9 @@ static void metrics_retire(struct keeper *k, const struct slot *sl, int code);
 static void metrics_end(struct keeper *k);
 static void metrics_env(const struct metrics *m, char *buf, size_t cap);
 static void metrics_take(struct keeper *k);
+static void keeper_blank(struct keeper *k, char **argv);
+static int keeper_start(struct keeper *k);
+static void keeper_close(struct keeper *k);
 static void keeper_unlisten(struct keeper *k);
 static int keeper_answer(struct keeper *k, const struct ctl *m, int fds[2]);
 static void add_peer(struct server *srv, const struct ctl *m, int conn,
@@ -7295,7 +7332,455 @@ check_host(void)
 }
 
 /* ------------------------------------------------------------------------
- * 15. Main
+ * 15. The self-test
+ *
+ * --self-test: this binary restores a snapshot it makes, through itself,
+ * and needs nothing else: the snapshot lies in a memfd and the socket in
+ * the abstract namespace, so an empty chroot or a FROM scratch image will
+ * do. The handler is the real one, a keeper started as the command line
+ * starts it, which forks its server. Each VM is a child that plays
+ * Firecracker: its own uffd (O_CLOEXEC|O_NONBLOCK, REMOVE events only),
+ * guest memory MAP_PRIVATE|MAP_ANONYMOUS|MAP_NORESERVE registered for
+ * missing faults, the handshake's JSON with the uffd as SCM_RIGHTS, and
+ * its own copy of the uffd kept. vCPU threads touch every page, reading
+ * or writing first, while a balloon thread removes others (MADV_DONTNEED);
+ * then every page is checked against the snapshot, or zeros where removed.
+ * Once on 4 KiB pages, once on 2 MiB pages where the hugetlb pool has room.
+ * ------------------------------------------------------------------------ */
+
+#define ST_SIZE		(8ull << 20)	/* two regions of 4 MiB */
+#define ST_REGION	(4ull << 20)
+#define ST_HOLE		1280		/* blocks 1280-1535: a 1 MiB hole */
+#define ST_VCPUS	3
+#define ST_MS		30000		/* a VM that takes longer is frozen */
+
+/* What block b of the snapshot holds: 0 a hole, 1 zeros written, 2 data. */
+static int
+st_kind(uint64_t b)
+{
+	return b >= ST_HOLE && b < ST_HOLE + 256 ? 0 : b % 7 == 3 ? 1 : 2;
+}
+
+/* The snapshot's word at file offset off. */
+static uint64_t
+st_word(uint64_t off)
+{
+	uint64_t x = (off + 1) * 0x9e3779b97f4a7c15ull;
+
+	return st_kind(off / PAGE_4K) == 2 ? (x ^ (x >> 29)) | 1 : 0;
+}
+
+static int
+st_snapshot(void)
+{
+	uint64_t page[PAGE_4K / 8];
+	int fd = memfd_create("uffd-handler-self-test", MFD_CLOEXEC);
+
+	if (fd < 0 || ftruncate(fd, (off_t)ST_SIZE) < 0)
+		return -errno;
+	for (uint64_t b = 0; b < ST_SIZE / PAGE_4K; b++) {
+		for (uint64_t i = 0; i < PAGE_4K / 8; i++)
+			page[i] = st_word(b * PAGE_4K + i * 8);
+		if (st_kind(b) && pwrite(fd, page, PAGE_4K, (off_t)(b * PAGE_4K)) !=
+		    (ssize_t)PAGE_4K)
+			return -errno;
+	}
+	return fd;
+}
+
+/* One VM: what it is, and in its child what it saw. */
+struct st_vm {
+	const char *name;
+	uint64_t page;
+	const char *skip;		/* why it cannot run here */
+	pid_t pid;
+	int pipe[2];			/* its result line */
+	char result[256];
+	char *mem[2];
+	int bad;			/* pages wrong (atomic) */
+	int vcpu;			/* the next thread's number (atomic) */
+};
+
+/* Page u's part: the balloon's (removed), written first, or read. */
+static int
+st_removed(uint64_t u)
+{
+	return u % 4 == 1;
+}
+
+static int
+st_written(uint64_t u)
+{
+	return u % 3 == 0 && !st_removed(u);
+}
+
+static volatile uint64_t *
+st_page(struct st_vm *v, uint64_t u)
+{
+	uint64_t off = u * v->page;
+
+	return (volatile uint64_t *)(void *)(v->mem[off / ST_REGION] + off % ST_REGION);
+}
+
+/* Page u as it must read now; the first wrong one is told. */
+static void
+st_verify(struct st_vm *v, uint64_t u, int removed)
+{
+	volatile uint64_t *p = st_page(v, u);
+	uint64_t off = u * v->page, want;
+
+	for (uint64_t i = 0; i < v->page / 8; i++) {
+		want = removed ? 0 : i == 1 && st_written(u) ? ~st_word(off + 8) :
+		    st_word(off + i * 8);
+		if (p[i] == want)
+			continue;
+		if (__atomic_fetch_add(&v->bad, 1, __ATOMIC_SEQ_CST) == 0)
+			snprintf(v->result, sizeof(v->result), "%llu-byte page at file "
+			    "offset %llu: word %llu reads %016llx, the snapshot has "
+			    "%016llx", (unsigned long long)v->page,
+			    (unsigned long long)off, (unsigned long long)i,
+			    (unsigned long long)p[i], (unsigned long long)want);
+		return;
+	}
+}
+
+static uint64_t
+st_pages(const struct st_vm *v)
+{
+	return ST_SIZE / v->page;
+}
+
+/* A vCPU: its pages in order (runs of 16 on 4 KiB pages, so the handler
+ * sees sequential streams), written first or read, each checked. */
+static void *
+st_vcpu(void *arg)
+{
+	struct st_vm *v = arg;
+	uint64_t t = (uint64_t)__atomic_fetch_add(&v->vcpu, 1, __ATOMIC_SEQ_CST);
+	uint64_t run = v->page == PAGE_4K ? 16 : 1;
+
+	for (uint64_t u = 0; u < st_pages(v); u++) {
+		if (st_removed(u) || (u / run) % ST_VCPUS != t)
+			continue;
+		if (st_written(u))
+			st_page(v, u)[1] = ~st_word(u * v->page + 8);
+		st_verify(v, u, 0);
+	}
+	return NULL;
+}
+
+/* The balloon, racing the vCPUs: half its pages read first, every one
+ * given back and read again as zeros. */
+static void *
+st_balloon(void *arg)
+{
+	struct st_vm *v = arg;
+
+	for (uint64_t u = 1; u < st_pages(v); u += 4) {
+		if (u % 8 == 1)
+			st_verify(v, u, 0);
+		madvise((void *)st_page(v, u), v->page, MADV_DONTNEED);
+		st_verify(v, u, 1);
+	}
+	return NULL;
+}
+
+/* Guest memory as Firecracker maps and registers it. */
+static int
+st_memory(struct st_vm *v, int uffd)
+{
+	int huge = v->page == PAGE_2M ? MAP_HUGETLB | MAP_HUGE_2MB : 0;
+
+	for (int r = 0; r < 2; r++) {
+		struct uffdio_register reg = { { 0, ST_REGION },
+		    UFFDIO_REGISTER_MODE_MISSING, 0 };
+
+		v->mem[r] = mmap(NULL, ST_REGION, PROT_READ | PROT_WRITE, MAP_PRIVATE |
+		    MAP_ANONYMOUS | MAP_NORESERVE | huge, -1, 0);
+		if (v->mem[r] == MAP_FAILED)
+			return -errno;
+		reg.range.start = (uintptr_t)v->mem[r];
+		if (ioctl(uffd, (int)UFFDIO_REGISTER, &reg) < 0)
+			return -errno;
+	}
+	return 0;
+}
+
+/* Firecracker 1.12's message: the regions, the uffd as SCM_RIGHTS. */
+static int
+st_handshake(struct st_vm *v, int uffd, const struct sockaddr_un *a,
+    socklen_t alen)
+{
+	union {
+		char b[CMSG_SPACE(sizeof(int))];
+		struct cmsghdr align;
+	} cm;
+	char json[512];
+	struct iovec iov = { json, 0 };
+	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.b,
+	    .msg_controllen = sizeof(cm.b) };
+	struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
+	int conn = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+
+	for (int r = 0; r < 2; r++)
+		iov.iov_len += (size_t)snprintf(json + iov.iov_len, sizeof(json) -
+		    iov.iov_len, "%s{\"base_host_virt_addr\":%llu,\"size\":%llu,"
+		    "\"offset\":%llu,\"page_size\":%llu,\"page_size_kib\":%llu}%s",
+		    r ? "," : "[", (unsigned long long)(uintptr_t)v->mem[r],
+		    ST_REGION, r * ST_REGION, (unsigned long long)v->page,
+		    (unsigned long long)v->page, r ? "]" : "");
+	*c = (struct cmsghdr){ .cmsg_len = CMSG_LEN(sizeof(int)),
+	    .cmsg_level = SOL_SOCKET, .cmsg_type = SCM_RIGHTS };
+	memcpy(CMSG_DATA(c), &uffd, sizeof(int));
+	if (conn < 0 || connect(conn, (const struct sockaddr *)a, alen) < 0 ||
+	    sendmsg(conn, &mh, MSG_NOSIGNAL) != (ssize_t)iov.iov_len)
+		return -errno;
+	return conn;		/* kept open, as Firecracker 1.12 does */
+}
+
+/* The VM's child: restore, touch, check; its line to the pipe. */
+static int
+st_vmm(struct st_vm *v, const struct sockaddr_un *a, socklen_t alen)
+{
+	pthread_t t[ST_VCPUS + 1];
+	uint64_t written = 0, removed = 0;
+	int uffd = uffd_create(), rc, n = 0;
+
+	if (uffd < 0 || (rc = st_memory(v, uffd)) < 0 ||
+	    (rc = st_handshake(v, uffd, a, alen)) < 0) {
+		snprintf(v->result, sizeof(v->result), "setting up the VM: %s",
+		    strerror(uffd < 0 ? -uffd : -rc));
+		return 1;
+	}
+	while (n <= ST_VCPUS && pthread_create(&t[n], NULL, n ? st_vcpu :
+	    st_balloon, v) == 0)
+		n++;
+	for (int i = 0; i < n; i++)
+		pthread_join(t[i], NULL);
+	for (uint64_t u = 0; u < st_pages(v) && !v->bad; u++) {
+		st_verify(v, u, st_removed(u));
+		written += st_written(u);
+		removed += st_removed(u);
+	}
+	if (n != ST_VCPUS + 1 && !v->bad)
+		snprintf(v->result, sizeof(v->result), "pthread_create failed");
+	if (n != ST_VCPUS + 1 || v->bad)
+		return 1;
+	snprintf(v->result, sizeof(v->result), "%llu pages of %llu KiB right, "
+	    "%llu written first, %llu removed by a balloon racing %d vCPUs",
+	    (unsigned long long)st_pages(v), (unsigned long long)v->page / 1024,
+	    (unsigned long long)written, (unsigned long long)removed, ST_VCPUS);
+	return 0;
+}
+
+/* The handler as started from the command line, on the memfd and the
+ * listening socket: a keeper, which forks its server. */
+static int
+st_keeper(int memfd, int lfd, int out, int err)
+{
+	struct keeper k;
+	int code;
+
+	keeper_blank(&k, NULL);
+	k.ls.lfd = lfd;
+	dup2(out, STDOUT_FILENO);
+	dup2(err, STDERR_FILENO);
+	raise_nofile();
+	if ((k.sigfd = signal_fd()) < 0 ||
+	    chain_take(&k.in.chain, opt.layers, &memfd, 1, k.sigfd) < 0)
+		code = EXIT_SETUP;
+	else if ((code = keeper_start(&k)) == 0)
+		code = keeper_run(&k);
+	keeper_close(&k);
+	return code;
+}
+
+/* Reaped within ms, or killed: its wait status, -1 if it hung. */
+static int
+st_reap(pid_t pid, int ms)
+{
+	int status;
+
+	for (int64_t end = now_ms() + ms; now_ms() < end; pause_us(5000))
+		if (waitpid(pid, &status, WNOHANG) == pid)
+			return status;
+	kill(pid, SIGKILL);
+	waitpid(pid, &status, 0);
+	return -1;
+}
+
+/* Where key first stands in s, or NULL. */
+static const char *
+find(const char *s, const char *key)
+{
+	for (size_t n = strlen(key); s != NULL && *s; s++)
+		if (strncmp(s, key, n) == 0)
+			return s + n;
+	return NULL;
+}
+
+/* What the handler's counters line says of VMM pid: a field, or -1. */
+static long long
+st_counter(const char *out, pid_t pid, const char *field)
+{
+	char key[48];
+	const char *p;
+	uint64_t v;
+
+	snprintf(key, sizeof(key), "\"vmm_pid\":%d,", (int)pid);
+	if ((p = find(find(out, key), field)) == NULL ||
+	    parse_number(p, 10, UINT64_MAX, &p, &v) < 0)
+		return -1;
+	return (long long)v;
+}
+
+/* A VM's check line, from its exit and the handler's counters. */
+static int
+st_outcome(struct st_vm *v, int status, const char *out)
+{
+	long long faults = st_counter(out, v->pid, "\"faults\":");
+	long long removes = st_counter(out, v->pid, "\"remove_events\":");
+	ssize_t n = read(v->pipe[0], v->result, sizeof(v->result) - 1);
+
+	if (n > 0)
+		v->result[n] = '\0';
+	if (status == -1 || !WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+		printf("FAIL    %s: %s%s\n", v->name, status == -1 ? "frozen: "
+		    "killed after 30 s; " : WIFSIGNALED(status) ? "the VMM was "
+		    "killed; " : "", v->result);
+		return 1;
+	}
+	if (faults <= 0 || removes <= 0) {
+		printf("FAIL    %s: %s, but the handler reported %lld faults and "
+		    "%lld REMOVE events for it\n", v->name, v->result, faults, removes);
+		return 1;
+	}
+	printf("ok      %s: %s; the handler served %lld faults and %lld REMOVE "
+	    "events\n", v->name, v->result, faults, removes);
+	return 0;
+}
+
+/* Starts the keeper and the VMs; the keeper's pid. */
+static pid_t
+st_start(struct st_vm *vm, int nvm, int memfd, int io[2])
+{
+	struct sockaddr_un a = { .sun_family = AF_UNIX };
+	socklen_t alen;
+	pid_t keeper;
+	int lfd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+
+	alen = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + 1 +
+	    (size_t)snprintf(a.sun_path + 1, sizeof(a.sun_path) - 1,
+	    "uffd-handler-self-test-%d", (int)getpid()));
+	for (int i = 0; i < nvm; i++)
+		if (pipe(vm[i].pipe) < 0 || fcntl(vm[i].pipe[0], F_SETFL, O_NONBLOCK) < 0)
+			return -1;
+	if (lfd < 0 || bind(lfd, (struct sockaddr *)&a, alen) < 0 ||
+	    listen(lfd, 16) < 0 || (keeper = fork()) < 0)
+		return -1;
+	if (keeper == 0)
+		_exit(st_keeper(memfd, lfd, io[0], io[1]));
+	close(lfd);
+	for (int i = 0; i < nvm; i++) {
+		if (vm[i].skip != NULL)
+			continue;
+		if ((vm[i].pid = fork()) < 0)
+			snprintf(vm[i].result, sizeof(vm[i].result), "fork: %s",
+			    strerror(errno));
+		if (vm[i].pid == 0) {
+			int rc = st_vmm(&vm[i], &a, alen);
+
+			(void)!write(vm[i].pipe[1], vm[i].result, strlen(vm[i].result));
+			_exit(rc);
+		}
+	}
+	return keeper;
+}
+
+/* The handler's own ending, and its log when anything failed. */
+static int
+st_handler(int status, int failed, int io[2])
+{
+	char log[4096];
+	ssize_t n;
+
+	if (status != -1 && WIFEXITED(status) && WEXITSTATUS(status) == 0 && !failed) {
+		printf("ok      handler: its keeper and server served the VMs and "
+		    "exited 0 once they were gone\n");
+		return 0;
+	}
+	if (status == -1 || !WIFEXITED(status) || WEXITSTATUS(status) != 0)
+		printf("FAIL    handler: %s\n", status == -1 ? "did not exit 5 s "
+		    "after its VMs; killed" : "did not exit 0 after its VMs");
+	printf("the handler's log:\n");
+	for (off_t at = 0; (n = pread(io[1], log, sizeof(log), at)) > 0; at += n)
+		fwrite(log, 1, (size_t)n, stdout);
+	return 1;
+}
+
+static int
+self_test(void)
+{
+	static char *layers[] = { "the self-test's snapshot (a memfd)" };
+	struct st_vm vm[2] = { { .name = "restore_4k", .page = PAGE_4K },
+		{ .name = "restore_2m", .page = PAGE_2M } };
+	int memfd, uffd, io[2], status[3], failed = 0;
+	char out[8192];
+	void *pool;
+	pid_t keeper;
+	ssize_t n;
+
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	printf("uffd-handler %s self-test\n", VERSION_LINE);
+	if ((memfd = st_snapshot()) < 0) {
+		printf("FAIL    snapshot: memfd_create: %s\n", strerror(-memfd));
+		return EXIT_SETUP;
+	}
+	printf("ok      snapshot: 8 MiB in a memfd: data, zero pages, a 1 MiB hole\n");
+	if ((uffd = uffd_create()) < 0) {
+		for (int i = 0; i < 2; i++)
+			printf("skip    %s: no userfaultfd here: %s (--check says "
+			    "what to do)\n", vm[i].name, strerror(-uffd));
+		printf("nothing restored: this host gives a VMM no userfaultfd\n");
+		return EXIT_NOT_READY;
+	}
+	close(uffd);
+	if ((pool = mmap(NULL, ST_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE |
+	    MAP_ANONYMOUS | MAP_HUGETLB | MAP_HUGE_2MB, -1, 0)) == MAP_FAILED)
+		vm[1].skip = "the hugetlb pool has no 4 free pages of 2 MiB "
+		    "(sysctl -w vm.nr_hugepages=4)";
+	else
+		munmap(pool, ST_SIZE);
+	opt.layers = layers;
+	opt.nlayers = 1;
+	opt.socket_path = "@uffd-handler-self-test";
+	opt.max_vms = vm[1].skip ? 1 : 2;
+	opt.log_level = LOG_WARN;
+	io[0] = memfd_create("uffd-handler-self-test-out", MFD_CLOEXEC);
+	io[1] = memfd_create("uffd-handler-self-test-log", MFD_CLOEXEC);
+	if (io[0] < 0 || io[1] < 0 || (keeper = st_start(vm, 2, memfd, io)) < 0) {
+		printf("FAIL    handler: starting it: %s\n", strerror(errno));
+		return EXIT_SETUP;
+	}
+	for (int i = 0; i < 2; i++)
+		if (vm[i].skip == NULL)
+			status[i] = vm[i].pid > 0 ? st_reap(vm[i].pid, ST_MS) : 1;
+	status[2] = st_reap(keeper, 5000);
+	n = pread(io[0], out, sizeof(out) - 1, 0);
+	out[n > 0 ? n : 0] = '\0';
+	for (int i = 0; i < 2; i++)
+		if (vm[i].skip)
+			printf("skip    %s: %s\n", vm[i].name, vm[i].skip);
+		else
+			failed += st_outcome(&vm[i], status[i], out);
+	failed += st_handler(status[2], failed, io);
+	printf("%s%s\n", failed ? "self-test FAILED" : "self-test passed",
+	    vm[1].skip ? "; skipped: restore_2m" : "");
+	return failed ? EXIT_FATAL : 0;
+}
+
+/* ------------------------------------------------------------------------
+ * 16. Main
  *
  * The keeper's setup, its loop, one teardown.
  * ------------------------------------------------------------------------ */
@@ -7315,6 +7800,27 @@ keeper_init(struct keeper *k)
 		logmsg(LOG_ERROR, "setting up the keeper: %s", strerror(errno));
 		return -1;
 	}
+	return 0;
+}
+
+/* A keeper that holds nothing yet. */
+static void
+keeper_blank(struct keeper *k, char **argv)
+{
+	*k = (struct keeper){ .ls = { .lfd = -1, .reserve = { -1, -1 } },
+	    .in = { .record_fd = -1 }, .sigfd = -1, .epfd = -1, .ctl = -1,
+	    .procfd = -1, .done = -1, .argv = argv, .self_fd = -1, .upgrade = -1,
+	    .m = { .fd = { -1, -1 }, .dirfd = -1 } };
+}
+
+/* Once its inputs and socket are open: its ids, its filter, its server. */
+static int
+keeper_start(struct keeper *k)
+{
+	if (drop_privileges() < 0 || keeper_init(k) < 0 || (opt.seccomp &&
+	    seccomp_confine(STAGE_KEEPER, k->procfd, k->m.dirfd) < 0) ||
+	    keeper_spawn(k) < 0)
+		return EXIT_SETUP;
 	return 0;
 }
 
@@ -7342,11 +7848,7 @@ keeper_setup(struct keeper *k)
 	if (metrics_open(&k->m) < 0)
 		return EXIT_SETUP;
 	keeper_oom(k);
-	if (drop_privileges() < 0 || keeper_init(k) < 0 || (opt.seccomp &&
-	    seccomp_confine(STAGE_KEEPER, k->procfd, k->m.dirfd) < 0) ||
-	    keeper_spawn(k) < 0)
-		return EXIT_SETUP;
-	return 0;
+	return keeper_start(k);
 }
 
 /* Safe to call twice, and on a keeper half set up. */
@@ -7376,10 +7878,7 @@ keeper_close(struct keeper *k)
 int
 main(int argc, char **argv)
 {
-	struct keeper k = { .ls = { .lfd = -1, .reserve = { -1, -1 } },
-	    .in = { .record_fd = -1 }, .sigfd = -1, .epfd = -1, .ctl = -1,
-	    .procfd = -1, .done = -1, .argv = argv, .self_fd = -1, .upgrade = -1,
-	    .m = { .fd = { -1, -1 }, .dirfd = -1 } };
+	struct keeper k;
 	const char *handover = getenv(HANDOVER_ENV);
 	uint64_t hfd;
 	int rc, code;
@@ -7388,6 +7887,9 @@ main(int argc, char **argv)
 		return rc > 0 ? 0 : EXIT_USAGE;
 	if (opt.check)
 		return check_host();
+	if (opt.self_test)
+		return self_test();
+	keeper_blank(&k, argv);
 	if (handover != NULL) {
 		code = parse_number(handover, 10, INT_MAX, NULL, &hfd) < 0 ?
 		    EXIT_SETUP : keeper_resume(&k, (int)hfd);
