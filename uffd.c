@@ -610,6 +610,21 @@ closefd(int *fd)
 	*fd = -1;
 }
 
+/* path's directory ("." for none) into dir, its last part into name. */
+static void
+split_path(const char *path, char *dir, size_t dcap, char *name, size_t ncap)
+{
+	const char *slash = strrchr(path, '/');
+
+	if (slash == NULL)
+		snprintf(dir, dcap, ".");
+	else
+		snprintf(dir, dcap, "%.*s", slash == path ? 1 : (int)(slash - path),
+		    path);
+	if (name != NULL)
+		snprintf(name, ncap, "%s", slash ? slash + 1 : path);
+}
+
 /*
  * Room for element n of an array of *cap elements of size bytes, doubled
  * (from first) when full: the array, moved or not, or NULL without memory
@@ -3295,6 +3310,7 @@ struct metrics {
 	int64_t next;			/* ms: the next write */
 	int failing;			/* a failure logged, no success since */
 	int nomem;			/* the text could not be made whole */
+	const char *op;			/* the call that failed */
 	struct counters retired;	/* of the VMs that ended */
 	struct counters sent;		/* the totals the last JSON line had */
 	uint64_t killed;		/* VMMs killed: sessions ended not 0 */
@@ -3572,14 +3588,9 @@ static int
 lock_socket_dir(const char *path)
 {
 	char dir[sizeof(((struct sockaddr_un *)0)->sun_path)];
-	const char *slash = strrchr(path, '/');
 	int fd;
 
-	if (slash == NULL)
-		snprintf(dir, sizeof(dir), ".");
-	else
-		snprintf(dir, sizeof(dir), "%.*s", slash == path ? 1 :
-		    (int)(slash - path), path);
+	split_path(path, dir, sizeof(dir), NULL, 0);
 	if ((fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) < 0) {
 		logmsg(LOG_DEBUG, "open(%s): %s; binding without its lock", dir,
 		    strerror(errno));
@@ -5057,21 +5068,6 @@ metrics_close(struct metrics *m)
 	m->buf = NULL;
 }
 
-/* path's directory ("." for none) into dir, its last part into name. */
-static void
-split_path(const char *path, char *dir, size_t dcap, char *name, size_t ncap)
-{
-	const char *slash = strrchr(path, '/');
-
-	if (slash == NULL)
-		snprintf(dir, dcap, ".");
-	else
-		snprintf(dir, dcap, "%.*s", slash == path ? 1 : (int)(slash - path),
-		    path);
-	if (name != NULL)
-		snprintf(name, ncap, "%s", slash ? slash + 1 : path);
-}
-
 static void
 metrics_names(struct metrics *m, char *dir, size_t cap)
 {
@@ -5284,12 +5280,15 @@ write_all(int fd, const char *buf, size_t len)
 static int
 prom_publish(struct metrics *m)
 {
-	int fd = m->fd[1];
+	int fd = m->fd[1], rc;
 
+	m->op = "ftruncate";
 	if (ftruncate(fd, 0) < 0 || lseek(fd, 0, SEEK_SET) < 0)
 		return -errno;
-	if (write_all(fd, m->buf, m->len) < 0)
-		return -errno;
+	m->op = "write";
+	if ((rc = write_all(fd, m->buf, m->len)) < 0)
+		return rc;
+	m->op = "renameat2(RENAME_EXCHANGE)";
 	if (syscall(SYS_renameat2, m->dirfd, m->tmp, m->dirfd, m->name,
 	    RENAME_EXCHANGE) < 0)
 		return -errno;
@@ -5304,6 +5303,7 @@ json_publish(struct metrics *m)
 {
 	ssize_t n = write(m->fd[0], m->buf, m->len);
 
+	m->op = "write";
 	if (n == (ssize_t)m->len)
 		return 0;
 	return n < 0 ? -errno : -EIO;
@@ -5313,8 +5313,8 @@ static void
 metrics_outcome(struct metrics *m, int rc)
 {
 	if (rc < 0 && !m->failing)
-		logmsg(LOG_WARN, "--metrics %s: %s%s; serving goes on, and this is "
-		    "said once until a write succeeds", opt.metrics_path,
+		logmsg(LOG_WARN, "--metrics %s: %s: %s%s; serving goes on, and this "
+		    "is said once until a write succeeds", opt.metrics_path, m->op,
 		    strerror(-rc), rc == -EAGAIN ? " (its reader takes nothing)" : "");
 	else if (rc == 0 && m->failing)
 		logmsg(LOG_INFO, "--metrics %s: written again", opt.metrics_path);
@@ -5346,6 +5346,7 @@ metrics_write(struct keeper *k)
 	if (m->fd[0] < 0)
 		return;
 	m->len = 0;
+	m->op = "gathering the counters";
 	if ((n = metrics_gather(k, &v, &total)) < 0) {
 		metrics_outcome(m, (int)n);
 		return;
@@ -5355,6 +5356,7 @@ metrics_write(struct keeper *k)
 		prom_text(m, &total, v, (size_t)n, k->ncrash);
 	else
 		json_line(m, &total, v, k, (size_t)n);
+	m->op = "writing the text";
 	rc = m->nomem ? -ENOMEM : m->prom ? prom_publish(m) : json_publish(m);
 	if (rc == 0 && !m->prom)
 		metrics_sent(k, &total, v, (size_t)n);
@@ -7733,7 +7735,7 @@ self_test(void)
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	printf("uffd-handler %s self-test\n", VERSION_LINE);
 	if ((memfd = st_snapshot()) < 0) {
-		printf("FAIL    snapshot: memfd_create: %s\n", strerror(-memfd));
+		printf("FAIL    snapshot: making it in a memfd: %s\n", strerror(-memfd));
 		return EXIT_SETUP;
 	}
 	printf("ok      snapshot: 8 MiB in a memfd: data, zero pages, a 1 MiB hole\n");
