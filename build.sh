@@ -2,7 +2,8 @@
 # build.sh - builds uffd-handler and runs its tests and demo.
 #
 #   ./build.sh [release]  build/uffd-handler: static musl binary, stripped
-#   ./build.sh test       also the sanitizer builds (ASan+UBSan, TSan) and
+#   ./build.sh test       also the sanitizer builds (ASan+UBSan, TSan), a
+#                         broken build (one wrong byte served) and
 #                         the test programs, then the whole suite (test/run;
 #                         extra args pick cases)
 #   ./build.sh aarch64    build/aarch64/uffd-handler, the same for Graviton
@@ -78,6 +79,14 @@ release() {
 		-Wl,--gc-sections -ffunction-sections -fdata-sections $LAYOUT \
 		-o build/uffd-handler $SRC
 	strip -R .comment build/uffd-handler
+}
+
+# The release build with one wrong byte served (file offset 4120, a data
+# page of the self-test's snapshot): the suite shows --self-test failing.
+broken() {
+	mkdir -p build/broken
+	musl-gcc $WARN -Os -static -DBREAK_SERVED_BYTE=4120 \
+		-o build/broken/uffd-handler $SRC
 }
 
 # The same static build for Graviton hosts (aarch64), with Debian's cross
@@ -159,7 +168,10 @@ demo() {
 
 case "${1:-release}" in
 release)	release ;;
-test)		release; aarch64 optional; sanitized; tsan; test_programs; slowfs; fuzz
+test)		release; broken; aarch64 optional; sanitized; tsan; test_programs
+		slowfs; fuzz
+		# promtool reads the --metrics files, as Prometheus would.
+		need promtool prometheus
 		shift
 		build/test/run "$@" ;;
 aarch64)	aarch64 ;;

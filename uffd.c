@@ -84,9 +84,12 @@
  *   8. The handshake           reading by peeking, checking, the state
  *   9. The session             its life, its killing, its counters line
  *  10. The keeper              setup, seccomp, slots, servers, upgrades
- *  11. The keeper's protocol   one message, what each side asks, answers
- *  12. The server loop         handshakes, threads, endings, adoption
- *  13. Main
+ *  11. Metrics                 --metrics: Prometheus text or JSON lines
+ *  12. The keeper's protocol   one message, what each side asks, answers
+ *  13. The server loop         handshakes, threads, endings, adoption
+ *  14. The readiness check     --check: what this host lacks, and the fix
+ *  15. The self-test           --self-test: a restore through itself
+ *  16. Main
  */
 
 #define _GNU_SOURCE
@@ -116,6 +119,7 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/un.h>
+#include <sys/utsname.h>
 #include <sys/wait.h>
 #include <grp.h>
 
@@ -129,6 +133,9 @@
 #endif
 #ifndef SO_PEERPIDFD
 #define SO_PEERPIDFD		77
+#endif
+#ifndef MAP_HUGE_2MB
+#define MAP_HUGE_2MB		(21 << 26)
 #endif
 #ifndef SECCOMP_FILTER_FLAG_TSYNC
 #define SECCOMP_FILTER_FLAG_TSYNC	1
@@ -153,6 +160,7 @@ enum exit_code {
 	EXIT_SETUP = 3,		/* memory file, socket, or no VMM connected in time */
 	EXIT_HANDSHAKE = 4,	/* handshake rejected; VMM killed */
 	EXIT_SIGNAL = 5,	/* SIGTERM, SIGINT, SIGHUP, SIGQUIT; VMMs killed */
+	EXIT_NOT_READY = 6,	/* --check, --self-test: this host cannot serve */
 };
 
 enum { LOG_ERROR, LOG_WARN, LOG_INFO, LOG_DEBUG };
@@ -195,19 +203,25 @@ static struct {
 	long uid, gid;			/* to drop to after binding; -1: keep */
 	long sock_uid, sock_gid;	/* socket owner; -1: keep */
 	long sock_mode;			/* -1: as created */
+	int check, self_test;		/* --check, --self-test */
+	const char *metrics_path;	/* --metrics PATH */
+	int metrics_interval;		/* seconds */
 } opt = { .log_level = LOG_INFO, .handshake_timeout = 5, .seccomp = 1,
 	.optimize = 1, .max_vms = 1, .threads = DEFAULT_THREADS,
-	.uid = -1, .gid = -1, .sock_uid = -1, .sock_gid = -1, .sock_mode = -1 };
+	.uid = -1, .gid = -1, .sock_uid = -1, .sock_gid = -1, .sock_mode = -1,
+	.metrics_interval = 10 };
 
 enum { OPT_ACCEPT = 256, OPT_HANDSHAKE, OPT_OWNER, OPT_MODE, OPT_UID, OPT_GID,
 	OPT_NO_SECCOMP, OPT_NO_OPTIMIZE, OPT_POPULATE, OPT_DETACH, OPT_RECORD,
-	OPT_MAX_VMS, OPT_THREADS };
+	OPT_MAX_VMS, OPT_THREADS, OPT_CHECK, OPT_SELF_TEST, OPT_METRICS,
+	OPT_METRICS_INTERVAL };
 
 static void
 usage(FILE *f)
 {
 	fprintf(f,
 "Usage: uffd-handler [OPTIONS] SOCKET MEMFILE [DIFF...]\n"
+"       uffd-handler --check [--uid UID --gid GID] | --self-test\n"
 "Serve a Firecracker microVM's memory from snapshot file MEMFILE through the\n"
 "userfaultfd Firecracker sends on Unix socket SOCKET (mem_backend Uffd).\n"
 "Each DIFF, oldest first, is a diff snapshot's memory file laid over it.\n"
@@ -238,6 +252,11 @@ usage(FILE *f)
 "      --threads N              serve faults from N threads, and --populate\n"
 "                               from N more (default 2; 1: one thread does\n"
 "                               all)\n"
+"      --metrics PATH           write the counters to PATH: Prometheus text\n"
+"                               (.prom) or JSON lines, every SEC seconds\n"
+"      --metrics-interval SEC   (default 10)\n"
+"      --check                  can this host serve? (--uid: the VMM's)\n"
+"      --self-test              restore a snapshot through this binary\n"
 "  -h, --help                   print this help and exit\n"
 "  -V, --version                print the version and exit\n"
 "\n"
@@ -246,6 +265,8 @@ usage(FILE *f)
 "2 usage error; 3 setup error (memory file, socket, no VMM in time);\n"
 "4 handshake rejected (VMM killed); 5 SIGTERM, SIGINT, SIGHUP or SIGQUIT\n"
 "(every VMM killed). With several VMs: the gravest of 5, 1, 4, 0.\n"
+"--check: 0 ready, 6 not. --self-test: 0 passed, 1 failed, 3 could not\n"
+"start, 6 no userfaultfd here.\n"
 "On exit one JSON line of counters is written to standard output.\n");
 }
 
@@ -301,6 +322,18 @@ parse_seconds(const char *arg, const char *name, int *out)
 	}
 	*out = (int)v;
 	return 0;
+}
+
+/* Seconds, at least one. */
+static int
+parse_period(const char *arg, const char *name, int *out)
+{
+	if (parse_seconds(arg, name, out) < 0)
+		return -1;
+	if (*out > 0)
+		return 0;
+	fprintf(stderr, "uffd-handler: %s must be at least 1 second\n", name);
+	return -1;
 }
 
 /* A numeric id: a jail has no /etc/passwd to look names up in. */
@@ -386,6 +419,15 @@ set_flag(int c, char *arg)
 	case OPT_DETACH:
 		opt.detach = 1;
 		return 0;
+	case OPT_CHECK:
+		opt.check = 1;
+		return 0;
+	case OPT_SELF_TEST:
+		opt.self_test = 1;
+		return 0;
+	case OPT_METRICS:
+		opt.metrics_path = arg;
+		return 0;
 	default:
 		return -1;
 	}
@@ -406,6 +448,10 @@ static const struct option longopts[] = {
 	{ "record", required_argument, NULL, OPT_RECORD },
 	{ "max-vms", required_argument, NULL, OPT_MAX_VMS },
 	{ "threads", required_argument, NULL, OPT_THREADS },
+	{ "check", no_argument, NULL, OPT_CHECK },
+	{ "self-test", no_argument, NULL, OPT_SELF_TEST },
+	{ "metrics", required_argument, NULL, OPT_METRICS },
+	{ "metrics-interval", required_argument, NULL, OPT_METRICS_INTERVAL },
 	{ "help", no_argument, NULL, 'h' },
 	{ "version", no_argument, NULL, 'V' },
 	{ NULL, 0, NULL, 0 },
@@ -442,13 +488,7 @@ set_option(int c, char *arg, const char *as_given)
 	case OPT_ACCEPT:
 		return parse_seconds(arg, "--accept-timeout", &opt.accept_timeout);
 	case OPT_HANDSHAKE:
-		if (parse_seconds(arg, "--handshake-timeout", &opt.handshake_timeout) < 0)
-			return -1;
-		if (opt.handshake_timeout > 0)
-			return 0;
-		fprintf(stderr, "uffd-handler: --handshake-timeout must be at least "
-		    "1 second\n");
-		return -1;
+		return parse_period(arg, "--handshake-timeout", &opt.handshake_timeout);
 	case OPT_OWNER:
 		return parse_owner(arg);
 	case OPT_MODE:
@@ -461,6 +501,8 @@ set_option(int c, char *arg, const char *as_given)
 		return parse_id(arg, "--max-vms", &opt.max_vms, '\0');
 	case OPT_THREADS:
 		return parse_threads(arg);
+	case OPT_METRICS_INTERVAL:
+		return parse_period(arg, "--metrics-interval", &opt.metrics_interval);
 	case 'h':
 		usage(stdout);
 		return 1;
@@ -505,6 +547,13 @@ parse_options(int argc, char **argv)
 	if (opt.record_path != NULL && opt.max_vms != 1) {
 		fprintf(stderr, "uffd-handler: --record records one VM: it needs "
 		    "--max-vms 1\n");
+		return -1;
+	}
+	if (opt.check + opt.self_test > 0) {
+		if (opt.check + opt.self_test == 1 && argc == optind)
+			return 0;
+		fprintf(stderr, "uffd-handler: --check and --self-test take no "
+		    "SOCKET or MEMFILE, and not each other\n");
 		return -1;
 	}
 	if (argc - optind < 2) {
@@ -575,6 +624,21 @@ closefd(int *fd)
 	if (*fd >= 0)
 		close(*fd);
 	*fd = -1;
+}
+
+/* path's directory ("." for none) into dir, its last part into name. */
+static void
+split_path(const char *path, char *dir, size_t dcap, char *name, size_t ncap)
+{
+	const char *slash = strrchr(path, '/');
+
+	if (slash == NULL)
+		snprintf(dir, dcap, ".");
+	else
+		snprintf(dir, dcap, "%.*s", slash == path ? 1 : (int)(slash - path),
+		    path);
+	if (name != NULL)
+		snprintf(name, ncap, "%s", slash ? slash + 1 : path);
 }
 
 /*
@@ -1236,6 +1300,26 @@ uffdio_result(struct lane *l, int err, uint64_t dst, uint64_t len,
 	}
 }
 
+#ifdef BREAK_SERVED_BYTE
+/*
+ * A build for the suite alone (build/broken): the byte at this offset of
+ * the memory file is served flipped, so the self-test can be seen to fail
+ * against a handler that installs a wrong page.
+ */
+static const char *
+break_byte(struct lane *l, const char *src, uint64_t len)
+{
+	static char buf[ZERO_SRC] __attribute__((aligned(4096)));
+	const char *at = l->s->chain->layer[0].mem + BREAK_SERVED_BYTE;
+
+	if (at < src || at >= src + len || len > sizeof(buf))
+		return src;
+	memcpy(buf, src, len);
+	buf[at - src] ^= 0x5a;
+	return buf;
+}
+#endif
+
 /* *done accumulates the bytes installed, also when the result is retry. */
 static int
 uffdio_copy(struct lane *l, uint64_t dst, const char *src, uint64_t len,
@@ -1244,6 +1328,9 @@ uffdio_copy(struct lane *l, uint64_t dst, const char *src, uint64_t len,
 	struct session *s = l->s;
 	struct uffdio_copy c;
 
+#ifdef BREAK_SERVED_BYTE
+	src = break_byte(l, src, len);
+#endif
 	for (;;) {
 		c = (struct uffdio_copy){ .dst = dst, .src = (uintptr_t)src, .len = len,
 		    .mode = l->dontwake ? UFFDIO_COPY_MODE_DONTWAKE : 0 };
@@ -3277,42 +3364,61 @@ counters_read(const struct counters *live, struct counters *c)
 	return c;
 }
 
+/* The counters by name, as the counters line and the metrics give them;
+ * the histogram follows. */
+#define NFIELDS		17
+
+static const char *const field_names[NFIELDS] = {
+	"faults", "pages_copied", "zero_pages", "zero_data_pages",
+	"memory_saved_bytes", "prefetched", "populated", "populate_skipped",
+	"populate_absent", "remove_events", "pages_removed", "deferred",
+	"bytes_copied", "already_present", "unregistered", "fetched",
+	"syscalls",
+};
+
+static void
+counter_fields(const struct counters *c, uint64_t v[NFIELDS])
+{
+	const uint64_t f[NFIELDS] = { c->faults, c->pages_copied, c->zero_pages,
+		c->zero_data_pages, c->zero_mapped * PAGE_4K, c->prefetched,
+		c->populated, c->populate_skipped, c->populate_absent,
+		c->remove_events, c->pages_removed, c->deferred, c->bytes_copied,
+		c->already_present, c->unregistered, c->fetched, c->syscalls };
+
+	memcpy(v, f, sizeof(f));
+}
+
+/* The counters as JSON members at buf, ",name":value each, then the
+ * histogram; the bytes written. */
+static int
+counters_json(char *buf, size_t cap, const struct counters *c)
+{
+	uint64_t v[NFIELDS];
+	int n = 0;
+
+	counter_fields(c, v);
+	for (size_t i = 0; i < NFIELDS; i++)
+		n += snprintf(buf + n, cap - (size_t)n, ",\"%s\":%llu", field_names[i],
+		    (unsigned long long)v[i]);
+	n += snprintf(buf + n, cap - (size_t)n, ",\"service_us_log2\":[");
+	for (int i = 0; i < 16; i++)
+		n += snprintf(buf + n, cap - (size_t)n, "%s%llu", i ? "," : "",
+		    (unsigned long long)c->service_us_log2[i]);
+	return n + snprintf(buf + n, cap - (size_t)n, "]");
+}
+
 /* One JSON line of a VM's counters, on standard output. */
 static void
 print_counters_of(pid_t pid, const struct counters *live, int code)
 {
 	struct counters now;
-	const struct counters *c = counters_read(live, &now);
-	const struct {
-		const char *name;
-		uint64_t value;
-	} f[] = {
-		{ "faults", c->faults }, { "pages_copied", c->pages_copied },
-		{ "zero_pages", c->zero_pages },
-		{ "zero_data_pages", c->zero_data_pages },
-		{ "memory_saved_bytes", c->zero_mapped * PAGE_4K },
-		{ "prefetched", c->prefetched }, { "populated", c->populated },
-		{ "populate_skipped", c->populate_skipped },
-		{ "populate_absent", c->populate_absent },
-		{ "remove_events", c->remove_events },
-		{ "pages_removed", c->pages_removed }, { "deferred", c->deferred },
-		{ "bytes_copied", c->bytes_copied },
-		{ "already_present", c->already_present },
-		{ "unregistered", c->unregistered }, { "fetched", c->fetched },
-		{ "syscalls", c->syscalls },
-	};
 	char line[2048];
 	int n = snprintf(line, sizeof(line), "{\"exit_code\":%d,\"vmm_pid\":%d",
 	    code, (int)pid);
 
-	for (size_t i = 0; i < sizeof(f) / sizeof(f[0]); i++)
-		n += snprintf(line + n, sizeof(line) - (size_t)n, ",\"%s\":%llu",
-		    f[i].name, (unsigned long long)f[i].value);
-	n += snprintf(line + n, sizeof(line) - (size_t)n, ",\"service_us_log2\":[");
-	for (int i = 0; i < 16; i++)
-		n += snprintf(line + n, sizeof(line) - (size_t)n, "%s%llu", i ? "," : "",
-		    (unsigned long long)c->service_us_log2[i]);
-	snprintf(line + n, sizeof(line) - (size_t)n, "]}\n");
+	n += counters_json(line + n, sizeof(line) - (size_t)n,
+	    counters_read(live, &now));
+	snprintf(line + n, sizeof(line) - (size_t)n, "}\n");
 	fputs(line, stdout);
 	fflush(stdout);
 }
@@ -3389,6 +3495,7 @@ struct slot {
 	int vmm;			/* it sent a byte (S_VMM) */
 	int sent;			/* the current server has it */
 	int64_t since;			/* ms: accepted */
+	struct counters reported;	/* as the last JSON metrics line had them */
 };
 
 /* The listening socket. */
@@ -3399,6 +3506,25 @@ struct listener {
 	int64_t paused;			/* accepting off until then */
 	int pause_logged;
 	int owed;			/* K_UNLISTENED is owed to the server */
+};
+
+/* --metrics: what the keeper writes to, and what it keeps for it. */
+struct metrics {
+	int fd[2];			/* PATH, and for .prom PATH.tmp; -1: none */
+	int dirfd;			/* PATH's directory (.prom) */
+	int prom;			/* Prometheus text; else JSON lines */
+	char name[NAME_MAX + 1];	/* PATH's last part, and with .tmp */
+	char tmp[NAME_MAX + 5];
+	int64_t next;			/* ms: the next write */
+	int failing;			/* a failure logged, no success since */
+	int nomem;			/* the text could not be made whole */
+	const char *op;			/* the call that failed */
+	struct counters retired;	/* of the VMs that ended */
+	struct counters sent;		/* the totals the last JSON line had */
+	uint64_t killed;		/* VMMs killed: sessions ended not 0 */
+	uint64_t sent_killed, sent_restarts;
+	char *buf;			/* what one write says */
+	size_t len, cap;
 };
 
 /* Where the server is in its life (see permitted[]). */
@@ -3431,6 +3557,7 @@ struct keeper {
 	char **argv;			/* as started, for an upgrade */
 	char exe[PATH_MAX];		/* the binary's path, resolved at start */
 	int self_fd;			/* that binary, to go back to */
+	struct metrics m;
 	int upgrade;			/* the new binary, while one is under way */
 	struct watch wl, ws, wc;
 };
@@ -3490,7 +3617,18 @@ struct grave {
 	uint64_t epoch[MAX_THREADS];	/* the threads' when it ended */
 };
 
-/* Defined with the server loop and the protocol below. */
+/* Defined with the metrics, the protocol and the server loop below. */
+static int metrics_open(struct metrics *m);
+static void metrics_close(struct metrics *m);
+static void metrics_write(struct keeper *k);
+static void metrics_due(struct keeper *k, int64_t now);
+static void metrics_retire(struct keeper *k, const struct slot *sl, int code);
+static void metrics_end(struct keeper *k);
+static void metrics_env(const struct metrics *m, char *buf, size_t cap);
+static void metrics_take(struct keeper *k);
+static void keeper_blank(struct keeper *k, char **argv);
+static int keeper_start(struct keeper *k);
+static void keeper_close(struct keeper *k);
 static void keeper_unlisten(struct keeper *k);
 static int keeper_answer(struct keeper *k, const struct ctl *m, int fds[2]);
 static void add_peer(struct server *srv, const struct ctl *m, int conn,
@@ -3663,11 +3801,9 @@ static int
 open_lock(const char *path)
 {
 	char dir[sizeof(((struct sockaddr_un *)0)->sun_path)], file[PATH_MAX];
-	const char *slash = strrchr(path, '/');
 	int fd;
 
-	snprintf(dir, sizeof(dir), "%.*s", slash == NULL ? 1 : slash == path ? 1 :
-	    (int)(slash - path), slash == NULL ? "." : path);
+	split_path(path, dir, sizeof(dir), NULL, 0);
 	if ((fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) >= 0 ||
 	    errno != EACCES) {
 		if (fd < 0)
@@ -3956,13 +4092,26 @@ allow_openat(struct sock_filter *f, size_t n, int procfd)
 	return n;
 }
 
+/* renameat2 only inside the directory --metrics writes in (see metrics). */
+static size_t
+allow_rename(struct sock_filter *f, size_t n, int dirfd)
+{
+	f[n++] = (struct sock_filter){ BPF_JEQ_K, 0, 3, SYS_renameat2 };
+	f[n++] = LOAD(offsetof(struct seccomp_data, args[0]));
+	f[n++] = (struct sock_filter){ BPF_JEQ_K, 0, 1, (uint32_t)dirfd };
+	f[n++] = RET(SECCOMP_RET_ALLOW);
+	f[n++] = LOAD(offsetof(struct seccomp_data, nr));
+	return n;
+}
+
 /*
  * The filters stack, and the stricter wins: the keeper's, then in each
  * server the accepting one, then, once no connection can come, the
- * serving one. procfd: see allow_procfd (the keeper's only).
+ * serving one. procfd and dirfd: see allow_openat and allow_rename (the
+ * keeper's only).
  */
 static int
-seccomp_confine(enum stage stage, int procfd)
+seccomp_confine(enum stage stage, int procfd, int dirfd)
 {
 	struct sock_filter f[2 * (NCALLS(allowed_syscalls) +
 	    NCALLS(accepting_syscalls) + NCALLS(keeper_syscalls) +
@@ -3981,6 +4130,7 @@ seccomp_confine(enum stage stage, int procfd)
 	if (stage == STAGE_KEEPER) {
 		n = allow_calls(f, n, keeper_syscalls, NCALLS(keeper_syscalls));
 		n = allow_openat(f, n, procfd);
+		n = allow_rename(f, n, dirfd);
 	}
 	f[n++] = (struct sock_filter){ BPF_JEQ_K, 1, 0, SYS_ioctl };
 	f[n++] = RET(SECCOMP_RET_ERRNO | EPERM);
@@ -4482,6 +4632,7 @@ keeper_fail_closed(struct keeper *k, int code, const char *why)
 			kill_peer(sl->vm.pidfd, sl->vm.pid);
 			keeper_counters(sl, code);
 			note_worst(&k->worst, code);
+			metrics_retire(k, sl, code);
 		}
 		slot_free(sl);
 	}
@@ -4607,6 +4758,8 @@ keeper_wait_ms(const struct keeper *k)
 		end = k->ls.paused;
 	if (k->life == LIFE_STOPPING && k->stop_by < end)
 		end = k->stop_by;
+	if (k->m.fd[0] >= 0 && k->m.next < end)
+		end = k->m.next;
 	return ms_until(end);
 }
 
@@ -4641,7 +4794,9 @@ keeper_run(struct keeper *k)
 			kill(k->server, SIGKILL);
 			k->stop_by = INT64_MAX;
 		}
+		metrics_due(k, now);
 	}
+	metrics_end(k);
 	note_worst(&k->worst, k->done);
 	note_worst(&k->worst, k->stop);
 	return k->worst;
@@ -4669,6 +4824,7 @@ keeper_run(struct keeper *k)
 #endif
 #define HANDOVER_ENV	"UFFD_HANDLER_HANDOVER"
 #define HANDBACK_ENV	"UFFD_HANDLER_HANDBACK"	/* set by one going back */
+#define METRICS_ENV	"UFFD_HANDLER_METRICS"	/* see metrics_take */
 #define EXIT_HANDOVER	100		/* a server stopped for an upgrade */
 
 struct handover_slot {
@@ -4831,6 +4987,9 @@ handover_fds(struct keeper *k, int hfd, int newfd, int keep)
 	inherit(k->ls.lfd, keep);
 	inherit(k->procfd, keep);
 	inherit(k->in.record_fd, keep);
+	inherit(k->m.fd[0], keep);
+	inherit(k->m.fd[1], keep);
+	inherit(k->m.dirfd, keep);
 	for (int i = 0; i < k->in.chain.n; i++)
 		inherit(k->in.chain.layer[i].fd, keep);
 	for (size_t i = 0; i < k->nslot; i++) {
@@ -4841,10 +5000,11 @@ handover_fds(struct keeper *k, int hfd, int newfd, int keep)
 	}
 }
 
-/* The environment with HANDOVER_ENV=hfd, and HANDBACK_ENV when going
- * back (and no other value of either). */
+/* The environment with HANDOVER_ENV=hfd, HANDBACK_ENV when going back,
+ * and metrics (METRICS_ENV=..., or NULL to keep what came), and no other
+ * value of any. */
 static char **
-handover_env(int hfd, int back, char *buf, size_t cap)
+handover_env(int hfd, int back, char *metrics, char *buf, size_t cap)
 {
 	extern char **environ;
 	size_t n = 0;
@@ -4852,15 +5012,19 @@ handover_env(int hfd, int back, char *buf, size_t cap)
 
 	while (environ[n] != NULL)
 		n++;
-	if ((env = calloc(n + 3, sizeof(*env))) == NULL)
+	if ((env = calloc(n + 4, sizeof(*env))) == NULL)
 		return NULL;
 	n = 0;
 	for (char **e = environ; *e != NULL; e++)
 		if (strncmp(*e, HANDOVER_ENV "=", sizeof(HANDOVER_ENV)) != 0 &&
-		    strncmp(*e, HANDBACK_ENV "=", sizeof(HANDBACK_ENV)) != 0)
+		    strncmp(*e, HANDBACK_ENV "=", sizeof(HANDBACK_ENV)) != 0 &&
+		    (metrics == NULL || strncmp(*e, METRICS_ENV "=",
+		    sizeof(METRICS_ENV)) != 0))
 			env[n++] = *e;
 	snprintf(buf, cap, "%s=%d", HANDOVER_ENV, hfd);
 	env[n++] = buf;
+	if (metrics != NULL)
+		env[n++] = metrics;
 	if (back)
 		env[n] = HANDBACK_ENV "=1";
 	return env;
@@ -4870,8 +5034,12 @@ handover_env(int hfd, int back, char *buf, size_t cap)
 static int
 exec_with(struct keeper *k, int fd, int hfd, int back)
 {
-	char buf[64];
-	char **env = handover_env(hfd, back, buf, sizeof(buf));
+	char buf[64], metrics[80];
+	char **env;
+
+	metrics_env(&k->m, metrics, sizeof(metrics));
+	env = handover_env(hfd, back, k->m.fd[0] >= 0 ? metrics : NULL, buf,
+	    sizeof(buf));
 
 	if (env == NULL)
 		return -ENOMEM;
@@ -4923,6 +5091,7 @@ keeper_exec(struct keeper *k)
 	int hfd, rc;
 
 	k->done = -1;
+	metrics_write(k);
 	if ((hfd = handover_write(k, k->upgrade)) < 0) {
 		rc = hfd;
 	} else {
@@ -5073,6 +5242,7 @@ keeper_resume(struct keeper *k, int hfd)
 	if ((k->sigfd = signal_fd()) < 0 || (rc = take_handover(k, h)) < 0 ||
 	    keeper_init(k) < 0)
 		handover_back(k, h, hfd, "its setup failed");
+	metrics_take(k);
 	if (getenv(HANDBACK_ENV) != NULL)
 		logmsg(LOG_INFO, "%s serves on: the upgrade did not take",
 		    VERSION_LINE);
@@ -5086,11 +5256,448 @@ keeper_resume(struct keeper *k, int hfd)
 	close(hfd);
 	unsetenv(HANDOVER_ENV);
 	unsetenv(HANDBACK_ENV);
+	unsetenv(METRICS_ENV);
 	return keeper_spawn(k) < 0 ? EXIT_FATAL : 0;
 }
 
 /* ------------------------------------------------------------------------
- * 11. The keeper's protocol
+ * 11. Metrics
+ *
+ * --metrics PATH: every --metrics-interval seconds, and once more at the
+ * end, the keeper writes the counters of each VM it holds and of every VM
+ * since the start. The keeper, because it holds each session's state,
+ * whose counters the server adds to in place, and outlives any server: the
+ * figures go on across a server's death. It reads those counters and
+ * nothing else of a session. Everything it writes to is opened before its
+ * filter, which lets it rename only inside PATH's directory.
+ *
+ * A PATH ending in .prom gets Prometheus's text format (node_exporter's
+ * textfile collector reads *.prom): written whole into PATH.tmp, which
+ * then trades places with PATH (renameat2 RENAME_EXCHANGE), so a reader
+ * finds one complete file or the other, and no file is ever opened again.
+ * Any other PATH gets one JSON line a write as Firecracker writes its
+ * metrics: the time, then groups; counters are what was added since the
+ * line before. It is opened read-write and non-blocking, as Firecracker
+ * opens its own, so a FIFO nobody reads takes lines into its buffer and
+ * then refuses them, and never holds the keeper up. A failed write is
+ * logged once, until one succeeds again; serving never waits for one.
+ * ------------------------------------------------------------------------ */
+
+#define RENAME_EXCHANGE	(1 << 1)
+#define NCOUNTERS	(sizeof(struct counters) / sizeof(uint64_t))
+
+static const char *const field_help[NFIELDS] = {
+	"Page faults read", "Pages copied from the memory file",
+	"Removed pages served as zeros", "Zero pages of the snapshot mapped",
+	"Memory the zero pages saved", "Pages installed ahead of a stream",
+	"Pages populated", "Pages population left out",
+	"Pages population found unregistered", "REMOVE events",
+	"Pages REMOVE events covered", "Faults deferred by a pending REMOVE",
+	"Bytes copied from the memory file", "Faults whose page was there",
+	"Faults whose range was unregistered",
+	"Faults whose page was read in first", "System calls serving",
+};
+
+/* A VM held, as one write reports it. */
+struct vm_figures {
+	size_t slot;
+	pid_t pid;
+	struct counters c;
+};
+
+static void
+metrics_close(struct metrics *m)
+{
+	closefd(&m->fd[0]);
+	closefd(&m->fd[1]);
+	closefd(&m->dirfd);
+	free(m->buf);
+	m->buf = NULL;
+}
+
+static void
+metrics_names(struct metrics *m, char *dir, size_t cap)
+{
+	size_t len = strlen(opt.metrics_path);
+
+	m->prom = len > 5 && strcmp(opt.metrics_path + len - 5, ".prom") == 0;
+	split_path(opt.metrics_path, dir, cap, m->name, sizeof(m->name));
+	snprintf(m->tmp, sizeof(m->tmp), "%s.tmp", m->name);
+}
+
+/* Before the filter: PATH (and PATH.tmp, and its directory, for .prom). */
+static int
+metrics_open(struct metrics *m)
+{
+	char dir[PATH_MAX];
+	int fl = O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW;
+
+	m->fd[0] = m->fd[1] = m->dirfd = -1;
+	if (opt.metrics_path == NULL)
+		return 0;
+	metrics_names(m, dir, sizeof(dir));
+	if (m->prom ? (m->dirfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) < 0 ||
+	    (m->fd[0] = openat(m->dirfd, m->name, fl, 0644)) < 0 ||
+	    (m->fd[1] = openat(m->dirfd, m->tmp, fl | O_TRUNC, 0644)) < 0 :
+	    (m->fd[0] = open(opt.metrics_path, fl | O_APPEND | O_NONBLOCK, 0644)) < 0) {
+		logmsg(LOG_ERROR, "--metrics %s: %s", opt.metrics_path, strerror(errno));
+		return -errno;
+	}
+	if ((m->buf = malloc(m->cap = 4096)) == NULL)
+		return -ENOMEM;
+	return 0;
+}
+
+static void __attribute__((format(printf, 2, 3)))
+mput(struct metrics *m, const char *fmt, ...)
+{
+	va_list ap;
+	char *b;
+	int n;
+
+	for (;;) {
+		va_start(ap, fmt);
+		n = vsnprintf(m->buf + m->len, m->cap - m->len, fmt, ap);
+		va_end(ap);
+		if (n >= 0 && m->len + (size_t)n < m->cap) {
+			m->len += (size_t)n;
+			return;
+		}
+		if (n < 0 || (b = realloc(m->buf, 2 * (m->cap + (size_t)n))) == NULL) {
+			m->nomem = 1;
+			return;
+		}
+		m->buf = b;
+		m->cap = 2 * (m->cap + (size_t)n);
+	}
+}
+
+/* A counter family: the handler's total, then each VM's. */
+static void
+prom_counter(struct metrics *m, const char *name, const char *help,
+    uint64_t total, const struct vm_figures *v, size_t n, size_t field)
+{
+	uint64_t f[NFIELDS];
+
+	mput(m, "# HELP uffd_handler_%s_total %s, all VMs.\n"
+	    "# TYPE uffd_handler_%s_total counter\nuffd_handler_%s_total %llu\n",
+	    name, help, name, name, (unsigned long long)total);
+	if (v == NULL)
+		return;
+	mput(m, "# HELP uffd_handler_vm_%s_total %s, per VM.\n"
+	    "# TYPE uffd_handler_vm_%s_total counter\n", name, help, name);
+	for (size_t i = 0; i < n; i++) {
+		counter_fields(&v[i].c, f);
+		mput(m, "uffd_handler_vm_%s_total{vmm_pid=\"%d\"} %llu\n", name,
+		    (int)v[i].pid, (unsigned long long)f[field]);
+	}
+}
+
+/* service_us_log2 as a histogram: bucket k counts services under 2^k us,
+ * so the cumulative sum to k is the count at le = 2^k us. No _sum: the
+ * handler keeps no total of the time. */
+static void
+prom_histogram(struct metrics *m, const struct counters *c, pid_t pid)
+{
+	const char *family = pid > 0 ? "vm_" : "";
+	char lb[32] = "", lc[32] = "";
+	uint64_t cum = 0;
+
+	if (pid > 0) {
+		snprintf(lb, sizeof(lb), "vmm_pid=\"%d\",", (int)pid);
+		snprintf(lc, sizeof(lc), "{vmm_pid=\"%d\"}", (int)pid);
+	}
+	for (int k = 0; k < 16; k++) {
+		cum += c->service_us_log2[k];
+		if (k < 15)
+			mput(m, "uffd_handler_%sservice_seconds_bucket{%sle=\"0.%06u\"} "
+			    "%llu\n", family, lb, 1u << k, (unsigned long long)cum);
+	}
+	mput(m, "uffd_handler_%sservice_seconds_bucket{%sle=\"+Inf\"} %llu\n"
+	    "uffd_handler_%sservice_seconds_count%s %llu\n", family, lb,
+	    (unsigned long long)cum, family, lc, (unsigned long long)cum);
+}
+
+static void
+prom_text(struct metrics *m, const struct counters *total,
+    const struct vm_figures *v, size_t n, uint64_t restarts)
+{
+	static const char help[] = "Time from a fault read to its page in";
+	uint64_t f[NFIELDS];
+
+	counter_fields(total, f);
+	for (size_t i = 0; i < NFIELDS; i++)
+		prom_counter(m, field_names[i], field_help[i], f[i], v, n, i);
+	prom_counter(m, "server_restarts", "Servers replaced", restarts, NULL, 0, 0);
+	prom_counter(m, "vms_killed", "VMMs killed", m->killed, NULL, 0, 0);
+	mput(m, "# HELP uffd_handler_vms VMs served now.\n# TYPE uffd_handler_vms "
+	    "gauge\nuffd_handler_vms %zu\n", n);
+	mput(m, "# HELP uffd_handler_service_seconds %s, all VMs.\n"
+	    "# TYPE uffd_handler_service_seconds histogram\n", help);
+	prom_histogram(m, total, 0);
+	mput(m, "# HELP uffd_handler_vm_service_seconds %s, per VM.\n"
+	    "# TYPE uffd_handler_vm_service_seconds histogram\n", help);
+	for (size_t i = 0; i < n; i++)
+		prom_histogram(m, &v[i].c, v[i].pid);
+}
+
+/* a - b, counter by counter, into d. */
+static void
+counters_delta(struct counters *d, const struct counters *a,
+    const struct counters *b)
+{
+	for (size_t i = 0; i < NCOUNTERS; i++)
+		((uint64_t *)d)[i] = ((const uint64_t *)a)[i] -
+		    ((const uint64_t *)b)[i];
+}
+
+static void
+counters_add(struct counters *to, const struct counters *c)
+{
+	for (size_t i = 0; i < NCOUNTERS; i++)
+		((uint64_t *)to)[i] += ((const uint64_t *)c)[i];
+}
+
+/* One JSON line: the time, the handler's group, a group a VM. */
+static void
+json_line(struct metrics *m, const struct counters *total,
+    const struct vm_figures *v, const struct keeper *k, size_t n)
+{
+	struct timespec ts;
+	struct counters d;
+	char buf[1536];
+
+	clock_gettime(CLOCK_REALTIME, &ts);
+	counters_delta(&d, total, &m->sent);
+	counters_json(buf, sizeof(buf), &d);
+	mput(m, "{\"utc_timestamp_ms\":%lld,\"uffd_handler\":{\"vms\":%zu,"
+	    "\"server_restarts\":%llu,\"vms_killed\":%llu%s}", (long long)ts.tv_sec *
+	    1000 + ts.tv_nsec / 1000000, n,
+	    (unsigned long long)(k->ncrash - m->sent_restarts),
+	    (unsigned long long)(m->killed - m->sent_killed), buf);
+	for (size_t i = 0; i < n; i++) {
+		counters_delta(&d, &v[i].c, &k->slot[v[i].slot].reported);
+		counters_json(buf, sizeof(buf), &d);
+		mput(m, ",\"vm_%d\":{\"vmm_pid\":%d%s}", (int)v[i].pid, (int)v[i].pid,
+		    buf);
+	}
+	mput(m, "}\n");
+}
+
+/* The counters of every VM held, and their total with those ended; the
+ * number of VMs, or -ENOMEM. */
+static ssize_t
+metrics_gather(struct keeper *k, struct vm_figures **out, struct counters *total)
+{
+	struct vm_figures *v = calloc(k->nslot + 1, sizeof(*v));
+	struct vm_state *st;
+	size_t n = 0;
+
+	if (v == NULL)
+		return -ENOMEM;
+	*total = k->m.retired;
+	for (size_t i = 0; i < k->nslot; i++) {
+		if (k->slot[i].state != SLOT_HELD ||
+		    state_map(k->slot[i].vm.statefd, &st) < 0)
+			continue;
+		v[n].slot = i;
+		v[n].pid = k->slot[i].vm.pid;
+		counters_read(&st->n, &v[n].c);
+		munmap(st, st->bytes);
+		counters_add(total, &v[n++].c);
+	}
+	*out = v;
+	return (ssize_t)n;
+}
+
+static int
+write_all(int fd, const char *buf, size_t len)
+{
+	ssize_t n;
+
+	for (; len > 0; buf += n, len -= (size_t)n)
+		if ((n = write(fd, buf, len)) < 0 && errno != EINTR)
+			return -errno;
+		else if (n < 0)
+			n = 0;
+	return 0;
+}
+
+/* The text into PATH.tmp, which then trades places with PATH. */
+static int
+prom_publish(struct metrics *m)
+{
+	int fd = m->fd[1], rc;
+
+	m->op = "ftruncate";
+	if (ftruncate(fd, 0) < 0 || lseek(fd, 0, SEEK_SET) < 0)
+		return -errno;
+	m->op = "write";
+	if ((rc = write_all(fd, m->buf, m->len)) < 0)
+		return rc;
+	m->op = "renameat2(RENAME_EXCHANGE)";
+	if (syscall(SYS_renameat2, m->dirfd, m->tmp, m->dirfd, m->name,
+	    RENAME_EXCHANGE) < 0)
+		return -errno;
+	m->fd[1] = m->fd[0];
+	m->fd[0] = fd;
+	return 0;
+}
+
+/* One line in one write: a FIFO's reader never sees half of one. */
+static int
+json_publish(struct metrics *m)
+{
+	ssize_t n = write(m->fd[0], m->buf, m->len);
+
+	m->op = "write";
+	if (n == (ssize_t)m->len)
+		return 0;
+	return n < 0 ? -errno : -EIO;
+}
+
+static void
+metrics_outcome(struct metrics *m, int rc)
+{
+	if (rc < 0 && !m->failing)
+		logmsg(LOG_WARN, "--metrics %s: %s: %s%s; serving goes on, and this "
+		    "is said once until a write succeeds", opt.metrics_path, m->op,
+		    strerror(-rc), rc == -EAGAIN ? " (its reader takes nothing)" : "");
+	else if (rc == 0 && m->failing)
+		logmsg(LOG_INFO, "--metrics %s: written again", opt.metrics_path);
+	m->failing = rc < 0;
+}
+
+/* JSON counts what was added since the last line written: that line's
+ * figures become the base only once it is out. */
+static void
+metrics_sent(struct keeper *k, const struct counters *total,
+    const struct vm_figures *v, size_t n)
+{
+	k->m.sent = *total;
+	k->m.sent_killed = k->m.killed;
+	k->m.sent_restarts = k->ncrash;
+	for (size_t i = 0; i < n; i++)
+		k->slot[v[i].slot].reported = v[i].c;
+}
+
+static void
+metrics_write(struct keeper *k)
+{
+	struct metrics *m = &k->m;
+	struct vm_figures *v;
+	struct counters total;
+	ssize_t n;
+	int rc;
+
+	if (m->fd[0] < 0)
+		return;
+	m->len = 0;
+	m->op = "gathering the counters";
+	if ((n = metrics_gather(k, &v, &total)) < 0) {
+		metrics_outcome(m, (int)n);
+		return;
+	}
+	m->nomem = 0;
+	if (m->prom)
+		prom_text(m, &total, v, (size_t)n, k->ncrash);
+	else
+		json_line(m, &total, v, k, (size_t)n);
+	m->op = "writing the text";
+	rc = m->nomem ? -ENOMEM : m->prom ? prom_publish(m) : json_publish(m);
+	if (rc == 0 && !m->prom)
+		metrics_sent(k, &total, v, (size_t)n);
+	metrics_outcome(m, rc);
+	free(v);
+}
+
+static void
+metrics_due(struct keeper *k, int64_t now)
+{
+	if (k->m.fd[0] < 0 || now < k->m.next)
+		return;
+	metrics_write(k);
+	k->m.next = now + (int64_t)opt.metrics_interval * 1000;
+}
+
+/* A VM's session ends: its counters go into the handler's totals. */
+static void
+metrics_retire(struct keeper *k, const struct slot *sl, int code)
+{
+	struct vm_state *st;
+
+	if (k->m.fd[0] < 0 || sl->state != SLOT_HELD)
+		return;
+	k->m.killed += code != EXIT_VM_GONE;
+	if (state_map(sl->vm.statefd, &st) < 0)
+		return;
+	counters_add(&k->m.retired, counters_read(&st->n, &(struct counters){ 0 }));
+	munmap(st, st->bytes);
+}
+
+/* The last figures, and PATH.tmp removed: only PATH stays. */
+static void
+metrics_end(struct keeper *k)
+{
+	metrics_write(k);
+	if (k->m.prom && k->m.dirfd >= 0)
+		unlinkat(k->m.dirfd, k->m.tmp, 0);
+	metrics_close(&k->m);
+}
+
+/* The fds an upgrade keeps, in the new image's environment. */
+static void
+metrics_env(const struct metrics *m, char *buf, size_t cap)
+{
+	snprintf(buf, cap, "%s=%d,%d,%d", METRICS_ENV, m->fd[0], m->fd[1], m->dirfd);
+}
+
+/*
+ * The new image of an upgrade takes the fds the one before wrote to. Its
+ * totals of the VMs that ended start again (Prometheus reads a counter
+ * reset), and its JSON lines count from the figures as they stand, which
+ * the image before wrote out before it went.
+ */
+static void
+metrics_take(struct keeper *k)
+{
+	const char *e = getenv(METRICS_ENV);
+	int *fd[3] = { &k->m.fd[0], &k->m.fd[1], &k->m.dirfd };
+	char dir[PATH_MAX];
+	struct vm_figures *v;
+	struct counters total;
+	uint64_t x;
+	ssize_t n;
+	int i;
+
+	k->m.fd[0] = k->m.fd[1] = k->m.dirfd = -1;
+	if (opt.metrics_path == NULL)
+		return;
+	/* fd,fd,dirfd; -1 is written for none. */
+	for (i = 0; e != NULL && i < 3; i++, e += *e == ',') {
+		if (*e == '-' && e[1] == '1')
+			e += 2;
+		else if (parse_number(e, 10, INT_MAX, &e, &x) == 0)
+			*fd[i] = (int)x;
+		else
+			break;
+	}
+	if (i < 3 || (k->m.buf = malloc(k->m.cap = 4096)) == NULL) {
+		logmsg(LOG_WARN, "--metrics %s: the image before handed over no "
+		    "metrics; none are written until the handler restarts",
+		    opt.metrics_path);
+		k->m.fd[0] = k->m.fd[1] = k->m.dirfd = -1;
+		return;
+	}
+	metrics_names(&k->m, dir, sizeof(dir));
+	if ((n = metrics_gather(k, &v, &total)) >= 0) {
+		metrics_sent(k, &total, v, (size_t)n);
+		free(v);
+	}
+}
+
+/* ------------------------------------------------------------------------
+ * 12. The keeper's protocol
  *
  * The keeper and its server talk over a SOCK_SEQPACKET socketpair: one
  * struct ctl a message, descriptors as SCM_RIGHTS. A request has one name
@@ -5283,6 +5890,7 @@ answer_close(struct keeper *k, struct slot *sl, int code)
 		sl->vm.conn = sl->vm.pidfd = -1;
 	}
 	note_worst(&k->worst, code);
+	metrics_retire(k, sl, code);
 	slot_free(sl);
 }
 
@@ -5507,7 +6115,7 @@ server_answer(struct server *srv, int64_t now)
 }
 
 /* ------------------------------------------------------------------------
- * 12. The server loop
+ * 13. The server loop
  *
  * The server's one epoll loop takes the connections the keeper hands it,
  * reads handshakes, watches pidfds and ends sessions; the serving threads
@@ -6487,7 +7095,7 @@ confine_serving(struct server *srv)
 		if (srv->s[i]->state == S_HELLO || srv->s[i]->state == S_HANDSHAKE)
 			return;
 	srv->tight = 1;
-	if (seccomp_confine(STAGE_SERVING, -1) < 0)
+	if (seccomp_confine(STAGE_SERVING, -1, -1) < 0)
 		logmsg(LOG_WARN, "serving on under the filter for accepting");
 }
 
@@ -6802,7 +7410,8 @@ server_main(struct keeper *k, int ctl)
 	reserve_release(&k->ls);
 	closefd(&k->sigfd);
 	closefd(&k->epfd);
-	if ((opt.seccomp && seccomp_confine(STAGE_ACCEPTING, -1) < 0) ||
+	metrics_close(&k->m);
+	if ((opt.seccomp && seccomp_confine(STAGE_ACCEPTING, -1, -1) < 0) ||
 	    server_init(&srv) < 0 || threads_start(&srv) < 0) {
 		ask_done(&srv, code);
 	} else {
@@ -6818,7 +7427,691 @@ server_main(struct keeper *k, int ctl)
 }
 
 /* ------------------------------------------------------------------------
- * 13. Main
+ * 14. The readiness check
+ *
+ * --check: whether a restore can be served on this host, one line a
+ * capability, with what to do where one is missing. What can be tried is
+ * tried, in a child that goes away with what it made: a userfaultfd made
+ * and used as Firecracker makes it (as the VMM's uid, given with --uid),
+ * a seccomp filter installed, a pidfd opened, SO_PEERPIDFD asked for.
+ * ------------------------------------------------------------------------ */
+
+#define USERFAULTFD_DEV	"/dev/userfaultfd"
+
+/* A uffd as Firecracker makes one: the syscall (root, CAP_SYS_PTRACE or
+ * vm.unprivileged_userfaultfd=1), else /dev/userfaultfd (Linux 6.1), with
+ * the API agreed; -errno of the syscall, or of the device when that is
+ * the one refused for another reason than its absence. */
+static int
+uffd_create(void)
+{
+	struct uffdio_api api = { UFFD_API, UFFD_FEATURE_EVENT_REMOVE, 0 };
+	int fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK), dev, err;
+
+	err = errno;
+	if (fd < 0 && (dev = open(USERFAULTFD_DEV, O_RDWR | O_CLOEXEC)) >= 0) {
+		fd = ioctl(dev, (int)USERFAULTFD_IOC_NEW, O_CLOEXEC | O_NONBLOCK);
+		close(dev);
+	}
+	if (fd < 0)
+		return -err;
+	if (ioctl(fd, (int)UFFDIO_API, &api) < 0) {
+		err = errno;
+		close(fd);
+		return -err;
+	}
+	return fd;
+}
+
+/* In the child: a page registered, copied into from the next, read back. */
+static int
+uffd_works(void)
+{
+	struct uffdio_register reg = { { 0, PAGE_4K }, UFFDIO_REGISTER_MODE_MISSING, 0 };
+	struct uffdio_copy c = { 0, 0, PAGE_4K, 0, 0 };
+	char *p = mmap(NULL, 2 * PAGE_4K, PROT_READ | PROT_WRITE, MAP_PRIVATE |
+	    MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	int fd = uffd_create();
+
+	if (fd < 0 || p == MAP_FAILED)
+		return fd < 0 ? -fd : errno;
+	memcpy(p + PAGE_4K, "uffd", 5);
+	reg.range.start = c.dst = (uintptr_t)p;
+	c.src = (uintptr_t)p + PAGE_4K;
+	if (ioctl(fd, (int)UFFDIO_REGISTER, &reg) < 0 ||
+	    ioctl(fd, (int)UFFDIO_COPY, &c) < 0)
+		return errno;
+	return memcmp(p, "uffd", 5) == 0 ? 0 : EIO;
+}
+
+static int
+seccomp_works(void)
+{
+	struct sock_filter f = RET(SECCOMP_RET_ALLOW);
+	struct sock_fprog prog = { 1, &f };
+
+	if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 ||
+	    prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog) < 0)
+		return errno;
+	return 0;
+}
+
+static int
+pidfd_works(void)
+{
+	int fd = (int)syscall(SYS_pidfd_open, getpid(), 0);
+
+	if (fd < 0 || syscall(SYS_pidfd_send_signal, fd, 0, NULL, 0) < 0)
+		return errno;
+	return 0;
+}
+
+static int
+peerpidfd_works(void)
+{
+	int sv[2], fd = -1;
+	socklen_t l = sizeof(fd);
+
+	if (socketpair(AF_UNIX, SOCK_STREAM, 0, sv) < 0 ||
+	    getsockopt(sv[0], SOL_SOCKET, SO_PEERPIDFD, &fd, &l) < 0)
+		return errno;
+	return 0;
+}
+
+static int
+memfd_works(void)
+{
+	return memfd_create("uffd-handler-check", MFD_CLOEXEC) < 0 ? errno : 0;
+}
+
+/* fn in a child, as uid and gid (-1: as it is); its errno, 0 when it
+ * worked. */
+static int
+try_in_child(int (*fn)(void), long uid, long gid)
+{
+	int status;
+	pid_t pid = fork();
+
+	if (pid == 0) {
+		if ((gid >= 0 && (setgroups(0, NULL) < 0 || setgid((gid_t)gid) < 0)) ||
+		    (uid >= 0 && setuid((uid_t)uid) < 0))
+			_exit(EPERM);
+		_exit(fn());
+	}
+	if (pid < 0 || waitpid(pid, &status, 0) < 0)
+		return errno;
+	return WIFEXITED(status) ? WEXITSTATUS(status) : EINTR;
+}
+
+/* One line; *missing counts what a restore cannot do without. */
+static void
+check_line(int *missing, int needed, int err, const char *name,
+    const char *ok, const char *fix)
+{
+	printf("%-7s %s: %s%s%s\n", !err ? "ok" : needed ? "missing" : "note",
+	    name, err ? strerror(err) : ok, err ? "; " : "", err ? fix : "");
+	*missing += needed && err;
+}
+
+static void
+check_kernel(int *missing)
+{
+	struct utsname u;
+	uint64_t major = 0, minor = 0;
+	const char *p;
+	char ok[96];
+
+	uname(&u);
+	if (parse_number(u.release, 10, 1000, &p, &major) == 0 && *p == '.')
+		parse_number(p + 1, 10, 1000, &p, &minor);
+	snprintf(ok, sizeof(ok), "Linux %s", u.release);
+	check_line(missing, 1, major * 1000 + minor < 5010 ? ENOSYS : 0, "kernel",
+	    ok, "Linux 5.10 or later is needed (Firecracker's oldest host)");
+}
+
+/* Why a uffd cannot be had, with the sysctl and the device node named. */
+static void
+check_userfaultfd(int *missing)
+{
+	char sysctl[8] = "", fix[448], ok[96];
+	int fd = open("/proc/sys/vm/unprivileged_userfaultfd", O_RDONLY | O_CLOEXEC);
+	int err = try_in_child(uffd_works, opt.uid, opt.gid);
+	struct stat st;
+
+	if (fd >= 0 && read(fd, sysctl, sizeof(sysctl) - 1) > 0)
+		sysctl[1] = '\0';	/* 0, 1: one digit */
+	if (fd >= 0)
+		close(fd);
+	snprintf(ok, sizeof(ok), "a VMM running as uid %ld can make one and "
+	    "have its faults served", opt.uid >= 0 ? opt.uid : (long)getuid());
+	snprintf(fix, sizeof(fix), "a VMM as uid %ld cannot make a userfaultfd "
+	    "that sees kernel faults: vm.unprivileged_userfaultfd is %s, %s %s; "
+	    "give the VMM CAP_SYS_PTRACE (root has it outside containers), or "
+	    "sysctl -w vm.unprivileged_userfaultfd=1, or read-write access to "
+	    "%s (Linux 6.1; in a jail: mknod ROOT%s c 10 257; in a container: "
+	    "--device %s)", opt.uid >= 0 ? opt.uid : (long)getuid(),
+	    sysctl[0] ? sysctl : "unknown (no /proc here)", USERFAULTFD_DEV,
+	    stat(USERFAULTFD_DEV, &st) == 0 ? "is not open to it" :
+	    "does not exist here", USERFAULTFD_DEV, USERFAULTFD_DEV,
+	    USERFAULTFD_DEV);
+	check_line(missing, 1, err, "userfaultfd", ok, fix);
+}
+
+/* The hugetlb pool: guests on 2 MiB pages need it, others do not. */
+static void
+check_hugetlb(void)
+{
+	char buf[24] = "";
+	const char *end;
+	uint64_t free = 0;
+	int fd = open("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages",
+	    O_RDONLY | O_CLOEXEC);
+	int n = fd >= 0 ? (int)read(fd, buf, sizeof(buf) - 1) : -1;
+
+	if (fd >= 0)
+		close(fd);
+	buf[n > 0 ? n : 0] = '\0';
+	if (n > 0 && parse_number(buf, 10, UINT64_MAX, &end, &free) == 0 && free)
+		printf("ok      hugetlb: %llu free 2 MiB pages\n",
+		    (unsigned long long)free);
+	else
+		printf("note    hugetlb: %s; guests on 2 MiB pages need them free: "
+		    "sysctl -w vm.nr_hugepages=N (guest MiB / 2 for each)\n", n > 0 ?
+		    "no free 2 MiB pages" : "the pool is not readable here (no /sys)");
+}
+
+static void
+check_descriptors(void)
+{
+	struct rlimit r;
+
+	getrlimit(RLIMIT_NOFILE, &r);
+	printf("%-7s descriptors: hard limit %llu, room for %llu VMs in one "
+	    "handler (14 + 4 a VM; systemd: LimitNOFILE=)\n", "note",
+	    (unsigned long long)r.rlim_max, r.rlim_max > 14 ?
+	    (unsigned long long)(r.rlim_max - 14) / 4 : 0ull);
+}
+
+static int
+check_host(void)
+{
+	int missing = 0;
+
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	check_kernel(&missing);
+	check_userfaultfd(&missing);
+	check_line(&missing, opt.seccomp, try_in_child(seccomp_works, -1, -1),
+	    "seccomp", "filters can be installed", "the kernel needs "
+	    "CONFIG_SECCOMP_FILTER; or run the handler with --no-seccomp");
+	check_line(&missing, 1, try_in_child(pidfd_works, -1, -1), "pidfd",
+	    "a VMM's exit is seen and it can be killed", "Linux 5.3 or later "
+	    "is needed (pidfd_open, pidfd_send_signal)");
+	check_line(&missing, 0, try_in_child(peerpidfd_works, -1, -1),
+	    "SO_PEERPIDFD", "a VMM in another pid namespace is watched too",
+	    "Linux 6.5 has it; until then run the handler in the VMM's pid "
+	    "namespace (podman run --pid=host)");
+	check_line(&missing, 1, try_in_child(memfd_works, -1, -1), "memfd",
+	    "each VM's state outlives a server", "the kernel needs "
+	    "CONFIG_MEMFD_CREATE (Linux 3.17)");
+	check_hugetlb();
+	check_descriptors();
+	if (missing == 0)
+		printf("ready: a restore can be served here\n");
+	else
+		printf("not ready: %d missing\n", missing);
+	return missing ? EXIT_NOT_READY : 0;
+}
+
+/* ------------------------------------------------------------------------
+ * 15. The self-test
+ *
+ * --self-test: this binary restores a snapshot it makes, through itself,
+ * and needs nothing else: the snapshot lies in a memfd and the socket in
+ * the abstract namespace, so an empty chroot or a FROM scratch image will
+ * do. The handler is the real one, a keeper started as the command line
+ * starts it, which forks its server. Each VM is a child that plays
+ * Firecracker: its own uffd (O_CLOEXEC|O_NONBLOCK, REMOVE events only),
+ * guest memory MAP_PRIVATE|MAP_ANONYMOUS|MAP_NORESERVE registered for
+ * missing faults, the handshake's JSON with the uffd as SCM_RIGHTS, and
+ * its own copy of the uffd kept. vCPU threads touch every page, reading
+ * or writing first, while a balloon thread removes others (MADV_DONTNEED);
+ * then every page is checked against the snapshot, or zeros where removed.
+ * Once on 4 KiB pages, once on 2 MiB pages where the hugetlb pool has room.
+ * ------------------------------------------------------------------------ */
+
+#define ST_SIZE		(8ull << 20)	/* two regions of 4 MiB */
+#define ST_REGION	(4ull << 20)
+#define ST_HOLE		1280		/* blocks 1280-1535: a 1 MiB hole */
+#define ST_VCPUS	3
+#define ST_MS		30000		/* a VM that takes longer is frozen */
+
+/* What block b of the snapshot holds: 0 a hole, 1 zeros written, 2 data. */
+static int
+st_kind(uint64_t b)
+{
+	return b >= ST_HOLE && b < ST_HOLE + 256 ? 0 : b % 7 == 3 ? 1 : 2;
+}
+
+/* The snapshot's word at file offset off. */
+static uint64_t
+st_word(uint64_t off)
+{
+	uint64_t x = (off + 1) * 0x9e3779b97f4a7c15ull;
+
+	return st_kind(off / PAGE_4K) == 2 ? (x ^ (x >> 29)) | 1 : 0;
+}
+
+static int
+st_snapshot(void)
+{
+	uint64_t page[PAGE_4K / 8];
+	int fd = memfd_create("uffd-handler-self-test", MFD_CLOEXEC);
+
+	if (fd < 0 || ftruncate(fd, (off_t)ST_SIZE) < 0)
+		return -errno;
+	for (uint64_t b = 0; b < ST_SIZE / PAGE_4K; b++) {
+		for (uint64_t i = 0; i < PAGE_4K / 8; i++)
+			page[i] = st_word(b * PAGE_4K + i * 8);
+		if (st_kind(b) && pwrite(fd, page, PAGE_4K, (off_t)(b * PAGE_4K)) !=
+		    (ssize_t)PAGE_4K)
+			return -errno;
+	}
+	return fd;
+}
+
+/* One VM: what it is, and in its child what it saw. */
+struct st_vm {
+	const char *name;
+	uint64_t page;
+	const char *skip;		/* why it cannot run here */
+	pid_t pid;
+	int pipe[2];			/* its result line */
+	char result[256];
+	char *mem[2];
+	int bad;			/* pages wrong (atomic) */
+	int vcpu;			/* the next thread's number (atomic) */
+};
+
+/* Page u's part: the balloon's (removed), written first, or read. */
+static int
+st_removed(uint64_t u)
+{
+	return u % 4 == 1;
+}
+
+static int
+st_written(uint64_t u)
+{
+	return u % 3 == 0 && !st_removed(u);
+}
+
+static volatile uint64_t *
+st_page(struct st_vm *v, uint64_t u)
+{
+	uint64_t off = u * v->page;
+
+	return (volatile uint64_t *)(void *)(v->mem[off / ST_REGION] + off % ST_REGION);
+}
+
+/* Page u as it must read now; the first wrong one is told. */
+static void
+st_verify(struct st_vm *v, uint64_t u, int removed)
+{
+	volatile uint64_t *p = st_page(v, u);
+	uint64_t off = u * v->page, want;
+
+	for (uint64_t i = 0; i < v->page / 8; i++) {
+		want = removed ? 0 : i == 1 && st_written(u) ? ~st_word(off + 8) :
+		    st_word(off + i * 8);
+		if (p[i] == want)
+			continue;
+		if (__atomic_fetch_add(&v->bad, 1, __ATOMIC_SEQ_CST) == 0)
+			snprintf(v->result, sizeof(v->result), "%llu-byte page at file "
+			    "offset %llu: word %llu reads %016llx, the snapshot has "
+			    "%016llx", (unsigned long long)v->page,
+			    (unsigned long long)off, (unsigned long long)i,
+			    (unsigned long long)p[i], (unsigned long long)want);
+		return;
+	}
+}
+
+static uint64_t
+st_pages(const struct st_vm *v)
+{
+	return ST_SIZE / v->page;
+}
+
+/* A vCPU: its pages in order (runs of 16 on 4 KiB pages, so the handler
+ * sees sequential streams), written first or read, each checked. */
+static void *
+st_vcpu(void *arg)
+{
+	struct st_vm *v = arg;
+	uint64_t t = (uint64_t)__atomic_fetch_add(&v->vcpu, 1, __ATOMIC_SEQ_CST);
+	uint64_t run = v->page == PAGE_4K ? 16 : 1;
+
+	for (uint64_t u = 0; u < st_pages(v); u++) {
+		if (st_removed(u) || (u / run) % ST_VCPUS != t)
+			continue;
+		if (st_written(u))
+			st_page(v, u)[1] = ~st_word(u * v->page + 8);
+		st_verify(v, u, 0);
+	}
+	return NULL;
+}
+
+/* The balloon, racing the vCPUs: half its pages read first, every one
+ * given back and read again as zeros. */
+static void *
+st_balloon(void *arg)
+{
+	struct st_vm *v = arg;
+
+	for (uint64_t u = 1; u < st_pages(v); u += 4) {
+		if (u % 8 == 1)
+			st_verify(v, u, 0);
+		madvise((void *)st_page(v, u), v->page, MADV_DONTNEED);
+		st_verify(v, u, 1);
+	}
+	return NULL;
+}
+
+/* Guest memory as Firecracker maps and registers it. */
+static int
+st_memory(struct st_vm *v, int uffd)
+{
+	int huge = v->page == PAGE_2M ? MAP_HUGETLB | MAP_HUGE_2MB : 0;
+
+	for (int r = 0; r < 2; r++) {
+		struct uffdio_register reg = { { 0, ST_REGION },
+		    UFFDIO_REGISTER_MODE_MISSING, 0 };
+
+		v->mem[r] = mmap(NULL, ST_REGION, PROT_READ | PROT_WRITE, MAP_PRIVATE |
+		    MAP_ANONYMOUS | MAP_NORESERVE | huge, -1, 0);
+		if (v->mem[r] == MAP_FAILED)
+			return -errno;
+		reg.range.start = (uintptr_t)v->mem[r];
+		if (ioctl(uffd, (int)UFFDIO_REGISTER, &reg) < 0)
+			return -errno;
+	}
+	return 0;
+}
+
+/* Firecracker 1.12's message: the regions, the uffd as SCM_RIGHTS. */
+static int
+st_handshake(struct st_vm *v, int uffd, const struct sockaddr_un *a,
+    socklen_t alen)
+{
+	union {
+		char b[CMSG_SPACE(sizeof(int))];
+		struct cmsghdr align;
+	} cm;
+	char json[512];
+	struct iovec iov = { json, 0 };
+	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.b,
+	    .msg_controllen = sizeof(cm.b) };
+	struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
+	int conn = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+
+	for (int r = 0; r < 2; r++)
+		iov.iov_len += (size_t)snprintf(json + iov.iov_len, sizeof(json) -
+		    iov.iov_len, "%s{\"base_host_virt_addr\":%llu,\"size\":%llu,"
+		    "\"offset\":%llu,\"page_size\":%llu,\"page_size_kib\":%llu}%s",
+		    r ? "," : "[", (unsigned long long)(uintptr_t)v->mem[r],
+		    ST_REGION, r * ST_REGION, (unsigned long long)v->page,
+		    (unsigned long long)v->page, r ? "]" : "");
+	*c = (struct cmsghdr){ .cmsg_len = CMSG_LEN(sizeof(int)),
+	    .cmsg_level = SOL_SOCKET, .cmsg_type = SCM_RIGHTS };
+	memcpy(CMSG_DATA(c), &uffd, sizeof(int));
+	if (conn < 0 || connect(conn, (const struct sockaddr *)a, alen) < 0 ||
+	    sendmsg(conn, &mh, MSG_NOSIGNAL) != (ssize_t)iov.iov_len)
+		return -errno;
+	return conn;		/* kept open, as Firecracker 1.12 does */
+}
+
+/* The VM's child: restore, touch, check; its line to the pipe. */
+static int
+st_vmm(struct st_vm *v, const struct sockaddr_un *a, socklen_t alen)
+{
+	pthread_t t[ST_VCPUS + 1];
+	uint64_t written = 0, removed = 0;
+	int uffd = uffd_create(), rc, n = 0;
+
+	if (uffd < 0 || (rc = st_memory(v, uffd)) < 0 ||
+	    (rc = st_handshake(v, uffd, a, alen)) < 0) {
+		snprintf(v->result, sizeof(v->result), "setting up the VM: %s",
+		    strerror(uffd < 0 ? -uffd : -rc));
+		return 1;
+	}
+	while (n <= ST_VCPUS && pthread_create(&t[n], NULL, n ? st_vcpu :
+	    st_balloon, v) == 0)
+		n++;
+	for (int i = 0; i < n; i++)
+		pthread_join(t[i], NULL);
+	for (uint64_t u = 0; u < st_pages(v) && !v->bad; u++) {
+		st_verify(v, u, st_removed(u));
+		written += st_written(u);
+		removed += st_removed(u);
+	}
+	if (n != ST_VCPUS + 1 && !v->bad)
+		snprintf(v->result, sizeof(v->result), "pthread_create failed");
+	if (n != ST_VCPUS + 1 || v->bad)
+		return 1;
+	snprintf(v->result, sizeof(v->result), "%llu pages of %llu KiB right, "
+	    "%llu written first, %llu removed by a balloon racing %d vCPUs",
+	    (unsigned long long)st_pages(v), (unsigned long long)v->page / 1024,
+	    (unsigned long long)written, (unsigned long long)removed, ST_VCPUS);
+	return 0;
+}
+
+/* The handler as started from the command line, on the memfd and the
+ * listening socket: a keeper, which forks its server. */
+static int
+st_keeper(int memfd, int lfd, int out, int err)
+{
+	struct keeper k;
+	int code;
+
+	keeper_blank(&k, NULL);
+	k.ls.lfd = lfd;
+	dup2(out, STDOUT_FILENO);
+	dup2(err, STDERR_FILENO);
+	raise_nofile();
+	if ((k.sigfd = signal_fd()) < 0 ||
+	    chain_take(&k.in.chain, opt.layers, &memfd, 1, k.sigfd) < 0)
+		code = EXIT_SETUP;
+	else if ((code = keeper_start(&k)) == 0)
+		code = keeper_run(&k);
+	keeper_close(&k);
+	return code;
+}
+
+/* Reaped within ms, or killed: its wait status, -1 if it hung. */
+static int
+st_reap(pid_t pid, int ms)
+{
+	int status;
+
+	for (int64_t end = now_ms() + ms; now_ms() < end; pause_us(5000))
+		if (waitpid(pid, &status, WNOHANG) == pid)
+			return status;
+	kill(pid, SIGKILL);
+	waitpid(pid, &status, 0);
+	return -1;
+}
+
+/* Where key first stands in s, or NULL. */
+static const char *
+find(const char *s, const char *key)
+{
+	for (size_t n = strlen(key); s != NULL && *s; s++)
+		if (strncmp(s, key, n) == 0)
+			return s + n;
+	return NULL;
+}
+
+/* What the handler's counters line says of VMM pid: a field, or -1. */
+static long long
+st_counter(const char *out, pid_t pid, const char *field)
+{
+	char key[48];
+	const char *p;
+	uint64_t v;
+
+	snprintf(key, sizeof(key), "\"vmm_pid\":%d,", (int)pid);
+	if ((p = find(find(out, key), field)) == NULL ||
+	    parse_number(p, 10, UINT64_MAX, &p, &v) < 0)
+		return -1;
+	return (long long)v;
+}
+
+/* A VM's check line, from its exit and the handler's counters. */
+static int
+st_outcome(struct st_vm *v, int status, const char *out)
+{
+	long long faults = st_counter(out, v->pid, "\"faults\":");
+	long long removes = st_counter(out, v->pid, "\"remove_events\":");
+	ssize_t n = read(v->pipe[0], v->result, sizeof(v->result) - 1);
+
+	if (n > 0)
+		v->result[n] = '\0';
+	if (status == -1 || !WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+		printf("FAIL    %s: %s%s\n", v->name, status == -1 ? "frozen: "
+		    "killed after 30 s; " : WIFSIGNALED(status) ? "the VMM was "
+		    "killed; " : "", v->result);
+		return 1;
+	}
+	if (faults <= 0 || removes <= 0) {
+		printf("FAIL    %s: %s, but the handler reported %lld faults and "
+		    "%lld REMOVE events for it\n", v->name, v->result, faults, removes);
+		return 1;
+	}
+	printf("ok      %s: %s; the handler served %lld faults and %lld REMOVE "
+	    "events\n", v->name, v->result, faults, removes);
+	return 0;
+}
+
+/* Starts the keeper and the VMs; the keeper's pid. */
+static pid_t
+st_start(struct st_vm *vm, int nvm, int memfd, int io[2])
+{
+	struct sockaddr_un a = { .sun_family = AF_UNIX };
+	socklen_t alen;
+	pid_t keeper;
+	int lfd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+
+	alen = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + 1 +
+	    (size_t)snprintf(a.sun_path + 1, sizeof(a.sun_path) - 1,
+	    "uffd-handler-self-test-%d", (int)getpid()));
+	for (int i = 0; i < nvm; i++)
+		if (pipe(vm[i].pipe) < 0 || fcntl(vm[i].pipe[0], F_SETFL, O_NONBLOCK) < 0)
+			return -1;
+	if (lfd < 0 || bind(lfd, (struct sockaddr *)&a, alen) < 0 ||
+	    listen(lfd, 16) < 0 || (keeper = fork()) < 0)
+		return -1;
+	if (keeper == 0)
+		_exit(st_keeper(memfd, lfd, io[0], io[1]));
+	close(lfd);
+	for (int i = 0; i < nvm; i++) {
+		if (vm[i].skip != NULL)
+			continue;
+		if ((vm[i].pid = fork()) < 0)
+			snprintf(vm[i].result, sizeof(vm[i].result), "fork: %s",
+			    strerror(errno));
+		if (vm[i].pid == 0) {
+			int rc = st_vmm(&vm[i], &a, alen);
+
+			(void)!write(vm[i].pipe[1], vm[i].result, strlen(vm[i].result));
+			_exit(rc);
+		}
+	}
+	return keeper;
+}
+
+/* The handler's own ending, and its log when anything failed. */
+static int
+st_handler(int status, int failed, int io[2])
+{
+	char log[4096];
+	ssize_t n;
+
+	if (status != -1 && WIFEXITED(status) && WEXITSTATUS(status) == 0 && !failed) {
+		printf("ok      handler: its keeper and server served the VMs and "
+		    "exited 0 once they were gone\n");
+		return 0;
+	}
+	if (status == -1 || !WIFEXITED(status) || WEXITSTATUS(status) != 0)
+		printf("FAIL    handler: %s\n", status == -1 ? "did not exit 5 s "
+		    "after its VMs; killed" : "did not exit 0 after its VMs");
+	printf("the handler's log:\n");
+	for (off_t at = 0; (n = pread(io[1], log, sizeof(log), at)) > 0; at += n)
+		fwrite(log, 1, (size_t)n, stdout);
+	return 1;
+}
+
+static int
+self_test(void)
+{
+	static char *layers[] = { "the self-test's snapshot (a memfd)" };
+	struct st_vm vm[2] = { { .name = "restore_4k", .page = PAGE_4K },
+		{ .name = "restore_2m", .page = PAGE_2M } };
+	int memfd, uffd, io[2], status[3], failed = 0;
+	char out[8192];
+	void *pool;
+	pid_t keeper;
+	ssize_t n;
+
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	printf("uffd-handler %s self-test\n", VERSION_LINE);
+	if ((memfd = st_snapshot()) < 0) {
+		printf("FAIL    snapshot: making it in a memfd: %s\n", strerror(-memfd));
+		return EXIT_SETUP;
+	}
+	printf("ok      snapshot: 8 MiB in a memfd: data, zero pages, a 1 MiB hole\n");
+	if ((uffd = uffd_create()) < 0) {
+		for (int i = 0; i < 2; i++)
+			printf("skip    %s: no userfaultfd here: %s (--check says "
+			    "what to do)\n", vm[i].name, strerror(-uffd));
+		printf("nothing restored: this host gives a VMM no userfaultfd\n");
+		return EXIT_NOT_READY;
+	}
+	close(uffd);
+	if ((pool = mmap(NULL, ST_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE |
+	    MAP_ANONYMOUS | MAP_HUGETLB | MAP_HUGE_2MB, -1, 0)) == MAP_FAILED)
+		vm[1].skip = "the hugetlb pool has no 4 free pages of 2 MiB "
+		    "(sysctl -w vm.nr_hugepages=4)";
+	else
+		munmap(pool, ST_SIZE);
+	opt.layers = layers;
+	opt.nlayers = 1;
+	opt.socket_path = "@uffd-handler-self-test";
+	opt.max_vms = vm[1].skip ? 1 : 2;
+	opt.log_level = LOG_WARN;
+	io[0] = memfd_create("uffd-handler-self-test-out", MFD_CLOEXEC);
+	io[1] = memfd_create("uffd-handler-self-test-log", MFD_CLOEXEC);
+	if (io[0] < 0 || io[1] < 0 || (keeper = st_start(vm, 2, memfd, io)) < 0) {
+		printf("FAIL    handler: starting it: %s\n", strerror(errno));
+		return EXIT_SETUP;
+	}
+	for (int i = 0; i < 2; i++)
+		if (vm[i].skip == NULL)
+			status[i] = vm[i].pid > 0 ? st_reap(vm[i].pid, ST_MS) : 1;
+	status[2] = st_reap(keeper, 5000);
+	n = pread(io[0], out, sizeof(out) - 1, 0);
+	out[n > 0 ? n : 0] = '\0';
+	for (int i = 0; i < 2; i++)
+		if (vm[i].skip)
+			printf("skip    %s: %s\n", vm[i].name, vm[i].skip);
+		else
+			failed += st_outcome(&vm[i], status[i], out);
+	failed += st_handler(status[2], failed, io);
+	printf("%s%s\n", failed ? "self-test FAILED" : "self-test passed",
+	    vm[1].skip ? "; skipped: restore_2m" : "");
+	return failed ? EXIT_FATAL : 0;
+}
+
+/* ------------------------------------------------------------------------
+ * 16. Main
  *
  * The keeper's setup, its loop, one teardown.
  * ------------------------------------------------------------------------ */
@@ -6839,6 +8132,30 @@ keeper_init(struct keeper *k)
 		return -1;
 	}
 	return 0;
+}
+
+/* A keeper that holds nothing yet. */
+static void
+keeper_blank(struct keeper *k, char **argv)
+{
+	*k = (struct keeper){ .ls = { .lfd = -1, .reserve = { -1, -1 } },
+	    .in = { .record_fd = -1 }, .sigfd = -1, .epfd = -1, .ctl = -1,
+	    .procfd = -1, .done = -1, .argv = argv, .self_fd = -1, .upgrade = -1,
+	    .m = { .fd = { -1, -1 }, .dirfd = -1 } };
+}
+
+/* Once its inputs and socket are open: its ids, its filter, its server. */
+static int
+keeper_start(struct keeper *k)
+{
+	if (drop_privileges() < 0 || keeper_init(k) < 0 || (opt.seccomp &&
+	    seccomp_confine(STAGE_KEEPER, k->procfd, k->m.dirfd) < 0))
+		return EXIT_SETUP;
+	/* Told to stop during setup: no "listening" line for a supervisor
+	 * to take for a handler that is ready. */
+	if (setup_interrupted(k->sigfd) < 0)
+		return EXIT_SIGNAL;
+	return keeper_spawn(k) < 0 ? EXIT_SETUP : 0;
 }
 
 /*
@@ -6863,15 +8180,10 @@ keeper_setup(struct keeper *k)
 		return k->ls.lfd == -ECANCELED ? EXIT_SIGNAL : EXIT_SETUP;
 	if ((rc = open_record(&k->in)) < 0)
 		return rc == -EINVAL ? EXIT_USAGE : EXIT_SETUP;
-	keeper_oom(k);
-	if (drop_privileges() < 0 || keeper_init(k) < 0 ||
-	    (opt.seccomp && seccomp_confine(STAGE_KEEPER, k->procfd) < 0))
+	if (metrics_open(&k->m) < 0)
 		return EXIT_SETUP;
-	/* Told to stop during setup: no "listening" line for a supervisor
-	 * to take for a handler that is ready. */
-	if (setup_interrupted(k->sigfd) < 0)
-		return EXIT_SIGNAL;
-	return keeper_spawn(k) < 0 ? EXIT_SETUP : 0;
+	keeper_oom(k);
+	return keeper_start(k);
 }
 
 /* Safe to call twice, and on a keeper half set up. */
@@ -6891,6 +8203,7 @@ keeper_close(struct keeper *k)
 	closefd(&k->procfd);
 	closefd(&k->self_fd);
 	closefd(&k->upgrade);
+	metrics_close(&k->m);
 	chain_close(&k->in.chain);
 	closefd(&k->in.record_fd);
 	free(k->in.list);
@@ -6900,9 +8213,7 @@ keeper_close(struct keeper *k)
 int
 main(int argc, char **argv)
 {
-	struct keeper k = { .ls = { .lfd = -1, .reserve = { -1, -1 } },
-	    .in = { .record_fd = -1 }, .sigfd = -1, .epfd = -1, .ctl = -1,
-	    .procfd = -1, .done = -1, .argv = argv, .self_fd = -1, .upgrade = -1 };
+	struct keeper k;
 	const char *handover = getenv(HANDOVER_ENV);
 	uint64_t hfd;
 	sigset_t set;
@@ -6914,6 +8225,11 @@ main(int argc, char **argv)
 	sigprocmask(SIG_BLOCK, &set, NULL);
 	if ((rc = parse_options(argc, argv)) != 0)
 		return rc > 0 ? 0 : EXIT_USAGE;
+	if (opt.check)
+		return check_host();
+	if (opt.self_test)
+		return self_test();
+	keeper_blank(&k, argv);
 	if (handover != NULL) {
 		code = parse_number(handover, 10, INT_MAX, NULL, &hfd) < 0 ?
 		    EXIT_SETUP : keeper_resume(&k, (int)hfd);

@@ -21,12 +21,17 @@
 #define UFFD_FEATURE_EVENT_REMOVE	((uint64_t)1 << 3)
 #define UFFDIO_COPY_MODE_DONTWAKE	((uint64_t)1 << 0)
 #define UFFDIO_ZEROPAGE_MODE_DONTWAKE	((uint64_t)1 << 0)
+#define UFFDIO_REGISTER_MODE_MISSING	((uint64_t)1 << 0)
 
 /* _IOR/_IOWR(0xAA, nr, struct): identical on x86_64 and arm64. */
 #define UFFDIO_UNREGISTER		0x8010aa01u
 #define UFFDIO_WAKE			0x8010aa02u
 #define UFFDIO_COPY			0xc028aa03u
 #define UFFDIO_ZEROPAGE			0xc020aa04u
+/* What a VMM calls, as the self-test and --check play one. */
+#define UFFDIO_REGISTER			0xc020aa00u
+#define UFFDIO_API			0xc018aa3fu
+#define USERFAULTFD_IOC_NEW		0x0000aa00u	/* /dev/userfaultfd */
 
 struct uffd_msg {
 	uint8_t		event;
@@ -56,6 +61,18 @@ struct uffd_msg {
 struct uffdio_range {
 	uint64_t start;
 	uint64_t len;
+};
+
+struct uffdio_api {
+	uint64_t api;
+	uint64_t features;
+	uint64_t ioctls;
+};
+
+struct uffdio_register {
+	struct uffdio_range range;
+	uint64_t mode;
+	uint64_t ioctls;
 };
 
 struct uffdio_copy {

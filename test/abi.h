@@ -18,6 +18,16 @@
 	C(UFFDIO_WAKE) \
 	C(UFFDIO_COPY) \
 	C(UFFDIO_ZEROPAGE) \
+	C(UFFDIO_REGISTER_MODE_MISSING) \
+	C(UFFDIO_REGISTER) \
+	C(UFFDIO_API) \
+	C(USERFAULTFD_IOC_NEW) \
+	S(uffdio_api) \
+	S(uffdio_register) \
+	F(uffdio_api, features) \
+	F(uffdio_api, ioctls) \
+	F(uffdio_register, mode) \
+	F(uffdio_register, ioctls) \
 	S(uffd_msg) \
 	S(uffdio_range) \
 	S(uffdio_copy) \

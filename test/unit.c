@@ -18,20 +18,6 @@
 
 #include <pthread.h>
 
-/* What a VMM needs beyond uffd.h, which has what a handler needs. */
-struct uffdio_api {
-	uint64_t api, features, ioctls;
-};
-
-struct uffdio_register {
-	struct uffdio_range range;
-	uint64_t mode, ioctls;
-};
-
-#define UFFDIO_API			_IOWR(0xAA, 0x3F, struct uffdio_api)
-#define UFFDIO_REGISTER			_IOWR(0xAA, 0x00, struct uffdio_register)
-#define UFFDIO_REGISTER_MODE_MISSING	((uint64_t)1)
-
 #define NPAGES		64
 
 static struct {
