@@ -117,6 +117,7 @@
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <sys/syscall.h>
 #include <sys/un.h>
 #include <sys/utsname.h>
@@ -709,6 +710,7 @@ struct layer {
 	const char *mem;
 	dev_t dev;
 	ino_t ino;
+	int in_memory;			/* tmpfs, a memfd: see memory_fs */
 };
 
 struct chain {
@@ -804,6 +806,24 @@ chain_map(struct chain *c, int sigfd)
 	return 0;
 }
 
+/*
+ * A file on tmpfs (a memfd too), ramfs or hugetlbfs is memory: a page of
+ * it not in the page cache is a hole or in swap, and POSIX_FADV_WILLNEED
+ * reads nothing there, so the fault path never waits for it (see fetch).
+ */
+#define TMPFS_MAGIC	0x01021994
+#define RAMFS_MAGIC	0x858458f6
+#define HUGETLBFS_MAGIC	0x958458f6
+
+static int
+memory_fs(int fd)
+{
+	struct statfs fs;
+
+	return fstatfs(fd, &fs) == 0 && (fs.f_type == TMPFS_MAGIC ||
+	    fs.f_type == RAMFS_MAGIC || fs.f_type == HUGETLBFS_MAGIC);
+}
+
 /* Layer i of the chain, from its open descriptor fd: checked, mapped. */
 static int
 layer_take(struct chain *c, int i, const char *path, int fd)
@@ -823,6 +843,7 @@ layer_take(struct chain *c, int i, const char *path, int fd)
 	}
 	y->dev = st.st_dev;
 	y->ino = st.st_ino;
+	y->in_memory = memory_fs(y->fd);
 	for (int j = 0; j < i; j++)
 		if (c->layer[j].dev == y->dev && c->layer[j].ino == y->ino) {
 			logmsg(LOG_ERROR, "%s and %s are the same file: a chain "
@@ -1833,8 +1854,12 @@ serve_window(struct lane *l, struct region *r, uint64_t idx, uint64_t n,
  * once the pages are in: as many reads are in flight as faults wait, from
  * any number of threads. A window of FETCH_WINDOW pages or more is a
  * sequential stream, whose read-ahead pays: it reads through the mapping.
+ * A fault that has waited FETCH_NS is served through the mapping all the
+ * same, which waits for the read under way: pages read in and evicted
+ * again under memory pressure never hold a vCPU for longer.
  */
 #define FETCH_WINDOW	16
+#define FETCH_NS	(20 * 1000000ull)
 
 /* Calls fn on each stretch of one layer of the len bytes at file offset
  * off, the blocks in holes of every layer left out (they read as zero
@@ -1867,9 +1892,9 @@ absent(const struct chain *c, int y, const char *src, uint64_t off,
 {
 	unsigned char vec[MAX_RUN_4K];
 
-	(void)c;
-	(void)y;
 	(void)off;
+	if (c->layer[y].in_memory)
+		return 0;
 	for (uint64_t at = 0; at < len; at += sizeof(vec) * PAGE_4K) {
 		uint64_t n = (len - at) / PAGE_4K < sizeof(vec) ?
 		    (len - at) / PAGE_4K : sizeof(vec);
@@ -1905,7 +1930,8 @@ fetch(struct lane *l, struct region *r, uint64_t idx, struct fault *f)
 
 	if (f->window >= FETCH_WINDOW || !opt.optimize ||
 	    bit_test(r->removed, idx) || bit_test(r->hole, idx) ||
-	    bit_test(r->zero, idx))
+	    bit_test(r->zero, idx) ||
+	    (f->fetching && now_ns() - f->read_ns > FETCH_NS))
 		return IO_DONE;
 	count(&s->n->syscalls, 1);
 	if (!each_source(s->chain, off, len, absent))
