@@ -22,8 +22,8 @@
  * (the balloon, or free page reporting, discarding guest pages) are
  * applied at once to a per-region bitmap, faults are queued. Only then are
  * faults served, so a fault that was queued before a REMOVE it causally
- * followed still sees the pages as removed. Removed pages are served as zeros, others
- * with UFFDIO_COPY from the memory file, mapped read-only. While any REMOVE
+ * followed still sees the pages as removed. Removed pages are served as
+ * zeros, others with UFFDIO_COPY from the memory file, mapped read-only. While any REMOVE
  * is unread, the kernel answers every copy with EAGAIN: the fault stays
  * queued and the uffd is read again.
  *
@@ -32,26 +32,32 @@
  * that are all zero in the snapshot map the shared zero page. --populate
  * installs pages the VM has not asked for yet (between rounds of the loop,
  * or on threads of its own), and --detach lets the VM go once every page
- * is in.
+ * is in. A random fault whose page is not in the page cache has its pages
+ * read in with POSIX_FADV_WILLNEED and stays queued while others are
+ * served, so slow storage has as many reads in flight as faults wait.
  *
- * Threads. With --threads N (2 by default), N threads serve faults and,
- * with --populate, N more populate. A ready uffd goes to one serving
- * thread (EPOLLONESHOT), which reads its events into a lane of its own and
- * serves the faults it read; it gives the uffd back when its turn ends, or
- * at once if it read a burst. The loop keeps accepting, handshakes,
- * pidfds, signals and endings. The hazard is a REMOVE: its madvise caller
- * resumes as soon as read() hands the event out, so a copy another thread
- * decided on before the bitmap said "removed", or one still inside the
- * kernel, could land after the madvise has zapped the page: snapshot bytes
- * in a page the guest gave back. So each session has a lock that every
- * install holds shared, from deciding what its pages hold to the end of
- * its UFFDIO calls, and that reading the uffd holds exclusive until every
- * REMOVE read is in the bitmap. A waiting reader holds off new installs,
- * so it waits only for those under way, one window (up to 2 MiB, or four
- * hugetlb pages) or population step (2 MiB) each. And a fault read before a REMOVE of its page but served
- * after it is only woken: its vCPU may have gone on already (another
- * thread installed the page), and zeros would refill a page given back.
- * --threads 1 is the loop alone, reading and serving in turn.
+ * Threads. With --threads N, N threads serve faults and, with --populate,
+ * N more populate. Without it a VM alone is served by the loop, as with
+ * --threads 1, and 2 threads serve once a second VM comes: a hand-off
+ * costs a wake-up a fault, which pays only when VMs compete for the loop.
+ * A ready uffd goes to one serving thread (EPOLLONESHOT), which reads its
+ * events into a lane of its own and serves the faults it read; it gives
+ * the uffd back when its turn ends, or at once if it read a burst. The
+ * loop keeps accepting, handshakes, pidfds, signals and endings. The
+ * hazard is a REMOVE: its madvise caller resumes as soon as read() hands
+ * the event out, so a copy another thread decided on before the bitmap
+ * said "removed", or one still inside the kernel, could land after the
+ * madvise has zapped the page: snapshot bytes in a page the guest gave
+ * back. So each session has a lock that every install holds shared, from
+ * deciding what its pages hold to the end of its UFFDIO calls, and that
+ * reading the uffd holds exclusive until every REMOVE read is in the
+ * bitmap. A waiting reader holds off new installs, so it waits only for
+ * those under way, one window (up to 2 MiB, or four hugetlb pages) or
+ * population step (2 MiB) each. And a fault read before a REMOVE of its
+ * page but served after it is only woken: its vCPU may have gone on
+ * already (another thread installed the page), and zeros would refill a
+ * page given back. --threads 1 is the loop alone, reading and serving in
+ * turn.
  *
  * Two processes. The process that is started is the keeper: it sets up,
  * then holds what must outlive a crash (the listening socket, and for each
