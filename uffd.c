@@ -8025,13 +8025,25 @@ st_outcome(struct st_vm *v, int status, const char *out)
 	return 0;
 }
 
+/*
+ * A self-test killed from outside (a CI job's timeout) takes its keeper
+ * and VMs with it: left behind with a handler that hangs, they would wait
+ * for good. The server then ends with its VMs. 1 if the self-test is
+ * already gone.
+ */
+static int
+st_orphan(pid_t parent)
+{
+	return prctl(PR_SET_PDEATHSIG, SIGKILL) < 0 || getppid() != parent;
+}
+
 /* Starts the keeper and the VMs; the keeper's pid. */
 static pid_t
 st_start(struct st_vm *vm, int nvm, int memfd, int io[2])
 {
 	struct sockaddr_un a = { .sun_family = AF_UNIX };
 	socklen_t alen;
-	pid_t keeper;
+	pid_t keeper, self = getpid();
 	int lfd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
 
 	alen = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + 1 +
@@ -8044,7 +8056,8 @@ st_start(struct st_vm *vm, int nvm, int memfd, int io[2])
 	    listen(lfd, 16) < 0 || (keeper = fork()) < 0)
 		return -1;
 	if (keeper == 0)
-		_exit(st_keeper(memfd, lfd, io[0], io[1]));
+		_exit(st_orphan(self) ? EXIT_FATAL :
+		    st_keeper(memfd, lfd, io[0], io[1]));
 	close(lfd);
 	for (int i = 0; i < nvm; i++) {
 		if (vm[i].skip != NULL)
@@ -8053,7 +8066,7 @@ st_start(struct st_vm *vm, int nvm, int memfd, int io[2])
 			snprintf(vm[i].result, sizeof(vm[i].result), "fork: %s",
 			    strerror(errno));
 		if (vm[i].pid == 0) {
-			int rc = st_vmm(&vm[i], &a, alen);
+			int rc = st_orphan(self) ? 1 : st_vmm(&vm[i], &a, alen);
 
 			(void)!write(vm[i].pipe[1], vm[i].result, strlen(vm[i].result));
 			_exit(rc);

@@ -125,6 +125,7 @@ spawn(struct proc *p, char *const argv[], const char *root)
 	_exit(127);
 }
 
+
 /* Returns 0 once reaped, -1 if still running after ms (then kills it). */
 static int
 reap(struct proc *p, int ms)
@@ -4601,6 +4602,138 @@ self_test_fails_broken_fault_path(const void *arg)
 	    "at file offset 4096: word 3 reads", "self-test FAILED", NULL });
 }
 
+/* A process as /proc/PID/stat gives it. */
+struct pinfo {
+	pid_t pid, ppid;
+	char state;
+};
+
+/* The processes of group pgid not yet dead, up to cap; how many. */
+static int
+group_list(pid_t pgid, struct pinfo *v, int cap)
+{
+	DIR *d = opendir("/proc");
+	struct dirent *e;
+	int n = 0;
+
+	while (d != NULL && n < cap && (e = readdir(d)) != NULL) {
+		char path[300], line[512];
+		const char *rp;
+		int pg, ppid;
+
+		if (e->d_name[0] < '1' || e->d_name[0] > '9')
+			continue;
+		snprintf(path, sizeof(path), "/proc/%s/stat", e->d_name);
+		read_text(path, line, sizeof(line));
+		if ((rp = strrchr(line, ')')) == NULL ||
+		    sscanf(rp + 1, " %c %d %d", &v[n].state, &ppid, &pg) != 3 ||
+		    pg != pgid || v[n].state == 'Z' || v[n].state == 'X')
+			continue;
+		v[n].pid = atoi(e->d_name);
+		v[n++].ppid = ppid;
+	}
+	if (d != NULL)
+		closedir(d);
+	return n;
+}
+
+/* The self-test in jail, in a process group that a holder keeps from
+ * being orphaned (an orphaned group with a stopped member gets SIGHUP,
+ * which the keeper takes as a stopping signal); the self-test's pid. */
+static pid_t
+self_test_held(const char *jail, pid_t *holder)
+{
+	int pfd[2];
+	pid_t st = -1;
+
+	if (pipe(pfd) < 0 || (*holder = fork()) < 0)
+		return -1;
+	if (*holder == 0) {
+		setpgid(0, 0);
+		if ((st = fork()) == 0) {
+			int null = open("/dev/null", O_WRONLY);
+
+			dup2(null, STDOUT_FILENO);
+			dup2(null, STDERR_FILENO);
+			if (chroot(jail) < 0 || chdir("/") < 0)
+				_exit(126);
+			execl("/uffd-handler", "uffd-handler", "--self-test", (char *)NULL);
+			_exit(127);
+		}
+		(void)!write(pfd[1], &st, sizeof(st));
+		for (;;)
+			pause();
+	}
+	setpgid(*holder, *holder);
+	if (read(pfd[0], &st, sizeof(st)) != (ssize_t)sizeof(st))
+		st = -1;
+	close(pfd[0]);
+	close(pfd[1]);
+	return st;
+}
+
+/* Of the group, leaving the holder out: how many live, and (with server)
+ * the one that is a grandchild of the self-test: its server. */
+static int
+self_test_group(pid_t holder, pid_t st, pid_t *server)
+{
+	struct pinfo v[64];
+	int n = group_list(holder, v, 64), live = 0;
+
+	for (int i = 0; i < n; i++) {
+		if (v[i].pid == holder)
+			continue;
+		live++;
+		if (server != NULL && v[i].ppid != st && v[i].ppid != holder &&
+		    v[i].ppid != 1 && v[i].pid != st)
+			*server = v[i].pid;
+	}
+	return live;
+}
+
+/*
+ * The self-test killed from outside (a CI job's timeout) while its handler
+ * hangs (its server stopped before any VM came): its keeper and VMs die
+ * with it at once, and the server, continued, ends as its VMs are gone.
+ * Nothing may be left.
+ */
+static int
+self_test_killed_leaves_nothing(const void *arg)
+{
+	char jail[160];
+	pid_t holder, st, server = 0;
+	int live = 0;
+
+	(void)arg;
+	if (make_jail(jail, sizeof(jail), T.release) < 0)
+		return fail("making the jail");
+	if ((st = self_test_held(jail, &holder)) < 0)
+		return fail("starting the self-test: %s", strerror(errno));
+	for (int64_t end = now_ms() + 5000; now_ms() < end && server == 0;)
+		self_test_group(holder, st, &server);
+	if (server == 0 || kill(server, SIGSTOP) < 0) {
+		kill(-holder, SIGKILL);
+		return fail("the self-test's server never showed");
+	}
+	usleep(300000);		/* its VMs come, and fault */
+	kill(st, SIGKILL);
+	for (int64_t end = now_ms() + 2000; now_ms() < end; usleep(10000))
+		if ((live = self_test_group(holder, st, NULL)) <= 1)
+			break;
+	kill(server, SIGCONT);
+	if (live > 1) {
+		kill(-holder, SIGKILL);
+		return fail("%d processes of the killed self-test live on 2 s "
+		    "later: its keeper and VMs did not die with it", live);
+	}
+	for (int64_t end = now_ms() + 5000; now_ms() < end; usleep(10000))
+		if ((live = self_test_group(holder, st, NULL)) == 0)
+			break;
+	kill(-holder, SIGKILL);
+	return live == 0 ? PASS :
+	    fail("the server lives on 5 s after its keeper and VMs died");
+}
+
 /* The FROM scratch image: with /dev/userfaultfd passed in, the self-test
  * passes; without, container root lacks CAP_SYS_PTRACE, and both
  * restores are skipped by name and --check names the fix. */
@@ -5670,6 +5803,8 @@ static const struct tcase cases[] = {
 	{ "check_jail_uid_65534_names_missing", check_jail_uid_65534, NULL },
 	{ "check_jail_dev_userfaultfd_ready", check_jail_uid_65534, "dev" },
 	{ "self_test_chroot_empty", self_test_chroot_empty, NULL },
+	{ "self_test_killed_leaves_nothing", self_test_killed_leaves_nothing,
+	    NULL },
 	{ "self_test_fails_broken_fault_path", self_test_fails_broken_fault_path,
 	    NULL },
 	{ "self_test_podman_scratch", self_test_podman_scratch, NULL },
