@@ -7219,10 +7219,12 @@ server_init(struct server *srv)
 
 /* The server steps aside for an upgrade: its threads joined, every
  * session left as it is (the keeper holds them, their state is in their
- * memfds) and freed, with nothing said or killed. */
+ * memfds) and freed, with nothing said or killed. The socket stays open
+ * for the next image: no S_UNLISTEN from the teardown. */
 static void
 server_leave(struct server *srv)
 {
+	srv->unlisten_asked = 1;
 	for (size_t i = 0; i < srv->n; i++)
 		if (srv->s[i]->threaded)
 			quiesce(srv, srv->s[i]);

@@ -3978,6 +3978,47 @@ upgrade_refused(const void *arg)
 }
 
 /*
+ * An upgrade while the handler listens keeps the socket, the same file,
+ * and serves the VMMs that come after it: before the first (arg NULL,
+ * --max-vms 1), or between the first and the second (--max-vms 2).
+ */
+static int
+upgrade_keeps_listening(const void *arg)
+{
+	char path[PATH_MAX + 32];
+	struct pair p = { .handler = path, .hargs = { "--max-vms", arg ? "2" : "1",
+	    NULL }, .vargs = { arg ? "--linger" : NULL, "2", NULL } };
+	struct stat st;
+	struct proc v2 = { .status = -2 };
+
+	snprintf(path, sizeof(path), "%s/listen-bin", T.dir);
+	if (install_binary(T.release, path) < 0)
+		return fail("cannot install %s", T.release);
+	if (arg ? start_both(&p) : start_handler(&p)) {
+		finish_pair(&p);
+		return pair_fail(&p, "the handler did not start");
+	}
+	stat(p.sock, &p.sock_st);
+	if ((arg && wait_text(p.v.out, "verified", 10000) < 0) ||
+	    upgrade_to(&p, path, T.release, "upgraded from") < 0) {
+		finish_pair(&p);
+		return pair_fail(&p, "no upgrade");
+	}
+	usleep(100000);
+	if (stat(p.sock, &st) < 0 || st.st_ino != p.sock_st.st_ino) {
+		finish_pair(&p);
+		return pair_fail(&p, "the upgrade removed the socket");
+	}
+	spawn_vmm(&p, arg ? &v2 : &p.v);
+	if (arg)
+		reap(&v2, 60000);
+	finish_pair(&p);
+	if (!exited(&p.v, 0) || (arg && !exited(&v2, 0)) || !exited(&p.h, 0))
+		return pair_fail(&p, "a VMM after the upgrade was not served");
+	return PASS;
+}
+
+/*
  * A new version that cannot read the hand-over (its format differs: a
  * build of this source with HANDOVER_FORMAT 99) goes back to the binary
  * that wrote it, which serves on; the VM never notices.
@@ -5797,6 +5838,9 @@ static const struct tcase cases[] = {
 	{ "upgrade_oracle_chain", upgrade_oracle, &cr_chain },
 	{ "upgrade_oracle_max_vms_2", upgrade_oracle, &cr_two },
 	{ "upgrade_oracle_populate_all", upgrade_oracle, &cr_pop },
+	{ "upgrade_before_first_vm_keeps_listening", upgrade_keeps_listening,
+	    NULL },
+	{ "upgrade_between_vms_keeps_listening", upgrade_keeps_listening, "2" },
 	{ "upgrade_refused_binaries", upgrade_refused, NULL },
 	{ "upgrade_unreadable_goes_back", upgrade_unreadable_goes_back, NULL },
 	{ "population_two_vms_slow", population_two_vms_slow, NULL },
