@@ -3557,6 +3557,7 @@ struct metrics {
 	uint64_t sent_killed, sent_restarts;
 	char *buf;			/* what one write says */
 	size_t len, cap;
+	size_t off;			/* of a JSON line a FIFO took in part */
 };
 
 /* Where the server is in its life (see permitted[]). */
@@ -5577,16 +5578,38 @@ prom_publish(struct metrics *m)
 	return 0;
 }
 
-/* One line in one write: a FIFO's reader never sees half of one. */
+/*
+ * One line a write. A FIFO with less room than a line (over PIPE_BUF, at
+ * a dozen VMs) takes part of it; the rest goes before anything else, so
+ * its reader never sees half a line followed by another. The line counts
+ * as written once begun: its figures are the base of the next.
+ */
 static int
 json_publish(struct metrics *m)
 {
 	ssize_t n = write(m->fd[0], m->buf, m->len);
 
 	m->op = "write";
-	if (n == (ssize_t)m->len)
-		return 0;
-	return n < 0 ? -errno : -EIO;
+	if (n < 0)
+		return -errno;
+	m->off = (size_t)n < m->len ? (size_t)n : 0;
+	return 0;
+}
+
+/* The rest of a line begun: 0 once it is all out. */
+static int
+json_rest(struct metrics *m)
+{
+	ssize_t n = write(m->fd[0], m->buf + m->off, m->len - m->off);
+
+	m->op = "write (the rest of a line)";
+	if (n < 0)
+		return -errno;
+	m->off += (size_t)n;
+	if (m->off < m->len)
+		return -EAGAIN;
+	m->off = 0;
+	return 0;
 }
 
 static void
@@ -5625,6 +5648,10 @@ metrics_write(struct keeper *k)
 
 	if (m->fd[0] < 0)
 		return;
+	if (m->off > 0 && (rc = json_rest(m)) < 0) {
+		metrics_outcome(m, rc);
+		return;
+	}
 	m->len = 0;
 	m->op = "gathering the counters";
 	if ((n = metrics_gather(k, &v, &total)) < 0) {
@@ -5661,6 +5688,10 @@ metrics_retire(struct keeper *k, const struct slot *sl, int code)
 
 	if (k->m.fd[0] < 0 || sl->state != SLOT_HELD)
 		return;
+	/* A JSON line first, while the VM is still in it: what it added
+	 * since the last is in its own group, not only in the handler's. */
+	if (!k->m.prom)
+		metrics_write(k);
 	k->m.killed += code != EXIT_VM_GONE;
 	if (state_map(sl->vm.statefd, &st) < 0)
 		return;

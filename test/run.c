@@ -25,6 +25,7 @@
 #include <sched.h>
 #include <grp.h>
 #include <sys/file.h>
+#include <sys/ioctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -5016,17 +5017,21 @@ metrics_prom(const void *arg)
 	return prom_matches(&p, text);
 }
 
-/* The sum of one JSON field over every line's "uffd_handler" group. */
+/* The sum of one JSON field over every line's group (the opening text of
+ * the handler's group, or of a VM's: lines without it are left out). */
 static uint64_t
-json_sum(const char *text, const char *key)
+json_sum(const char *text, const char *group, const char *key)
 {
 	char pat[64];
 	uint64_t sum = 0;
+	int vm = strcmp(group, "\"uffd_handler\":{") != 0;
 
 	snprintf(pat, sizeof(pat), "\"%s\":", key);
 	for (const char *l = text; (l = strstr(l, "{\"utc_timestamp_ms\":")); l++) {
-		const char *g = strstr(l, "\"uffd_handler\":{"), *at;
+		const char *end = strchr(l, '\n'), *g = strstr(l, group), *at;
 
+		if (vm && (g == NULL || (end && g > end)))
+			continue;	/* a line after the VM ended */
 		if (g == NULL || (at = strstr(g, pat)) == NULL)
 			return UINT64_MAX;
 		sum += strtoull(at + strlen(pat), NULL, 10);
@@ -5056,10 +5061,15 @@ metrics_json_lines(const void *arg)
 	if (lines < 3 || !strstr(text, "\"vm_"))
 		return fail("%d lines, or no VM's group, in %s:\n%s", lines, path, text);
 	for (int i = 0; counter_names[i]; i++)
-		if (json_sum(text, counter_names[i]) != counter(&p, counter_names[i])) {
-			snprintf(why, sizeof(why), "the lines' %s add up to %llu, the "
-			    "counters line says %llu", counter_names[i],
-			    (unsigned long long)json_sum(text, counter_names[i]),
+		for (int g = 0; g < 2; g++) {
+			const char *group = g ? "\"vm_" : "\"uffd_handler\":{";
+			uint64_t sum = json_sum(text, group, counter_names[i]);
+
+			if (sum == counter(&p, counter_names[i]))
+				continue;
+			snprintf(why, sizeof(why), "the lines' %s add up to %llu in the "
+			    "%s group, the counters line says %llu", counter_names[i],
+			    (unsigned long long)sum, g ? "VM's" : "handler's",
 			    (unsigned long long)counter(&p, counter_names[i]));
 			return pair_fail(&p, why);
 		}
@@ -5090,6 +5100,75 @@ full_fifo(const char *path)
 	while (write(fd, junk, sizeof(junk)) > 0)
 		;
 	return fd;
+}
+
+/* Reads what fd holds into buf (up to cap - 1) until p has exited. */
+static size_t
+drain_until_exit(int fd, struct proc *p, char *buf, size_t cap)
+{
+	size_t len = 0;
+	ssize_t n;
+
+	for (int64_t end = now_ms() + 60000; now_ms() < end; usleep(5000)) {
+		while (len < cap - 1 && (n = read(fd, buf + len, cap - 1 - len)) > 0)
+			len += (size_t)n;
+		if (p->status != -1 || wait4(p->pid, &p->status, WNOHANG,
+		    &p->ru) == p->pid)
+			break;
+	}
+	while (len < cap - 1 && (n = read(fd, buf + len, cap - 1 - len)) > 0)
+		len += (size_t)n;
+	buf[len] = '\0';
+	return len;
+}
+
+/*
+ * JSON lines of 14 VMs (over 4 KiB each) into a FIFO with one page of
+ * room: the FIFO takes part of a line, and the rest must follow before
+ * any other line. Every line the reader gets is whole.
+ */
+static int
+metrics_fifo_long_lines_whole(const void *arg)
+{
+	static char text[1 << 20];
+	char path[200], sock[200], junk[4096], secs[] = "4";
+	char *hargv[] = { (char *)T.handler, "--max-vms", "14", "--metrics", path,
+		"--metrics-interval", "1", sock, T.snap, NULL };
+	struct proc h, v[14];
+	int fd, queued = 0, lines = 0;
+	const char *l;
+
+	(void)arg;
+	snprintf(path, sizeof(path), "%s/long%d.fifo", T.dir, ++T.seq);
+	snprintf(sock, sizeof(sock), "%s/long%d.sock", T.dir, T.seq);
+	if ((fd = full_fifo(path)) < 0 || ioctl(fd, FIONREAD, &queued) < 0)
+		return fail("a full FIFO at %s: %s", path, strerror(errno));
+	spawn(&h, hargv, NULL);
+	if (wait_listening(&h) < 0)
+		return fail("the handler did not start");
+	start_lingering(v, 14, sock, secs);
+	sleep(2);
+	if (read(fd, junk, sizeof(junk)) != (ssize_t)sizeof(junk))
+		return fail("reading the FIFO: %s", strerror(errno));
+	queued -= (int)sizeof(junk);
+	sleep(2);
+	drain_until_exit(fd, &h, text, sizeof(text));
+	for (int i = 0; i < 14; i++)
+		reap(&v[i], 60000);
+	close(fd);
+	for (l = text + queued; *l && strchr(l, '\n'); l = strchr(l, '\n') + 1) {
+		const char *nl = strchr(l, '\n'), *next = strstr(l + 1,
+		    "{\"utc_timestamp_ms\":");
+
+		lines++;
+		if (strncmp(l, "{\"utc_timestamp_ms\":", 20) != 0 ||
+		    strncmp(nl - 2, "}}", 2) != 0 || (next && next < nl))
+			return fail("line %d is not one whole JSON line: %.300s", lines, l);
+	}
+	if (lines < 2 || *l != '\0' || !exited(&h, 0))
+		return fail("%d whole lines, then %zu bytes of a line; handler %s",
+		    lines, strlen(l), how(&h));
+	return PASS;
 }
 
 /*
@@ -5893,6 +5972,7 @@ static const struct tcase cases[] = {
 	{ "metrics_prom_survive_server_kill", metrics_prom, "kill" },
 	{ "upgrade_keeps_metrics", metrics_prom, "upgrade" },
 	{ "metrics_json_lines_add_up", metrics_json_lines, NULL },
+	{ "metrics_fifo_long_lines_whole", metrics_fifo_long_lines_whole, NULL },
 	{ "metrics_fifo_no_reader_logged_once", metrics_write_fails, "fifo" },
 	{ "metrics_full_disk_logged_once", metrics_write_fails, "full" },
 	{ "metrics_dir_removed_logged_once", metrics_write_fails, "gone" },
