@@ -1868,25 +1868,25 @@ serve_window(struct lane *l, struct region *r, uint64_t idx, uint64_t n,
 #define FETCH_NS	(20 * 1000000ull)
 
 /* Calls fn on each stretch of one layer of the len bytes at file offset
- * off, the blocks in holes of every layer left out (they read as zero
- * and need no storage); stops at fn's first non-zero result. */
+ * off, from the layer map: the blocks in holes of every layer are left
+ * out (they read as zero and need no storage; on tmpfs, or an overlay of
+ * it, they are never in the page cache, and no read brings them in).
+ * Stops at fn's first non-zero result. */
 static int
 each_source(const struct chain *c, uint64_t off, uint64_t len,
     int (*fn)(const struct chain *, int, const char *, uint64_t, uint64_t))
 {
-	uint64_t seg;
+	uint64_t end = (off + len) / PAGE_4K, j;
 	int rc = 0;
 
-	for (uint64_t at = 0; rc == 0 && at < len; at += seg) {
-		const char *src;
-		int y;
+	for (uint64_t i = off / PAGE_4K; rc == 0 && i < end; i = j) {
+		uint8_t y = c->map[i];
 
-		seg = len - at;
-		src = layer_src(c, off + at, &seg);
-		y = c->n == 1 ? 0 : c->map[(off + at) / PAGE_4K];
-		if (c->n > 1 && y == 0)
+		for (j = i + 1; j < end && c->map[j] == y; j++)
 			continue;
-		rc = fn(c, c->n == 1 ? 0 : y - 1, src, off + at, seg);
+		if (y != 0)
+			rc = fn(c, y - 1, c->layer[y - 1].mem + i * PAGE_4K,
+			    i * PAGE_4K, (j - i) * PAGE_4K);
 	}
 	return rc;
 }

@@ -4304,6 +4304,68 @@ cold_restore(const void *arg)
 	return restored(&p);
 }
 
+/* A copy of src at dst with a 4 KiB hole punched every 8 pages. */
+static int
+holed_copy(const char *src, const char *dst)
+{
+	char cmd[600];
+	struct stat st;
+	int fd, rc = 0;
+
+	snprintf(cmd, sizeof(cmd), "cp '%s' '%s'", src, dst);
+	if (system(cmd) != 0 || (fd = open(dst, O_RDWR)) < 0)
+		return -1;
+	if (fstat(fd, &st) < 0)
+		rc = -1;
+	for (off_t at = 7 * 4096; rc == 0 && at < st.st_size; at += 8 * 4096)
+		rc = fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, at, 4096);
+	close(fd);
+	return rc;
+}
+
+/*
+ * A memory file on an overlay of tmpfs (a container's view of a snapshot
+ * in /dev/shm), with holes: its pages are all in memory, and the holes
+ * are in no page cache, nor does any read bring them. A sequential
+ * restore, whose first windows cross holes, waits for no read.
+ */
+static int
+fetch_overlay_tmpfs_holes(const void *arg)
+{
+	char lower[128], dir[200], mnt[220], file[260], cmd[2048];
+	struct pair p = { .snap = file, .vargs = { "--access", "seq", "--threads",
+	    "4", NULL } };
+	int rc;
+
+	(void)arg;
+	snprintf(lower, sizeof(lower), "/dev/shm/uffd-test-%d", (int)getpid());
+	snprintf(dir, sizeof(dir), "%s/overlay%d", T.dir, ++T.seq);
+	snprintf(mnt, sizeof(mnt), "%s/m", dir);
+	snprintf(file, sizeof(file), "%s/snap.mem", mnt);
+	snprintf(cmd, sizeof(cmd), "mkdir -p %s %s/u %s/w %s", lower, dir, dir, mnt);
+	snprintf(file, sizeof(file), "%s/snap.mem", lower);
+	if (system(cmd) != 0 || holed_copy(T.snap, file) < 0) {
+		snprintf(cmd, sizeof(cmd), "rm -rf %s", lower);
+		(void)!system(cmd);
+		return fail("a holed copy of %s in %s", T.snap, lower);
+	}
+	snprintf(cmd, sizeof(cmd), "mount -t overlay overlay -o lowerdir=%s,"
+	    "upperdir=%s/u,workdir=%s/w %s 2>/dev/null", lower, dir, dir, mnt);
+	if (system(cmd) != 0) {
+		snprintf(cmd, sizeof(cmd), "rm -rf %s", lower);
+		(void)!system(cmd);
+		return skip("overlayfs cannot be mounted here");
+	}
+	snprintf(file, sizeof(file), "%s/snap.mem", mnt);
+	rc = restored(&p);
+	snprintf(cmd, sizeof(cmd), "umount %s; rm -rf %s", mnt, lower);
+	(void)!system(cmd);
+	if (rc != PASS)
+		return rc;
+	return counter(&p, "fetched") == 0 ? PASS : pair_fail(&p,
+	    "faults waited for reads of a file that is all in memory");
+}
+
 /*
  * The directory's lock: a stopping signal ends the wait for it (no
  * "listening" line, no socket), and a lock held past 5 s is an error,
@@ -5942,6 +6004,7 @@ static const struct tcase cases[] = {
 	{ "slow_replay_working_set", slow_replay, NULL },
 	{ "cold_restore_rand", cold_restore, "rand" },
 	{ "cold_restore_seq", cold_restore, "seq" },
+	{ "fetch_overlay_tmpfs_holes", fetch_overlay_tmpfs_holes, NULL },
 	{ "fuzz_handshake_short", fuzz_short, NULL },
 	{ "sigterm_kills_vmm", sigterm, &sig_term },
 	{ "sighup_kills_vmm", sigterm, &sig_hup },
