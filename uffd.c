@@ -8070,6 +8070,22 @@ st_orphan(pid_t parent)
 	return prctl(PR_SET_PDEATHSIG, SIGKILL) < 0 || getppid() != parent;
 }
 
+/* Once its children run with the handler's signals blocked: a stopping
+ * signal (a CI job's timeout) ends the self-test at once, as it ends any
+ * tool, and its keeper and VMs go with it (st_orphan). */
+static void
+st_stoppable(void)
+{
+	sigset_t stop;
+
+	sigemptyset(&stop);
+	sigaddset(&stop, SIGTERM);
+	sigaddset(&stop, SIGINT);
+	sigaddset(&stop, SIGHUP);
+	sigaddset(&stop, SIGQUIT);
+	sigprocmask(SIG_UNBLOCK, &stop, NULL);
+}
+
 /* Starts the keeper and the VMs; the keeper's pid. */
 static pid_t
 st_start(struct st_vm *vm, int nvm, int memfd, int io[2])
@@ -8173,6 +8189,7 @@ self_test(void)
 		printf("FAIL    handler: starting it: %s\n", strerror(errno));
 		return EXIT_SETUP;
 	}
+	st_stoppable();
 	for (int i = 0; i < 2; i++)
 		if (vm[i].skip == NULL)
 			status[i] = vm[i].pid > 0 ? st_reap(vm[i].pid, ST_MS) : 1;

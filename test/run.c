@@ -4823,10 +4823,10 @@ self_test_group(pid_t holder, pid_t st, pid_t *server)
 }
 
 /*
- * The self-test killed from outside (a CI job's timeout) while its handler
- * hangs (its server stopped before any VM came): its keeper and VMs die
- * with it at once, and the server, continued, ends as its VMs are gone.
- * Nothing may be left.
+ * The self-test killed from outside (a CI job's timeout: SIGKILL, or with
+ * arg SIGTERM) while its handler hangs (its server stopped before any VM
+ * came): it ends, its keeper and VMs die with it at once, and the server,
+ * continued, ends as its VMs are gone. Nothing may be left.
  */
 static int
 self_test_killed_leaves_nothing(const void *arg)
@@ -4835,7 +4835,6 @@ self_test_killed_leaves_nothing(const void *arg)
 	pid_t holder, st, server = 0;
 	int live = 0;
 
-	(void)arg;
 	if (make_jail(jail, sizeof(jail), T.release) < 0)
 		return fail("making the jail");
 	if ((st = self_test_held(jail, &holder)) < 0)
@@ -4847,7 +4846,7 @@ self_test_killed_leaves_nothing(const void *arg)
 		return fail("the self-test's server never showed");
 	}
 	usleep(300000);		/* its VMs come, and fault */
-	kill(st, SIGKILL);
+	kill(st, arg ? SIGTERM : SIGKILL);
 	for (int64_t end = now_ms() + 2000; now_ms() < end; usleep(10000))
 		if ((live = self_test_group(holder, st, NULL)) <= 1)
 			break;
@@ -6027,6 +6026,8 @@ static const struct tcase cases[] = {
 	{ "self_test_chroot_empty", self_test_chroot_empty, NULL },
 	{ "self_test_killed_leaves_nothing", self_test_killed_leaves_nothing,
 	    NULL },
+	{ "self_test_sigterm_leaves_nothing", self_test_killed_leaves_nothing,
+	    "term" },
 	{ "self_test_fails_broken_fault_path", self_test_fails_broken_fault_path,
 	    NULL },
 	{ "self_test_podman_scratch", self_test_podman_scratch, NULL },
