@@ -533,11 +533,18 @@ set_option(int c, char *arg, const char *as_given)
 static int
 parse_options(int argc, char **argv)
 {
-	int c, rc = 0;
+	const char *serving = NULL;	/* the first option only serving reads */
+	char name[32];
+	int c, rc = 0, tool_only = 0;
 
 	opterr = 0;
-	while (rc == 0 && (c = getopt_long(argc, argv, ":l:hV", longopts, NULL)) != -1)
+	while (rc == 0 && (c = getopt_long(argc, argv, ":l:hV", longopts, NULL)) != -1) {
 		rc = set_option(c, optarg, argv[optind - 1]);
+		if (c != OPT_CHECK && c != OPT_SELF_TEST && c != OPT_NO_SECCOMP &&
+		    c != OPT_UID && c != OPT_GID && serving == NULL)
+			serving = option_name(argv[optind - 1], c, name, sizeof(name));
+		tool_only += c == OPT_UID || c == OPT_GID;
+	}
 	if (rc != 0)
 		return rc;
 	if (opt.detach && !opt.populate_all) {
@@ -557,6 +564,13 @@ parse_options(int argc, char **argv)
 		return -1;
 	}
 	if (opt.check + opt.self_test > 0) {
+		if (serving != NULL || (opt.self_test && tool_only)) {
+			fprintf(stderr, "uffd-handler: %s means nothing to %s, which "
+			    "takes %s\n", serving ? serving : "--uid or --gid",
+			    opt.check ? "--check" : "--self-test", opt.check ?
+			    "--uid, --gid and --no-seccomp" : "--no-seccomp alone");
+			return -1;
+		}
 		if (opt.check + opt.self_test == 1 && argc == optind)
 			return 0;
 		fprintf(stderr, "uffd-handler: --check and --self-test take no "

@@ -876,6 +876,10 @@ cli_usage_errors(const void *arg)
 		{ "--record=", "a", NULL }, { "--metrics=", "a", NULL },
 		{ "--metrics-interval", "0", "a", NULL }, { "--check", "a", NULL },
 		{ "--check", "--self-test", NULL }, { "--self-test", "a", NULL },
+		{ "--check", "--metrics", "m.prom", NULL },
+		{ "--max-vms", "2", "--check", NULL },
+		{ "--self-test", "--threads", "2", NULL },
+		{ "--self-test", "--uid", "5", NULL },
 	};
 	struct proc p;
 	char err[2048];
@@ -884,9 +888,14 @@ cli_usage_errors(const void *arg)
 	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
 		const char *args[6] = { NULL };
 
-		for (int j = 0; j < 4 && cases[i][j]; j++)
+		int tool = 0;
+
+		for (int j = 0; j < 4 && cases[i][j]; j++) {
 			args[j] = cases[i][j];
-		if (i >= 2 && i != 3)
+			tool |= strcmp(args[j], "--check") == 0 ||
+			    strcmp(args[j], "--self-test") == 0;
+		}
+		if (i >= 2 && i != 3 && !tool)
 			args[3] = "b";
 		run_handler(args, 5000, &p, err, sizeof(err));
 		if (!exited(&p, 2) || strchr(err, '\n') != strrchr(err, '\n') ||
