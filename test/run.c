@@ -409,11 +409,20 @@ start_two(struct pair *p, struct proc *v2)
 	return 0;
 }
 
+static int verified(struct pair *p);
+
 /* The VMM verified every byte and the handler then exited 0 promptly. */
 static int
 restored(struct pair *p)
 {
 	run_pair(p);
+	return verified(p);
+}
+
+/* A pair that has run: the VMM verified, the handler ended well. */
+static int
+verified(struct pair *p)
+{
 	if (!exited(&p->v, 0))
 		return pair_fail(p, "the VMM did not verify its memory");
 	if (!exited(&p->h, 0))
@@ -4210,6 +4219,25 @@ population_two_vms_slow(const void *arg)
 	    "nothing to claim spun");
 }
 
+/* The pair run with its memory file behind slowfs (2 ms a read), its
+ * pages dropped first; *read_bytes: what reached storage. */
+static int
+run_on_slowfs(struct pair *p, uint64_t *read_bytes)
+{
+	uint64_t b0;
+	int rc;
+
+	if ((rc = slowfs_up(2000)) != PASS)
+		return rc;
+	p->base = SF.snap;
+	drop_cache(SF.snap);
+	b0 = slowfs_bytes();
+	run_pair(p);
+	*read_bytes = slowfs_bytes() - b0;
+	slowfs_down();
+	return PASS;
+}
+
 /*
  * A restore from slow storage (every read delayed 2 ms): every page
  * right, and only what the VM touches read from storage: at most 1.5
@@ -4234,18 +4262,11 @@ slow_restore(const void *arg)
 	    NULL }, .vargs = { "--regions", "32,16,16", "--access", c->access,
 	    "--end-check", "touched", "--threads", "4", c->write ? "--write" :
 	    NULL, NULL } };
-	uint64_t b0, read_bytes, copied;
+	uint64_t read_bytes, copied;
 	int rc;
 
-	if ((rc = slowfs_up(2000)) != PASS)
-		return rc;
-	p.base = SF.snap;
-	drop_cache(SF.snap);
-	b0 = slowfs_bytes();
-	rc = restored(&p);
-	read_bytes = slowfs_bytes() - b0;
-	slowfs_down();
-	if (rc != PASS)
+	if ((rc = run_on_slowfs(&p, &read_bytes)) != PASS ||
+	    (rc = verified(&p)) != PASS)
 		return rc;
 	copied = counter(&p, "bytes_copied");
 	printf("  %s: %" PRIu64 " KiB read from storage for %" PRIu64 " KiB "
@@ -4272,21 +4293,14 @@ slow_replay(const void *arg)
 	struct pair pop = { .snap = T.big, .hargs = { "--populate", list, NULL },
 	    .vargs = { "--regions", "32,16,16", "--access", "ws10",
 	    "--end-check", "touched", NULL } };
-	uint64_t b0, read_bytes, copied;
+	uint64_t read_bytes, copied;
 	int rc;
 
 	(void)arg;
 	snprintf(list, sizeof(list), "%s/slow-ws.txt", T.dir);
-	if ((rc = restored(&rec)) != PASS)
+	if ((rc = restored(&rec)) != PASS ||
+	    (rc = run_on_slowfs(&pop, &read_bytes)) != PASS)
 		return rc;
-	if ((rc = slowfs_up(2000)) != PASS)
-		return rc;
-	pop.base = SF.snap;
-	drop_cache(SF.snap);
-	b0 = slowfs_bytes();
-	run_pair(&pop);
-	read_bytes = slowfs_bytes() - b0;
-	slowfs_down();
 	if (!exited(&pop.v, 0) || !exited(&pop.h, 0))
 		return pair_fail(&pop, "the replay from slow storage failed");
 	copied = counter(&pop, "bytes_copied");
