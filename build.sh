@@ -83,10 +83,14 @@ release() {
 
 # The release build with one wrong byte served (file offset 4120, a data
 # page of the self-test's snapshot): the suite shows --self-test failing.
+# And build/window, whose server stops itself inside the REMOVE window,
+# for the suite to kill it there.
 broken() {
-	mkdir -p build/broken
+	mkdir -p build/broken build/window
 	musl-gcc $WARN -Os -static -DBREAK_SERVED_BYTE=4120 \
 		-o build/broken/uffd-handler $SRC
+	musl-gcc $WARN -Os -static -DSTOP_IN_REMOVE_WINDOW \
+		-o build/window/uffd-handler $SRC
 }
 
 # The same static build for Graviton hosts (aarch64), with Debian's cross

@@ -2141,6 +2141,24 @@ handle_event(struct lane *l, const struct uffd_msg *m, uint64_t now)
  * Reads the uffd until it is empty: EAGAIN, or a read shorter than asked,
  * which says the same without one more syscall.
  */
+#ifdef STOP_IN_REMOVE_WINDOW
+/*
+ * A build for the suite alone (build/window): the server stops itself
+ * (every thread) right after a read() that returned a REMOVE, before the
+ * bitmap has it, so the suite can kill it there: the one moment a
+ * server's death loses what only it knew.
+ */
+static void
+stop_if_removes(const struct uffd_msg *m, ssize_t n)
+{
+	for (ssize_t i = 0; i < n; i++)
+		if (m[i].event == UFFD_EVENT_REMOVE) {
+			kill(getpid(), SIGSTOP);
+			return;
+		}
+}
+#endif
+
 static int
 drain_uffd(struct lane *l)
 {
@@ -2165,6 +2183,9 @@ drain_uffd(struct lane *l)
 			    "messages", n);
 			return -EPROTO;
 		}
+#ifdef STOP_IN_REMOVE_WINDOW
+		stop_if_removes(l->msgs, n / (ssize_t)sizeof(struct uffd_msg));
+#endif
 		for (ssize_t i = 0; i < n / (ssize_t)sizeof(struct uffd_msg); i++)
 			if ((rc = handle_event(l, &l->msgs[i], now)) < 0)
 				return rc;
@@ -2205,7 +2226,12 @@ read_events(struct lane *l)
 	size_t before = l->nfaults;
 
 	reader_lock(l->s);
+	/* The REMOVE window: odd from the first read() until what it read
+	 * is in the bitmap. A server that dies in it leaves it odd, and the
+	 * next fails that session closed (adopt_held). */
+	__atomic_add_fetch(&l->s->vm.st->reading, 1, __ATOMIC_SEQ_CST);
 	rc = drain_uffd(l);
+	__atomic_add_fetch(&l->s->vm.st->reading, 1, __ATOMIC_SEQ_CST);
 	reader_unlock(l->s);
 	if (l->nfaults - before > 1)
 		rearm(l);

@@ -217,6 +217,20 @@ wait_text_or_exit(struct proc *p, const char *text, int ms)
 	return -1;
 }
 
+/* The state letter of /proc/PID/stat ('T': stopped), or 0. */
+static char
+proc_state(pid_t pid)
+{
+	char path[64], line[512], state = 0;
+	const char *rp;
+
+	snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
+	read_text(path, line, sizeof(line));
+	if ((rp = strrchr(line, ')')) != NULL)
+		(void)!sscanf(rp + 1, " %c", &state);
+	return state;
+}
+
 /* The handler's server: the keeper's child (0 if none). */
 static pid_t
 server_of(pid_t keeper)
@@ -4048,6 +4062,44 @@ upgrade_keeps_listening(const void *arg)
 }
 
 /*
+ * A server that dies in the REMOVE window (build/window stops itself
+ * there: a REMOVE read, not yet in the bitmap) is killed: the next server
+ * must fail that VM closed with the reason, never serve it on without the
+ * REMOVE (its pages would read as snapshot data).
+ */
+static int
+crash_in_remove_window(const void *arg)
+{
+	char bin[PATH_MAX + 32];
+	struct pair p = { .handler = bin, .vargs = { "--balloon", "during",
+	    NULL } };
+	pid_t server = 0;
+	int stopped = 0;
+
+	(void)arg;
+	snprintf(bin, sizeof(bin), "%s/build/window/uffd-handler", repo_dir);
+	if (access(bin, X_OK) != 0)
+		return fail("no %s (./build.sh test builds it)", bin);
+	if (start_both(&p) < 0) {
+		finish_pair(&p);
+		return pair_fail(&p, "the handler did not start");
+	}
+	for (int64_t end = now_ms() + 10000; now_ms() < end && !stopped;
+	    usleep(2000))
+		stopped = (server = server_of(p.h.pid)) > 0 &&
+		    proc_state(server) == 'T';
+	if (stopped)
+		kill(server, SIGKILL);
+	finish_pair(&p);
+	if (!stopped)
+		return pair_fail(&p, "the server never stopped in the window");
+	if (!killed(&p.v) || !strstr(p.herr, "a REMOVE it read may be lost"))
+		return pair_fail(&p, "a server died in the REMOVE window, and its "
+		    "VM was not failed closed with the reason");
+	return PASS;
+}
+
+/*
  * A new version that cannot read the hand-over (its format differs: a
  * build of this source with HANDOVER_FORMAT 99) goes back to the binary
  * that wrote it, which serves on; the VM never notices.
@@ -5769,7 +5821,8 @@ in_tsan_pass(const char *name)
 		"tsan/sigusr1_during_", "tsan/handshake_", "tsan/crash_loop_",
 		"tsan/crash_oracle_threads_1", "tsan/crash_oracle_chain",
 		"tsan/crash_oracle_threads_4_hugetlb",
-		"tsan/crash_oracle_populate_all_hugetlb" };
+		"tsan/crash_oracle_populate_all_hugetlb",
+		"tsan/crash_in_remove_window" };
 
 	if (T.prefix[0] == '\0')
 		return 1;
@@ -6014,6 +6067,7 @@ static const struct tcase cases[] = {
 	{ "upgrade_before_first_vm_keeps_listening", upgrade_keeps_listening,
 	    NULL },
 	{ "upgrade_between_vms_keeps_listening", upgrade_keeps_listening, "2" },
+	{ "crash_in_remove_window", crash_in_remove_window, NULL },
 	{ "upgrade_refused_binaries", upgrade_refused, NULL },
 	{ "upgrade_unreadable_goes_back", upgrade_unreadable_goes_back, NULL },
 	{ "population_two_vms_slow", population_two_vms_slow, NULL },
