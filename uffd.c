@@ -5820,8 +5820,8 @@ static const uint32_t permitted[] = {
 	    BIT(S_UNLISTEN) | BIT(S_DONE),
 	[LIFE_READY] = BIT(S_VMM) | BIT(S_HOLD) | BIT(S_CLOSE) | BIT(S_UNLISTEN) |
 	    BIT(S_DONE),
-	[LIFE_STOPPING] = BIT(S_VMM) | BIT(S_HOLD) | BIT(S_CLOSE) |
-	    BIT(S_UNLISTEN) | BIT(S_DONE),
+	[LIFE_STOPPING] = BIT(S_READY) | BIT(S_VMM) | BIT(S_HOLD) |
+	    BIT(S_CLOSE) | BIT(S_UNLISTEN) | BIT(S_DONE),
 };
 
 /* One message; -EAGAIN when the socket's buffer is full (the keeper's
@@ -5947,7 +5947,10 @@ ask_usr1(struct keeper *k)
 static void
 answer_ready(struct keeper *k)
 {
-	k->life = LIFE_READY;
+	/* A server told to stop while it was starting says ready all the
+	 * same, on its way to the stop. */
+	if (k->life == LIFE_STARTING)
+		k->life = LIFE_READY;
 	k->ready_once = 1;
 }
 

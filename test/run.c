@@ -217,6 +217,31 @@ wait_text_or_exit(struct proc *p, const char *text, int ms)
 	return -1;
 }
 
+/* How many times text is in the file at path. */
+static int
+count_text(const char *path_or_text, const char *text)
+{
+	int n = 0;
+
+	for (const char *at = path_or_text; (at = strstr(at, text)); at++)
+		n++;
+	return n;
+}
+
+/* 0 once the file at path holds text n times or more; -1 after ms. */
+static int
+wait_count(const char *path, const char *text, int n, int ms)
+{
+	static char buf[1 << 18];
+
+	for (int64_t end = now_ms() + ms; now_ms() < end; usleep(1000)) {
+		read_text(path, buf, sizeof(buf));
+		if (count_text(buf, text) >= n)
+			return 0;
+	}
+	return -1;
+}
+
 /* The state letter of /proc/PID/stat ('T': stopped), or 0. */
 static char
 proc_state(pid_t pid)
@@ -4100,6 +4125,45 @@ crash_in_remove_window(const void *arg)
 }
 
 /*
+ * Upgrades one on another: each SIGUSR2 as soon as the one before has
+ * executed, so the new server is often told to stop while it is still
+ * starting. It must stop as any server does, at a safe point: never be
+ * ended as a server breaking the protocol (killed wherever it is), and the
+ * VM, faulting, writing and ballooning, sees every page right.
+ */
+static int
+upgrade_upon_upgrade(const void *arg)
+{
+	char path[PATH_MAX + 32], want[64];
+	struct pair p = { .handler = path, .hargs = { "--threads", "2", NULL },
+	    .vargs = { "--stress", "3", "--threads", "4", NULL } };
+
+	(void)arg;
+	snprintf(path, sizeof(path), "%s/again-bin", T.dir);
+	if (install_binary(T.release, path) < 0)
+		return fail("cannot install %s", T.release);
+	if (start_both(&p) < 0) {
+		finish_pair(&p);
+		return pair_fail(&p, "the handler did not start");
+	}
+	for (int i = 1; i <= 40; i++) {
+		snprintf(want, sizeof(want), "upgraded from");
+		kill(p.h.pid, SIGUSR2);
+		if (wait_count(p.h.err, want, i, 5000) < 0)
+			break;
+	}
+	finish_pair(&p);
+	if (strstr(p.herr, "not what it may send now"))
+		return pair_fail(&p, "a server told to stop while starting was "
+		    "ended as one breaking the protocol");
+	if (!exited(&p.v, 0) || !exited(&p.h, 0) || count_text(p.herr,
+	    "upgraded from") < 10)
+		return pair_fail(&p, "the VM was not served right through the "
+		    "upgrades");
+	return PASS;
+}
+
+/*
  * A new version that cannot read the hand-over (its format differs: a
  * build of this source with HANDOVER_FORMAT 99) goes back to the binary
  * that wrote it, which serves on; the VM never notices.
@@ -6067,6 +6131,7 @@ static const struct tcase cases[] = {
 	{ "upgrade_before_first_vm_keeps_listening", upgrade_keeps_listening,
 	    NULL },
 	{ "upgrade_between_vms_keeps_listening", upgrade_keeps_listening, "2" },
+	{ "upgrade_upon_upgrade", upgrade_upon_upgrade, NULL },
 	{ "crash_in_remove_window", crash_in_remove_window, NULL },
 	{ "upgrade_refused_binaries", upgrade_refused, NULL },
 	{ "upgrade_unreadable_goes_back", upgrade_unreadable_goes_back, NULL },
