@@ -541,8 +541,13 @@ parse_options(int argc, char **argv)
 	while (rc == 0 && (c = getopt_long(argc, argv, ":l:hV", longopts, NULL)) != -1) {
 		rc = set_option(c, optarg, argv[optind - 1]);
 		if (c != OPT_CHECK && c != OPT_SELF_TEST && c != OPT_NO_SECCOMP &&
-		    c != OPT_UID && c != OPT_GID && serving == NULL)
-			serving = option_name(argv[optind - 1], c, name, sizeof(name));
+		    c != OPT_UID && c != OPT_GID && serving == NULL) {
+			/* As typed: before its value if that came apart. */
+			snprintf(name, sizeof(name), "%s", optind >= 2 && optarg ==
+			    argv[optind - 1] ? argv[optind - 2] : argv[optind - 1]);
+			name[strcspn(name, "=")] = '\0';
+			serving = name;
+		}
 		tool_only += c == OPT_UID || c == OPT_GID;
 	}
 	if (rc != 0)
