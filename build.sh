@@ -3,7 +3,8 @@
 #
 #   ./build.sh [release]  build/uffd-handler: static musl binary, stripped
 #   ./build.sh test       also the sanitizer builds (ASan+UBSan, TSan), a
-#                         broken build (one wrong byte served) and
+#                         broken build (one wrong byte served), one that
+#                         stops in the REMOVE window, and
 #                         the test programs, then the whole suite (test/run;
 #                         extra args pick cases)
 #   ./build.sh aarch64    build/aarch64/uffd-handler, the same for Graviton
