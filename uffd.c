@@ -7531,6 +7531,8 @@ server_main(struct keeper *k, int ctl)
 		ask_done(&srv, code);
 	} else {
 		adopt_slots(&srv);
+		/* Those adoption failed closed end now, not at the next event. */
+		reap_sessions(&srv);
 		ask_ready(&srv);
 		code = run(&srv);
 		ask_done(&srv, code);

@@ -4090,7 +4090,8 @@ upgrade_keeps_listening(const void *arg)
  * A server that dies in the REMOVE window (build/window stops itself
  * there: a REMOVE read, not yet in the bitmap) is killed: the next server
  * must fail that VM closed with the reason, never serve it on without the
- * REMOVE (its pages would read as snapshot data).
+ * REMOVE (its pages would read as snapshot data), and, that VM its only
+ * one, end at once.
  */
 static int
 crash_in_remove_window(const void *arg)
@@ -4121,7 +4122,8 @@ crash_in_remove_window(const void *arg)
 	if (!killed(&p.v) || !strstr(p.herr, "a REMOVE it read may be lost"))
 		return pair_fail(&p, "a server died in the REMOVE window, and its "
 		    "VM was not failed closed with the reason");
-	return PASS;
+	return exited(&p.h, 1) && p.h.ended - p.v.ended < 2000 ? PASS :
+	    pair_fail(&p, "the handler did not end within 2 s of its only VM");
 }
 
 /*
