@@ -3470,7 +3470,7 @@ stress(const void *arg)
 	    "--stress", secs, arg, NULL } };
 	int rc;
 
-	p.vmm_ms = stress_seconds(secs, sizeof(secs), arg ? 10 : 30);
+	p.vmm_ms = stress_seconds(secs, sizeof(secs), arg ? 6 : 20);
 	if (arg && huge_reserve(36) < 0)
 		return skip("cannot reserve 36 hugetlb pages of 2 MiB");
 	if ((rc = restored(&p)) != PASS)
@@ -3506,7 +3506,7 @@ stress_threads(const void *arg)
 	    c->huge ? "--huge" : NULL, NULL } };
 	int rc;
 
-	p.vmm_ms = stress_seconds(secs, sizeof(secs), 5);
+	p.vmm_ms = stress_seconds(secs, sizeof(secs), 4);
 	if (c->huge && huge_reserve(36) < 0)
 		return skip("cannot reserve 36 hugetlb pages of 2 MiB");
 	if ((rc = restored(&p)) != PASS)
@@ -3531,7 +3531,7 @@ stress_two_vms(const void *arg)
 	int rc;
 
 	(void)arg;
-	p.vmm_ms = stress_seconds(secs, sizeof(secs), 10);
+	p.vmm_ms = stress_seconds(secs, sizeof(secs), 6);
 	if ((rc = cell_two_vms(&p)) != PASS)
 		return rc;
 	if (!exited(&p.v, 0) || !exited(&p.h, 0))
@@ -3766,7 +3766,7 @@ crash_oracle(const void *arg)
 	    worst);
 	if (!uffd_kept)
 		return pair_fail(&p, "the test VMM does not keep its own uffd");
-	if (kills < 2)
+	if (kills < 2 && lost < c->vms)
 		return pair_fail(&p, "the server was not killed at least twice");
 	if (counter_wrapped(&p))
 		return pair_fail(&p, "a counter went below zero");
@@ -4678,7 +4678,7 @@ fuzz_short(const void *arg)
 	if (access(T.fuzz, X_OK) != 0)
 		return skip("no fuzz target built (clang with libFuzzer missing)");
 	snprintf(cmd, sizeof(cmd), "cp -r test/corpus %s/corpus && %s "
-	    "-max_total_time=10 -dict=test/fuzz.dict %s/corpus > %s/fuzz.log 2>&1",
+	    "-max_total_time=5 -dict=test/fuzz.dict %s/corpus > %s/fuzz.log 2>&1",
 	    T.dir, T.fuzz, T.dir, T.dir);
 	rc = system(cmd);
 	snprintf(cmd, sizeof(cmd), "tail -n 40 %s/fuzz.log > %s/fuzz.tail", T.dir,
@@ -5890,7 +5890,7 @@ matrix_reap(struct job *job, size_t *running, int *counts)
  * race, and the matrix cells that run the most threads (--threads 4) or
  * population beside faults. Not the cases of the runner's own code, the
  * unit program, or the release binary (jails, containers, valgrind), nor
- * the 30 s stress case: stress_threads_* are its threaded forms. Nor what
+ * the 20 s stress case: stress_threads_* are its threaded forms. Nor what
  * runs on one thread of the handler however it is started: setup and the
  * socket, the keeper's accepting, handshakes and silent peers, --metrics
  * (the keeper writes it), the --record FIFO; of the crash cases, those
