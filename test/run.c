@@ -179,24 +179,6 @@ how(const struct proc *p)
 	return b;
 }
 
-/* The handler is ready once it says so: a stale socket file may exist
- * before it is replaced. */
-static int
-wait_listening(struct proc *h)
-{
-	char err[4096];
-
-	for (int i = 0; i < 1000; i++) {
-		read_text(h->err, err, sizeof(err));
-		if (strstr(err, "listening on"))
-			return 0;
-		if (waitpid(h->pid, NULL, WNOHANG) != 0)
-			return -1;
-		usleep(2000);
-	}
-	return -1;
-}
-
 /* 0 once p's standard error says text; -1 if p exited first (reaped,
  * its status kept) or after ms. */
 static int
@@ -217,13 +199,21 @@ wait_text_or_exit(struct proc *p, const char *text, int ms)
 	return -1;
 }
 
-/* How many times text is in the file at path. */
+/* The handler is ready once it says so: a stale socket file may exist
+ * before it is replaced. */
 static int
-count_text(const char *path_or_text, const char *text)
+wait_listening(struct proc *h)
+{
+	return wait_text_or_exit(h, "listening on", 2000);
+}
+
+/* How many times text is in s. */
+static int
+count_text(const char *s, const char *text)
 {
 	int n = 0;
 
-	for (const char *at = path_or_text; (at = strstr(at, text)); at++)
+	for (const char *at = s; (at = strstr(at, text)); at++)
 		n++;
 	return n;
 }
@@ -242,18 +232,36 @@ wait_count(const char *path, const char *text, int n, int ms)
 	return -1;
 }
 
-/* The state letter of /proc/PID/stat ('T': stopped), or 0. */
-static char
-proc_state(pid_t pid)
+/* A process as /proc/PID/stat gives it. */
+struct pinfo {
+	pid_t pid, ppid, pgrp;
+	char state;			/* 'T': stopped; 0: no such process */
+};
+
+static struct pinfo
+proc_info(pid_t pid)
 {
-	char path[64], line[512], state = 0;
+	char path[64], line[512];
+	struct pinfo p = { pid, 0, 0, 0 };
 	const char *rp;
+	int ppid, pgrp;
 
 	snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
 	read_text(path, line, sizeof(line));
-	if ((rp = strrchr(line, ')')) != NULL)
-		(void)!sscanf(rp + 1, " %c", &state);
-	return state;
+	if ((rp = strrchr(line, ')')) != NULL &&
+	    sscanf(rp + 1, " %c %d %d", &p.state, &ppid, &pgrp) == 3) {
+		p.ppid = ppid;
+		p.pgrp = pgrp;
+	} else {
+		p.state = 0;
+	}
+	return p;
+}
+
+static char
+proc_state(pid_t pid)
+{
+	return proc_info(pid).state;
 }
 
 /* The handler's server: the keeper's child (0 if none). */
@@ -4138,7 +4146,7 @@ crash_in_remove_window(const void *arg)
 static int
 upgrade_upon_upgrade(const void *arg)
 {
-	char path[PATH_MAX + 32], want[64];
+	char path[PATH_MAX + 32];
 	struct pair p = { .handler = path, .hargs = { "--threads", "2", NULL },
 	    .vargs = { "--stress", "3", "--threads", "4", NULL } };
 
@@ -4151,9 +4159,8 @@ upgrade_upon_upgrade(const void *arg)
 		return pair_fail(&p, "the handler did not start");
 	}
 	for (int i = 1; i <= 40; i++) {
-		snprintf(want, sizeof(want), "upgraded from");
 		kill(p.h.pid, SIGUSR2);
-		if (wait_count(p.h.err, want, i, 5000) < 0)
+		if (wait_count(p.h.err, "upgraded from", i, 5000) < 0)
 			break;
 	}
 	finish_pair(&p);
@@ -4903,12 +4910,6 @@ self_test_fails_broken_fault_path(const void *arg)
 	    "at file offset 4096: word 3 reads", "self-test FAILED", NULL });
 }
 
-/* A process as /proc/PID/stat gives it. */
-struct pinfo {
-	pid_t pid, ppid;
-	char state;
-};
-
 /* The processes of group pgid not yet dead, up to cap; how many. */
 static int
 group_list(pid_t pgid, struct pinfo *v, int cap)
@@ -4918,20 +4919,12 @@ group_list(pid_t pgid, struct pinfo *v, int cap)
 	int n = 0;
 
 	while (d != NULL && n < cap && (e = readdir(d)) != NULL) {
-		char path[300], line[512];
-		const char *rp;
-		int pg, ppid;
-
 		if (e->d_name[0] < '1' || e->d_name[0] > '9')
 			continue;
-		snprintf(path, sizeof(path), "/proc/%s/stat", e->d_name);
-		read_text(path, line, sizeof(line));
-		if ((rp = strrchr(line, ')')) == NULL ||
-		    sscanf(rp + 1, " %c %d %d", &v[n].state, &ppid, &pg) != 3 ||
-		    pg != pgid || v[n].state == 'Z' || v[n].state == 'X')
-			continue;
-		v[n].pid = atoi(e->d_name);
-		v[n++].ppid = ppid;
+		v[n] = proc_info(atoi(e->d_name));
+		if (v[n].state != 0 && v[n].pgrp == pgid && v[n].state != 'Z' &&
+		    v[n].state != 'X')
+			n++;
 	}
 	if (d != NULL)
 		closedir(d);
